@@ -1,0 +1,105 @@
+"""The config schema: every key jaxlm knows, with its default. Other configs start from this.
+
+Values only; ``jaxlm/config.py`` validates them (unknown keys, wrong types, impossible
+combinations) before anything is compiled. Override any key from the command line with
+``--config.section.key=value``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- model: GPT-2 shape (names as Hugging Face's GPT2Config) --------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0 = the tokenizer's vocabulary size
+    c.model.n_positions = 1024
+    c.model.n_embd = 768
+    c.model.n_layer = 12
+    c.model.n_head = 12
+    c.model.embd_pdrop = 0.1
+    c.model.attn_pdrop = 0.1
+    c.model.resid_pdrop = 0.1
+    c.model.layer_norm_epsilon = 1e-5
+    c.model.initializer_range = 0.02
+    c.model.scale_attn_by_inverse_layer_idx = False  # HF/Mistral: changes the function
+    c.model.query_key_layer_scaling = False  # Megatron: function-preserving overflow guard
+    c.model.attention_impl = "auto"  # auto | reference | cudnn
+
+    # --- precision: a regime preset; explicit dtypes ('' = the regime's) win --------------
+    c.precision = ml_collections.ConfigDict()
+    c.precision.regime = "fp32"  # fp32 | bf16 | bf16_upcast | fp16 | fp16_upcast
+    c.precision.param_dtype = ""
+    c.precision.compute_dtype = ""
+    c.precision.attn_dtype = ""
+    # fp16 dynamic loss scaling (DeepSpeed semantics); used only when the policy has fp16.
+    c.precision.loss_scale_init = 2.0**16
+    c.precision.loss_scale_window = 1000  # clean steps before the scale doubles
+    c.precision.loss_scale_hysteresis = 2  # overflows tolerated before the scale halves
+    c.precision.loss_scale_min = 1.0
+
+    # --- train ------------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 400_000
+    c.train.batch_size = 512  # global, in sequences
+    c.train.micro_batch_size = 0  # per step and globally; 0 = no gradient accumulation
+    c.train.seq_len = 1024
+    c.train.seed = 21  # init and dropout; data order has its own data.seed
+    c.train.seeds = (21, 49, 81, 343, 777)  # Mistral's five seeds, for ablation grids
+    c.train.eval_every = 1000  # 0 = no periodic evaluation
+    c.train.eval_batches = 20
+    c.train.stop_on_nonfinite = True  # non-finite loss outside fp16 loss scaling stops the run
+
+    # --- data ---------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # stdlib | files:GLOB | jsonl:GLOB | tfds:NAME[:SPLIT]
+    c.data.seed = 0  # data order (shuffle)
+    c.data.text_field = "text"  # jsonl
+    c.data.on_missing_field = "fail"  # fail | skip  (jsonl lines without text_field)
+    c.data.doc_separator = ""  # files: split each file into documents on this string; '' = whole file
+    c.data.tfds_data_dir = ""  # tfds: where prepared datasets live
+    c.data.val_fraction = 0.0005  # held-out share of documents when the source has no split
+    c.data.tokenizer = ""  # path to a SentencePiece .model; '' = train one on the corpus
+    c.data.vocab_size = 8192  # when training the tokenizer
+    c.data.tokenizer_max_docs = 20_000  # documents sampled to train the tokenizer
+    c.data.tokenizer_max_chars = 50_000_000
+    c.data.cache_dir = ""  # '' = WORKDIR/data; a shared directory is fine
+    c.data.max_docs = 0  # 0 = all documents (a cap for quick experiments)
+    c.data.prefetch = 2  # batches buffered ahead by the loader
+    c.data.workers = 0  # grain worker processes (0 = in the main process)
+
+    # --- optim ---------------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 6e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1  # AdamW, masked: never on biases or LayerNorm parameters
+    c.optim.clip_norm = 1.0  # 0 = no clipping
+    c.optim.schedule = "linear"  # linear | cosine | constant (all after warmup)
+    c.optim.warmup_steps = 4000
+    c.optim.final_lr_ratio = 0.0  # end of decay, as a fraction of lr
+
+    # --- mesh: device axes; -1 = the rest of the devices ------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.stages = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))  # Mistral's (every, until)
+    c.checkpoint.keep = 0  # 0 = keep all; N = keep the last N ...
+    c.checkpoint.keep_every = 0  # ... plus every step divisible by this (0 = none)
+    c.checkpoint.latest_every_minutes = 30.0  # time-based 'latest' save for preemptible machines
+    c.checkpoint.async_save = True
+
+    # --- log ---------------------------------------------------------------------------------
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10
+    c.log.stats_every = 100  # per-layer activation/attention stats (a costlier step); 0 = off
+    c.log.wandb_mode = "offline"  # disabled | offline | online
+    c.log.wandb_project = "jaxlm"
+    c.log.peak_tflops = 0.0  # override the device peak used for MFU (0 = from the table)
+    return c

@@ -1,0 +1,7 @@
+"""GPT-2 medium with Mistral's recipe (see configs/_gpt2.py): n_embd 1024, 24 layers, 16 heads, lr 1.5e-4."""
+
+from configs import _gpt2
+
+
+def get_config():
+    return _gpt2.recipe(dict(n_embd=1024, n_layer=24, n_head=16), lr=1.5e-4)

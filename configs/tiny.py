@@ -1,0 +1,31 @@
+"""The CPU quickstart: a 2-layer, d=64 GPT-2 on the offline stdlib corpus; a few minutes on 2 cores.
+
+    python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.update(dict(n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                        embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
+    c.data.source = "stdlib"
+    c.data.vocab_size = 1024
+    c.data.tokenizer_max_docs = 2000
+    c.data.max_docs = 1500
+    c.data.val_fraction = 0.02
+    c.precision.regime = "fp32"
+    c.train.steps = 300
+    c.train.batch_size = 16
+    c.train.seq_len = 128
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 30
+    c.optim.weight_decay = 0.1
+    c.checkpoint.stages = ((100, 300),)
+    c.checkpoint.latest_every_minutes = 5.0
+    c.log.every = 10
+    c.log.stats_every = 50
+    return c

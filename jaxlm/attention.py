@@ -1,0 +1,178 @@
+"""Causal self-attention behind one function, with the precision of the scores chosen by a Policy.
+
+Two implementations:
+
+``reference``  an einsum path that honours every precision regime exactly: QK^T is computed
+               with result dtype ``policy.attn_dtype`` (so naive fp16 really overflows past
+               65504), then scaled, masked with that dtype's most negative finite value (as HF
+               does) and soft-maxed in that dtype; probabilities are cast to the compute dtype
+               before multiplying V. Runs everywhere.
+``cudnn``      ``jax.nn.dot_product_attention(implementation="cudnn")``: fp16/bf16 inputs, fp32
+               scores and softmax inside. Exact (up to summation order) only where the policy
+               upcasts the scores (``*_upcast``), no attention dropout and no Megatron scaling.
+``auto``       cudnn where it is exact and available (a GPU, head size a multiple of 8 up to 128),
+               else reference.
+
+Layer-index scaling, two flavours:
+
+* ``scale_attn_by_inverse_layer_idx`` (Hugging Face/Mistral): the score is multiplied by
+  1/(sqrt(d_head)·(layer_idx+1)) after the product and never multiplied back. It changes the
+  function; Mistral's released checkpoints need it.
+* ``query_key_layer_scaling`` (Megatron): Q is scaled by 1/(sqrt(d_head)·(layer_idx+1)) *before*
+  the low-precision matmul and the product is multiplied back by (layer_idx+1) in fp32, where
+  masking and softmax then run. The function is unchanged; only overflow is avoided.
+
+Shapes: B batch, T query length, S key length, H heads, K head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import precision
+from jaxlm.errors import ConfigError
+
+IMPLEMENTATIONS = ("auto", "reference", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreStats:
+    """Pre-softmax score statistics of one layer (over unmasked positions), float32 scalars."""
+
+    max: jax.Array
+    min: jax.Array
+    nonfinite: jax.Array  # bool: any inf/nan among the scores
+
+
+def score_scale(head_dim: int, layer_idx: int, inverse_layer_idx: bool) -> float:
+    scale = 1.0 / math.sqrt(head_dim)
+    if inverse_layer_idx:
+        scale /= float(layer_idx + 1)
+    return scale
+
+
+def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+    """(T, S) bool, True where query t (at absolute position q_offset+t) may see key s."""
+    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    return jnp.arange(kv_len)[None, :] <= q_pos
+
+
+def resolve_implementation(
+    impl: str,
+    policy: precision.Policy,
+    *,
+    head_dim: int,
+    dropout: bool,
+    query_key_layer_scaling: bool,
+    backend: str | None = None,
+) -> str:
+    """Which implementation `impl` means for this policy; fails if cudnn was forced where it is not exact."""
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention_impl: unknown {impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    if impl == "reference":
+        return impl
+    backend = backend or jax.default_backend()
+    reasons = []
+    if backend != "gpu":
+        reasons.append(f"the backend is {backend!r}, cuDNN needs a GPU")
+    if precision.dtype_name(policy.compute_dtype) not in ("float16", "bfloat16"):
+        reasons.append("cuDNN takes fp16/bf16 inputs only (compute dtype is float32)")
+    elif not policy.upcasts_attention:
+        reasons.append(
+            f"regime {policy.name!r} computes scores in {precision.dtype_name(policy.attn_dtype)}, "
+            "cuDNN in float32: not the same function"
+        )
+    if dropout:
+        reasons.append("attention dropout is not supported by jax.nn.dot_product_attention")
+    if query_key_layer_scaling:
+        reasons.append("query_key_layer_scaling needs the fp32 multiply-back of the reference path")
+    if head_dim % 8 or head_dim > 128:
+        reasons.append(f"head size {head_dim} is not a multiple of 8 up to 128")
+    if impl == "auto":
+        return "reference" if reasons else "cudnn"
+    if reasons:
+        raise ConfigError("model.attention_impl='cudnn' cannot be used: " + "; ".join(reasons)
+                          + ". Use 'auto' or 'reference'.")
+    return "cudnn"
+
+
+def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling):
+    """Scaled QK^T in the dtype the softmax will run in; returns (scores_BHTS, its dtype)."""
+    head_dim = q_BTHK.shape[-1]
+    scale = score_scale(head_dim, layer_idx, inverse_layer_idx)
+    sdt = policy.attn_dtype
+    if query_key_layer_scaling:
+        coeff = float(layer_idx + 1)
+        q = (q_BTHK.astype(precision.FP32) * (scale / coeff)).astype(sdt)
+        s = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(sdt), preferred_element_type=sdt)
+        return s.astype(precision.FP32) * coeff, precision.FP32
+    s = jnp.einsum(
+        "bthk,bshk->bhts", q_BTHK.astype(sdt), k_BSHK.astype(sdt), preferred_element_type=sdt
+    )
+    return s * jnp.asarray(scale, sdt), sdt
+
+
+def _stats(s_BHTS, mask_TS) -> ScoreStats:
+    f32 = precision.STATS_DTYPE
+    s = s_BHTS.astype(f32)
+    big = jnp.finfo(f32).max
+    return ScoreStats(
+        max=jnp.max(jnp.where(mask_TS, s, -big)),
+        min=jnp.min(jnp.where(mask_TS, s, big)),
+        nonfinite=jnp.any(jnp.where(mask_TS, ~jnp.isfinite(s), False)),
+    )
+
+
+def attention(
+    q_BTHK: jax.Array,
+    k_BSHK: jax.Array,
+    v_BSHK: jax.Array,
+    *,
+    policy: precision.Policy,
+    layer_idx: int,
+    inverse_layer_idx: bool = False,
+    query_key_layer_scaling: bool = False,
+    implementation: str = "reference",
+    mask_TS: jax.Array | None = None,
+    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
+    collect_stats: bool = False,
+) -> tuple[jax.Array, ScoreStats | None]:
+    """Softmax(scaled QK^T, causal) V in the policy's dtypes; returns (out_BTHK, stats or None).
+
+    `implementation` must already be resolved ('reference' or 'cudnn'). `mask_TS` defaults to
+    the causal mask of equal query/key lengths. `probs_dropout` is applied to the probabilities
+    (reference path only). Stats are computed only when asked (the flag is static, so off is free).
+    """
+    T, S = q_BTHK.shape[1], k_BSHK.shape[1]
+    plain_causal = mask_TS is None
+    if plain_causal:
+        mask_TS = causal_mask(T, S)
+    cdt = policy.compute_dtype
+    kw = dict(layer_idx=layer_idx, inverse_layer_idx=inverse_layer_idx,
+              query_key_layer_scaling=query_key_layer_scaling)
+
+    if implementation == "cudnn":
+        out = jax.nn.dot_product_attention(
+            q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
+            mask=None if plain_causal else mask_TS[None, None], is_causal=plain_causal,
+            scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx),
+            implementation="cudnn",
+        )
+        stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
+        return out, stats
+    if implementation != "reference":
+        raise ConfigError(f"attention(): implementation must be resolved first, got {implementation!r}")
+
+    s_BHTS, sdt = _scores(q_BTHK, k_BSHK, policy, **kw)
+    stats = _stats(s_BHTS, mask_TS) if collect_stats else None
+    s_BHTS = jnp.where(mask_TS, s_BHTS, precision.finfo_min(sdt))
+    probs_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(cdt)
+    if probs_dropout is not None:
+        probs_BHTS = probs_dropout(probs_BHTS)
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(cdt))
+    return out_BTHK, stats

@@ -1,0 +1,233 @@
+"""Hugging Face GPT-2 interop, both directions, without importing torch or transformers.
+
+    cfg, policy, graphdef, params = hf.load_pretrained("path/to/hf_dir", regime="fp16")
+    hf.save_pretrained("out_dir", cfg, policy, params)   # transformers.GPT2LMHeadModel loads it
+
+A checkpoint from elsewhere is untrusted input: safetensors is read by preference; a PyTorch
+``pytorch_model.bin`` only through ``torch.load(weights_only=True)`` (torch must be installed for
+that; it is never a plain pickle load). Names and shapes are checked tensor by tensor.
+
+The two HF attention flags map as follows:
+* ``scale_attn_by_inverse_layer_idx`` -> ``GPT2Config.scale_attn_by_inverse_layer_idx`` (same semantics);
+* ``reorder_and_upcast_attn`` -> the precision policy: a low-precision regime becomes its
+  ``*_upcast`` variant (fp32 scores). On export it is set when the policy upcasts the scores.
+  Note: recent transformers honours ``reorder_and_upcast_attn`` only with
+  ``attn_implementation="eager"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm import model as model_lib
+from jaxlm import precision
+from jaxlm.errors import CheckpointError
+
+# jaxlm flat name -> HF name (after the "transformer." prefix); {i} is the layer.
+_GLOBAL = {
+    "wte.embedding": "wte.weight",
+    "wpe.embedding": "wpe.weight",
+    "ln_f.scale": "ln_f.weight",
+    "ln_f.bias": "ln_f.bias",
+}
+_PER_LAYER = {
+    "ln_1.scale": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+    "attn.c_attn.kernel": "attn.c_attn.weight", "attn.c_attn.bias": "attn.c_attn.bias",
+    "attn.c_proj.kernel": "attn.c_proj.weight", "attn.c_proj.bias": "attn.c_proj.bias",
+    "ln_2.scale": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.kernel": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.kernel": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+# HF buffers that are not parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def name_map(n_layer: int) -> dict[str, str]:
+    """jaxlm flat parameter name -> HF GPT2Model parameter name."""
+    out = dict(_GLOBAL)
+    for i in range(n_layer):
+        out.update({f"h.{i}.{k}": f"h.{i}.{v}" for k, v in _PER_LAYER.items()})
+    return out
+
+
+def _flat(params) -> dict[str, Any]:
+    pure = nnx.to_pure_dict(params)
+    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> model_lib.GPT2Config:
+    def bad(field, found, want):
+        raise CheckpointError(f"{source}: {field}={found!r} is not supported by jaxlm's GPT-2 (needs {want})")
+
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        bad("activation_function", hf.get("activation_function"), "'gelu_new'")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        bad("n_inner", hf.get("n_inner"), f"None or 4*n_embd={4 * hf['n_embd']}")
+    if not hf.get("scale_attn_weights", True):
+        bad("scale_attn_weights", False, "True")
+    if hf.get("add_cross_attention", False):
+        bad("add_cross_attention", True, "False")
+    return model_lib.GPT2Config(
+        vocab_size=hf["vocab_size"],
+        n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_embd=hf["n_embd"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        embd_pdrop=hf.get("embd_pdrop", 0.1),
+        attn_pdrop=hf.get("attn_pdrop", 0.1),
+        resid_pdrop=hf.get("resid_pdrop", 0.1),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        initializer_range=hf.get("initializer_range", 0.02),
+        scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+    )
+
+
+def config_to_hf(cfg: model_lib.GPT2Config, policy: precision.Policy,
+                 eos_token_id: int | None = None) -> dict[str, Any]:
+    eos = cfg.vocab_size - 1 if eos_token_id is None else eos_token_id
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "embd_pdrop": cfg.embd_pdrop,
+        "attn_pdrop": cfg.attn_pdrop,
+        "resid_pdrop": cfg.resid_pdrop,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "initializer_range": cfg.initializer_range,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+        "reorder_and_upcast_attn": policy.upcasts_attention,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+    }
+
+
+def policy_for(hf: dict[str, Any], regime: str = "fp32", **overrides) -> precision.Policy:
+    """The policy for `regime`, upcast to fp32 scores if the HF model asks for reorder_and_upcast_attn."""
+    if hf.get("reorder_and_upcast_attn") and regime in ("fp16", "bf16") and not overrides.get("attn_dtype"):
+        regime += "_upcast"
+    return precision.policy(regime, **overrides)
+
+
+# --- weights --------------------------------------------------------------------------------
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    st = sorted(path.glob("model*.safetensors"))
+    if st:
+        from safetensors import safe_open
+
+        out = {}
+        for f in st:
+            with safe_open(str(f), framework="flax") as fh:
+                for k in fh.keys():
+                    out[k] = np.asarray(fh.get_tensor(k).astype(jnp.float32))
+        return out
+    pt = path / "pytorch_model.bin"
+    if pt.exists():
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError(
+                f"{pt}: reading a PyTorch checkpoint needs torch (pip install torch), or convert it to "
+                "model.safetensors first"
+            ) from e
+        state = torch.load(str(pt), map_location="cpu", weights_only=True)
+        return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, policy: precision.Policy,
+                   source: str = "checkpoint"):
+    """(graphdef, params) of jaxlm from HF tensors; fails naming any missing/unknown/mis-shaped tensor."""
+    graphdef, abstract = model_lib.abstract(cfg, policy)
+    want = _flat(abstract)
+    ours_by_hf = {v: k for k, v in name_map(cfg.n_layer).items()}
+    found: dict[str, np.ndarray] = {}
+    unknown = []
+    for name, arr in tensors.items():
+        short = name.removeprefix("transformer.")
+        if short.endswith(_IGNORED_SUFFIXES):
+            continue
+        if short == "lm_head.weight":
+            wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
+            if wte is not None and not np.array_equal(arr, wte):
+                raise CheckpointError(f"{source}: lm_head.weight differs from wte.weight; jaxlm ties the LM head "
+                                      "to the token embedding and cannot load an untied head")
+            continue
+        if short not in ours_by_hf:
+            unknown.append(name)
+            continue
+        ours = ours_by_hf[short]
+        if tuple(arr.shape) != tuple(want[ours].shape):
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(arr.shape)}, the config implies "
+                f"{tuple(want[ours].shape)} (jaxlm {ours})"
+            )
+        found[ours] = arr
+    if unknown:
+        raise CheckpointError(f"{source}: tensors jaxlm's GPT-2 does not have: {', '.join(sorted(unknown)[:10])}")
+    missing = [f"{name_map(cfg.n_layer)[k]} (jaxlm {k})" for k in want if k not in found]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:10])}")
+
+    pure = nnx.to_pure_dict(abstract)
+
+    def fill(path, leaf):
+        key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        return jnp.asarray(found[key], dtype=leaf.dtype)
+
+    params = nnx.to_pure_dict(abstract)
+    params = jax.tree_util.tree_map_with_path(fill, pure)
+    state = abstract
+    nnx.replace_by_pure_dict(state, params)
+    return graphdef, state
+
+
+def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_overrides):
+    """Loads a local HF GPT-2 directory; returns (GPT2Config, Policy, graphdef, params)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face GPT-2 model directory")
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf, str(cfg_file))
+    policy = policy_for(hf, regime, **policy_overrides)
+    graphdef, params = params_from_hf(_read_tensors(path), cfg, policy, source=str(path))
+    return cfg, policy, graphdef, params
+
+
+def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, policy: precision.Policy,
+                    params, eos_token_id: int | None = None) -> Path:
+    """Writes config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = _flat(params)
+    tensors = {
+        "transformer." + hf_name: np.ascontiguousarray(np.asarray(jax.device_get(flat[ours]), np.float32))
+        for ours, hf_name in name_map(cfg.n_layer).items()
+    }
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, policy, eos_token_id), indent=2))
+    return out

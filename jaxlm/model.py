@@ -1,0 +1,271 @@
+"""GPT-2 in Flax NNX, top to bottom as in Radford et al. (2019) and Hugging Face's GPT2LMHeadModel.
+
+    tokens ─ wte + wpe ─ dropout ─┬─ n_layer × Block ─ ln_f ─ tied head (wteᵀ) ─> logits (fp32)
+    Block:  x + drop(attn(ln_1(x)))  then  x + drop(mlp(ln_2(x)))      (pre-LN, eps 1e-5)
+
+Parameter names follow Hugging Face (wte, wpe, h[i].ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f), and Linear kernels are (in, out) like HF's Conv1D, so weights move
+both ways without transposes (see ``jaxlm.hf``). Every dtype comes from the precision policy.
+
+Use it functionally (Flax's fast pattern): ``graphdef, params = create(cfg, policy, seed)`` once,
+then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import attention as attn_lib
+from jaxlm import precision
+from jaxlm.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The model's shape and behaviour. Field names are HF's GPT2Config names where one exists."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_by_inverse_layer_idx: bool = False
+    query_key_layer_scaling: bool = False
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"model.{f}: must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"choose n_head among the divisors of n_embd, e.g. "
+                f"{[h for h in range(1, min(self.n_embd, 64) + 1) if self.n_embd % h == 0][-4:]}"
+            )
+        for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            v = getattr(self, f)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"model.{f}: a dropout rate in [0, 1), got {v!r}")
+        if self.attention_impl not in attn_lib.IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.attention_impl: unknown {self.attention_impl!r}; "
+                f"allowed: {', '.join(attn_lib.IMPLEMENTATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **kw) -> "GPT2Config":
+        return dataclasses.replace(self, **kw)
+
+
+# Sizes of the released GPT-2 family (vocab 50257, 1024 positions).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4),
+    "small": dict(n_embd=768, n_layer=12, n_head=12),  # 124M
+    "medium": dict(n_embd=1024, n_layer=24, n_head=16),  # 355M
+    "large": dict(n_embd=1280, n_layer=36, n_head=20),  # 774M
+    "xl": dict(n_embd=1600, n_layer=48, n_head=25),  # 1.5B
+}
+
+
+class _Dropout:
+    """Inverted dropout with an explicit key (None or rate 0: identity). Wraps nnx.Dropout."""
+
+    def __init__(self, rate: float, key: jax.Array | None):
+        self.module = nnx.Dropout(rate) if rate > 0 else None
+        self.key = key
+
+    def __call__(self, x):
+        if self.module is None or self.key is None:
+            return x
+        return self.module(x, deterministic=False, rngs=self.key)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+        self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
+        d = cfg.n_embd
+        self.c_attn = _linear(d, 3 * d, cfg.initializer_range, policy, rngs)
+        self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+
+    def __call__(self, x_BTD, *, keys=(None, None), collect_stats=False, kv=None, mask_TS=None):
+        cfg = self.cfg
+        B, T, D = x_BTD.shape
+        H, K = cfg.n_head, cfg.head_dim
+        qkv = self.c_attn(x_BTD)
+        q_BTHK, k_BTHK, v_BTHK = (t.reshape(B, T, H, K) for t in jnp.split(qkv, 3, axis=-1))
+        if kv is not None:  # a KV cache: kv(k, v) stores the new entries and returns all keys/values
+            k_BTHK, v_BTHK = kv(k_BTHK, v_BTHK)
+        impl = attn_lib.resolve_implementation(
+            cfg.attention_impl, self.policy, head_dim=K,
+            dropout=cfg.attn_pdrop > 0 and keys[0] is not None,
+            query_key_layer_scaling=cfg.query_key_layer_scaling,
+        )
+        out_BTHK, stats = attn_lib.attention(
+            q_BTHK, k_BTHK, v_BTHK, policy=self.policy, layer_idx=self.layer_idx,
+            inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+            query_key_layer_scaling=cfg.query_key_layer_scaling,
+            implementation=impl, mask_TS=mask_TS,
+            probs_dropout=_Dropout(cfg.attn_pdrop, keys[0]) if keys[0] is not None else None,
+            collect_stats=collect_stats,
+        )
+        y = self.c_proj(out_BTHK.reshape(B, T, D))
+        return _Dropout(cfg.resid_pdrop, keys[1])(y), stats
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
+        d = cfg.n_embd
+        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs)
+        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+        self.resid_pdrop = cfg.resid_pdrop
+
+    def __call__(self, x_BTD, *, key=None):
+        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)  # HF "gelu_new"
+        return _Dropout(self.resid_pdrop, key)(self.c_proj(h_BTF))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+        self.ln_1 = _layernorm(cfg, policy, rngs)
+        self.attn = Attention(cfg, policy, layer_idx, rngs=rngs)
+        self.ln_2 = _layernorm(cfg, policy, rngs)
+        self.mlp = MLP(cfg, policy, rngs=rngs)
+
+    def __call__(self, x_BTD, *, key=None, collect_stats=False, kv=None, mask_TS=None):
+        keys = tuple(jax.random.split(key, 3)) if key is not None else (None, None, None)
+        a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
+                             kv=kv, mask_TS=mask_TS)
+        x_BTD = x_BTD + a
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2])
+        return x_BTD, stats
+
+
+class GPT2(nnx.Module):
+    """GPT2LMHeadModel. Call with int tokens (B, T); returns float32 logits (B, T, vocab)."""
+
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
+        self.cfg, self.policy = cfg, policy
+        init = nnx.initializers.normal(cfg.initializer_range)
+        emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, embedding_init=init, rngs=rngs)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, **emb)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, **emb)
+        self.h = nnx.List([Block(cfg, policy, i, rngs=rngs) for i in range(cfg.n_layer)])
+        self.ln_f = _layernorm(cfg, policy, rngs)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        *,
+        positions_BT: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        collect_stats: bool = False,
+        cache: Any = None,
+    ):
+        """Logits for `tokens_BT`; with `collect_stats=True` returns (logits, stats dict).
+
+        `dropout_key=None` means evaluation (no dropout). `cache` is a KV cache from
+        ``jaxlm.generate`` (its per-layer hooks and mask); None for ordinary training/eval.
+        Stats (per layer, float32/bool of shape (n_layer,)): resid_rms, attn_max, attn_min,
+        nonfinite — what explains an unstable run.
+        """
+        cfg = self.cfg
+        T = tokens_BT.shape[-1]
+        if positions_BT is None:
+            if T > cfg.n_positions:
+                raise ConfigError(
+                    f"sequence length {T} exceeds model.n_positions={cfg.n_positions}; "
+                    "use a shorter train.seq_len or a model with more positions"
+                )
+            positions_BT = jnp.arange(T)[None, :]
+        keys = (list(jax.random.split(dropout_key, cfg.n_layer + 1)) if dropout_key is not None
+                else [None] * (cfg.n_layer + 1))
+        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+        x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
+        stats = []
+        for i, block in enumerate(self.h):
+            kv = cache.layer(i) if cache is not None else None
+            mask = cache.mask_TS(T) if cache is not None else None
+            x_BTD, s = block(x_BTD, key=keys[i], collect_stats=collect_stats, kv=kv, mask_TS=mask)
+            if collect_stats:
+                stats.append((_rms(x_BTD), s))
+        x_BTD = self.ln_f(x_BTD)
+        embedding = self.wte.embedding[...].astype(self.policy.compute_dtype)
+        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD.astype(self.policy.compute_dtype), embedding,
+                                preferred_element_type=precision.LOGITS_DTYPE)
+        if not collect_stats:
+            return logits_BTV
+        return logits_BTV, {
+            "resid_rms": jnp.stack([r for r, _ in stats]),
+            "attn_max": jnp.stack([s.max for _, s in stats]),
+            "attn_min": jnp.stack([s.min for _, s in stats]),
+            "nonfinite": jnp.stack([s.nonfinite | ~jnp.isfinite(r) for r, s in stats]),
+        }
+
+
+def _linear(d_in, d_out, std, policy, rngs):
+    return nnx.Linear(
+        d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
+        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+    )
+
+
+def _layernorm(cfg, policy, rngs):
+    # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is.
+    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
+                         param_dtype=policy.param_dtype, rngs=rngs)
+
+
+def _rms(x):
+    x = x.astype(precision.STATS_DTYPE)
+    return jnp.sqrt(jnp.mean(x * x))
+
+
+# --- the functional interface: split once, jit over plain state -------------------------------
+
+def create(cfg: GPT2Config, policy: precision.Policy, seed: int | jax.Array = 0):
+    """Initialise GPT-2 as GPT-2/Mistral do; returns (graphdef, params) for ``apply``."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    return nnx.split(GPT2(cfg, policy, rngs=nnx.Rngs(params=key)))
+
+
+def abstract(cfg: GPT2Config, policy: precision.Policy):
+    """(graphdef, params as ShapeDtypeStructs) without allocating anything."""
+    return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, policy, rngs=nnx.Rngs(0))))
+
+
+def apply(graphdef, params, tokens_BT, **kwargs):
+    """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits."""
+    return nnx.merge(graphdef, params)(tokens_BT, **kwargs)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def logits(graphdef, params, tokens_BT) -> jax.Array:
+    """Float32 logits of an int array of tokens (B, T) or (T,), jit-compiled; no dropout."""
+    tokens = jnp.asarray(tokens_BT, jnp.int32)
+    squeeze = tokens.ndim == 1
+    out = _jit_logits(graphdef, params, tokens[None] if squeeze else tokens)
+    return out[0] if squeeze else out
+
+
+@jax.jit(static_argnums=0)
+def _jit_logits(graphdef, params, tokens):
+    return apply(graphdef, params, tokens)

@@ -1,0 +1,147 @@
+"""The precision policy: the one place where jaxlm decides dtypes.
+
+A :class:`Policy` has three fields:
+
+* ``param_dtype``   -- dtype of the stored (master) parameters;
+* ``compute_dtype`` -- dtype of matmul inputs and activations (the residual stream too);
+* ``attn_dtype``    -- dtype of the attention scores: QK^T, scaling, masking and softmax.
+
+Named regimes are presets (see ``REGIMES``); any field may be overridden explicitly.
+Whatever the regime, LayerNorm statistics, the final logits, their log-softmax and the
+loss are float32 (``STATS_DTYPE``/``LOGITS_DTYPE``): those are not policy choices.
+
+The regimes follow Mistral's study of GPT-2 training stability:
+
+``fp32``         everything float32.
+``bf16``         fp32 params, bf16 compute, bf16 attention scores.
+``bf16_upcast``  as bf16, but Q/K upcast and scores + softmax in fp32.
+``fp16``         fp32 params, fp16 compute, fp16 attention scores: the naive regime whose
+                 QK^T overflows (> 65504) and blows training up.
+``fp16_upcast``  as fp16, but Q and K are upcast and QK^T, scaling, masking and softmax run in
+                 fp32; the probabilities are cast back to fp16 before multiplying V
+                 (Hugging Face ``reorder_and_upcast_attn=True``; Mistral's fix).
+
+Other modules never write ``jnp.float16`` and friends; they ask a policy (or use the
+constants below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.errors import ConfigError
+
+# Dtypes that are fixed whatever the regime.
+STATS_DTYPE = jnp.float32  # LayerNorm statistics, telemetry reductions
+LOGITS_DTYPE = jnp.float32  # final logits, log-softmax and loss
+FP32 = jnp.float32
+
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
+
+
+class PrecisionError(ConfigError):
+    """A precision setting that does not exist or does not make sense."""
+
+
+def dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def as_dtype(value: Any, field: str = "precision") -> Any:
+    """Turns 'bf16' / 'bfloat16' / jnp.bfloat16 into the jnp dtype, or fails naming `field`."""
+    if isinstance(value, str):
+        name = _ALIASES.get(value.lower(), value.lower())
+    else:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = repr(value)
+    if name not in DTYPES:
+        raise PrecisionError(
+            f"{field}: unknown dtype {value!r}; allowed: {sorted(DTYPES)} (or fp32/bf16/fp16)"
+        )
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Dtypes of parameters, compute and attention scores. Frozen and hashable (jit-static)."""
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    attn_dtype: Any = jnp.float32
+    name: str = "fp32"
+
+    def __post_init__(self):
+        for f in ("param_dtype", "compute_dtype", "attn_dtype"):
+            object.__setattr__(self, f, as_dtype(getattr(self, f), f"precision.{f}"))
+
+    @property
+    def upcasts_attention(self) -> bool:
+        """True when scores run in a wider dtype than the rest of the compute (HF's reorder_and_upcast)."""
+        return np.dtype(self.attn_dtype).itemsize > np.dtype(self.compute_dtype).itemsize
+
+    @property
+    def is_fp16(self) -> bool:
+        """fp16 anywhere in the forward pass means the gradients need dynamic loss scaling."""
+        return jnp.float16 in (self.compute_dtype, self.attn_dtype, self.param_dtype)
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: params {dtype_name(self.param_dtype)}, compute {dtype_name(self.compute_dtype)}, "
+            f"attention scores {dtype_name(self.attn_dtype)}"
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "param_dtype": dtype_name(self.param_dtype),
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "attn_dtype": dtype_name(self.attn_dtype),
+        }
+
+
+# regime -> (param, compute, attention scores)
+REGIMES: dict[str, tuple[Any, Any, Any]] = {
+    "fp32": (jnp.float32, jnp.float32, jnp.float32),
+    "bf16": (jnp.float32, jnp.bfloat16, jnp.bfloat16),
+    "bf16_upcast": (jnp.float32, jnp.bfloat16, jnp.float32),
+    "fp16": (jnp.float32, jnp.float16, jnp.float16),
+    "fp16_upcast": (jnp.float32, jnp.float16, jnp.float32),
+}
+
+
+def policy(
+    regime: str = "fp32",
+    *,
+    param_dtype: Any = None,
+    compute_dtype: Any = None,
+    attn_dtype: Any = None,
+) -> Policy:
+    """The preset for `regime`, with any field overridden explicitly (None keeps the preset)."""
+    if regime not in REGIMES:
+        raise PrecisionError(
+            f"precision.regime: unknown regime {regime!r}; allowed: {', '.join(REGIMES)}"
+        )
+    p, c, a = REGIMES[regime]
+    overridden = any(x is not None for x in (param_dtype, compute_dtype, attn_dtype))
+    return Policy(
+        param_dtype=p if param_dtype is None else param_dtype,
+        compute_dtype=c if compute_dtype is None else compute_dtype,
+        attn_dtype=a if attn_dtype is None else attn_dtype,
+        name=regime + ("+custom" if overridden else ""),
+    )
+
+
+def finfo_min(dtype: Any) -> Any:
+    """The most negative finite value of `dtype`: what HF masks attention with."""
+    return jnp.finfo(dtype).min

@@ -1,0 +1,103 @@
+"""GPT-2 structure: parameter counts, initialisation, config errors, dropout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import config, model, precision
+from jaxlm.errors import ConfigError
+
+ROOT = __import__("conftest").ROOT
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_param_count_equals_hugging_face(size):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    s = model.SIZES[size]
+    hf_cfg = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=s["n_embd"],
+                                     n_layer=s["n_layer"], n_head=s["n_head"])
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(hf_cfg)
+    hf_count = sum(p.numel() for p in hf.parameters())  # the tied head is counted once
+    _, params = model.abstract(model.GPT2Config(**s), precision.policy("fp32"))
+    assert model.count_params(params) == hf_count
+    if size == "small":
+        assert hf_count == 124_439_808
+
+
+def test_configs_build_the_documented_sizes():
+    for name, size in [("gpt2_small", "small"), ("gpt2_medium", "medium"), ("gpt2_large", "large"), ("gpt2_xl", "xl")]:
+        cfg = config.load(ROOT / "configs" / f"{name}.py")
+        mc = config.model_config(cfg)
+        assert {k: getattr(mc, k) for k in model.SIZES[size]} == model.SIZES[size]
+        assert mc.vocab_size == 50257 and mc.n_positions == 1024
+
+
+def test_initialisation_follows_gpt2():
+    cfg = model.GPT2Config(vocab_size=4000, n_positions=256, n_embd=256, n_layer=8, n_head=4)
+    _, p = model.create(cfg, precision.policy("fp32"), seed=0)
+    std = lambda x: float(np.std(np.asarray(x[...])))
+    assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
+    assert std(p["h"][0]["attn"]["c_attn"]["kernel"]) == pytest.approx(0.02, rel=0.05)
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    assert std(p["h"][3]["attn"]["c_proj"]["kernel"]) == pytest.approx(resid, rel=0.05)
+    assert std(p["h"][3]["mlp"]["c_proj"]["kernel"]) == pytest.approx(resid, rel=0.05)
+    assert not np.asarray(p["h"][1]["mlp"]["c_fc"]["bias"][...]).any()
+    assert (np.asarray(p["ln_f"]["scale"][...]) == 1).all() and not np.asarray(p["ln_f"]["bias"][...]).any()
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"model.n_head": 5}, r"model.n_embd=64 is not divisible by model.n_head=5"),
+    ({"precision.regime": "fp8"}, r"precision.regime.*'fp8'.*allowed: fp32, bf16"),
+    ({"train.seq_len": 512}, r"train.seq_len=512 exceeds model.n_positions=128"),
+    ({"model.attention_impl": "flash"}, r"model.attention_impl.*'flash'.*auto, reference, cudnn"),
+    ({"model.attn_pdrop": 1.5}, r"model.attn_pdrop"),
+])
+def test_bad_config_names_the_field(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config.load(ROOT / "configs" / "tiny.py", overrides)
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"config.model.n_heads.*did you mean 'n_head'"):
+        config.load(ROOT / "configs" / "tiny.py", {"model.n_heads": 4})
+
+
+def test_sequence_longer_than_positions_fails_at_call():
+    cfg = model.GPT2Config(vocab_size=50, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    gd, p = model.create(cfg, precision.policy("fp32"))
+    with pytest.raises(ConfigError, match=r"sequence length 9 exceeds model.n_positions=8"):
+        model.logits(gd, p, jnp.zeros((1, 9), jnp.int32))
+
+
+def test_dropout_is_random_with_a_key_and_off_without():
+    cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                           embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    gd, p = model.create(cfg, precision.policy("fp32"))
+    toks = jnp.arange(16)[None] % 50
+    ev1, ev2 = model.apply(gd, p, toks), model.apply(gd, p, toks)
+    np.testing.assert_array_equal(ev1, ev2)
+    a = model.apply(gd, p, toks, dropout_key=jax.random.key(1))
+    b = model.apply(gd, p, toks, dropout_key=jax.random.key(1))
+    c = model.apply(gd, p, toks, dropout_key=jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(ev1)).max() > 1e-4
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
+
+
+def test_stats_are_free_when_off_and_per_layer_when_on():
+    cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=3, n_head=2)
+    gd, p = model.create(cfg, precision.policy("fp32"))
+    toks = jnp.arange(16)[None] % 50
+    # off: the traced program has none of the stats' ops (is_finite appears only in them)
+    assert "is_finite" not in str(jax.make_jaxpr(lambda p: model.apply(gd, p, toks))(p))
+    assert "is_finite" in str(jax.make_jaxpr(lambda p: model.apply(gd, p, toks, collect_stats=True))(p))
+    logits, stats = model.apply(gd, p, toks, collect_stats=True)
+    np.testing.assert_allclose(logits, model.apply(gd, p, toks), atol=1e-6)
+    assert set(stats) == {"resid_rms", "attn_max", "attn_min", "nonfinite"}
+    assert all(v.shape == (3,) for v in stats.values())
+    assert (stats["attn_max"] >= stats["attn_min"]).all() and (stats["resid_rms"] > 0).all()
