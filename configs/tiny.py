@@ -13,7 +13,7 @@ def get_config():
     c.data.source = "stdlib"
     c.data.vocab_size = 1024
     c.data.tokenizer_max_docs = 2000
-    c.data.max_docs = 1500
+    c.data.max_docs = 0
     c.data.val_fraction = 0.02
     c.precision.regime = "fp32"
     c.train.steps = 300
