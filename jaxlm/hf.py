@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxlm import model as model_lib
 from jaxlm import precision
@@ -59,8 +58,8 @@ def name_map(n_layer: int) -> dict[str, str]:
 
 
 def _flat(params) -> dict[str, Any]:
-    pure = nnx.to_pure_dict(params)
-    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
+    """{'h.0.attn.c_attn.kernel': array, ...} of a params dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
 
 
@@ -190,17 +189,11 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
     if missing:
         raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:10])}")
 
-    pure = nnx.to_pure_dict(abstract)
-
     def fill(path, leaf):
         key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         return jnp.asarray(found[key], dtype=leaf.dtype)
 
-    params = nnx.to_pure_dict(abstract)
-    params = jax.tree_util.tree_map_with_path(fill, pure)
-    state = abstract
-    nnx.replace_by_pure_dict(state, params)
-    return graphdef, state
+    return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_overrides):

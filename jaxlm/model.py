@@ -239,14 +239,20 @@ def _rms(x):
 # --- the functional interface: split once, jit over plain state -------------------------------
 
 def create(cfg: GPT2Config, policy: precision.Policy, seed: int | jax.Array = 0):
-    """Initialise GPT-2 as GPT-2/Mistral do; returns (graphdef, params) for ``apply``."""
+    """Initialise GPT-2 as GPT-2/Mistral do; returns (graphdef, params) for ``apply``.
+
+    `params` is a plain nested dict of arrays (``params["h"][0]["attn"]["c_attn"]["kernel"]``),
+    which optax, Orbax and the sharding rules take as is.
+    """
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    return nnx.split(GPT2(cfg, policy, rngs=nnx.Rngs(params=key)))
+    graphdef, state = nnx.split(GPT2(cfg, policy, rngs=nnx.Rngs(params=key)))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def abstract(cfg: GPT2Config, policy: precision.Policy):
     """(graphdef, params as ShapeDtypeStructs) without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: GPT2(cfg, policy, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, policy, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def apply(graphdef, params, tokens_BT, **kwargs):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -145,3 +146,56 @@ def policy(
 def finfo_min(dtype: Any) -> Any:
     """The most negative finite value of `dtype`: what HF masks attention with."""
     return jnp.finfo(dtype).min
+
+
+# --- fp16 dynamic loss scaling (DeepSpeed's DynamicLossScaler semantics, inside jit) -----------
+
+@dataclasses.dataclass(frozen=True)
+class LossScaleConfig:
+    init: float = 2.0**16
+    window: int = 1000  # clean steps since the last overflow before the scale doubles
+    hysteresis: int = 2  # overflows tolerated (step skipped, scale kept) before the scale halves
+    minimum: float = 1.0
+    enabled: bool = True  # False: scale 1, nothing skipped (non-fp16 regimes)
+
+
+def loss_scale_config(cfg, pol: Policy) -> LossScaleConfig:
+    p = cfg.precision
+    return LossScaleConfig(init=float(p.loss_scale_init), window=int(p.loss_scale_window),
+                           hysteresis=int(p.loss_scale_hysteresis), minimum=float(p.loss_scale_min),
+                           enabled=pol.is_fp16)
+
+
+def loss_scale_init(c: LossScaleConfig) -> dict:
+    """The loss-scale state: a dict of scalars that lives in the train state (so it is checkpointed)."""
+    return {
+        "scale": jnp.asarray(c.init if c.enabled else 1.0, FP32),
+        "good_steps": jnp.zeros((), jnp.int32),  # clean steps since the last overflow
+        "hysteresis": jnp.asarray(c.hysteresis, jnp.int32),
+        "skipped": jnp.zeros((), jnp.int32),  # total steps skipped for non-finite gradients
+    }
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def loss_scale_update(state: dict, finite: jax.Array, c: LossScaleConfig) -> dict:
+    """Next state after a step whose (unscaled) gradients were `finite` or not.
+
+    Overflow: the step is skipped; if the hysteresis is used up the scale halves (not below the
+    minimum), else the hysteresis counter drops by one. Clean: after `window` clean steps since
+    the last overflow the scale doubles and the hysteresis is restored (as DeepSpeed without
+    ``consecutive_hysteresis``: once used up, it stays so until the scale next doubles).
+    """
+    if not c.enabled:
+        return dict(state, skipped=state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32))
+    halve = ~finite & (state["hysteresis"] <= 1)
+    good = jnp.where(finite, state["good_steps"] + 1, 0)
+    double = finite & (good % c.window == 0)
+    scale = jnp.where(halve, jnp.maximum(state["scale"] / 2, c.minimum), state["scale"])
+    scale = jnp.where(double, scale * 2, scale)
+    hyst = jnp.where(finite, jnp.where(double, c.hysteresis, state["hysteresis"]),
+                     jnp.maximum(state["hysteresis"] - 1, 1))
+    return {"scale": scale.astype(FP32), "good_steps": good.astype(jnp.int32),
+            "hysteresis": hyst.astype(jnp.int32), "skipped": state["skipped"] + (~finite).astype(jnp.int32)}

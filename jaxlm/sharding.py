@@ -38,6 +38,7 @@ from jaxlm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))
+_NOTED: set[str] = set()
 
 RULES: tuple[tuple[str, P], ...] = (
     (r"wte\.embedding$", P("tensor", "fsdp")),
@@ -88,8 +89,11 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
             fitted = []
             for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
                 if axis is not None and dim % mesh.shape[axis]:
-                    warnings.warn(f"sharding: {name} dim {dim} is not divisible by mesh.{axis}="
-                                  f"{mesh.shape[axis]}; that dim is replicated", stacklevel=3)
+                    note = f"sharding: dim {dim} of {re.sub(r'^.*?(?=(wte|wpe|h|ln_f)[.])', '', name)} is not divisible by " \
+                           f"mesh.{axis}={mesh.shape[axis]}; that dim is replicated"
+                    if note not in _NOTED:
+                        _NOTED.add(note)
+                        warnings.warn(note, stacklevel=3)
                     axis = None
                 fitted.append(axis)
             return P(*fitted)
@@ -104,3 +108,21 @@ def param_shardings(params, mesh: Mesh):
         return NamedSharding(mesh, spec_for(_path_name(path), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """Shardings of a whole train state: params and optimizer moments by the rule table (their
+    names end like the parameter's), every scalar and everything else replicated."""
+
+    def one(path, leaf):
+        name = _path_name(path)
+        shape = tuple(leaf.shape)
+        if shape and name.startswith(("params.", "opt_state.")):
+            return NamedSharding(mesh, spec_for(name, shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

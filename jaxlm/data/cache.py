@@ -120,7 +120,7 @@ def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: st
     dtype = tok.dtype()
     pending = np.zeros(0, dtype)
     n_docs = n_tokens = n_rows = 0
-    vocab_seen = np.zeros(tok.vocab_size, bool)
+    counts = np.zeros(tok.vocab_size, np.int64)
     bar = tqdm(desc=desc, unit=" docs", file=sys.stderr, mininterval=1.0, disable=None)
     with open(out, "wb") as f:
         batch: list[str] = []
@@ -131,7 +131,7 @@ def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: st
                 return
             ids = tok.encode(batch)
             flat = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in ids])
-            vocab_seen[flat] = True
+            counts[:] += np.bincount(flat, minlength=tok.vocab_size)
             n_docs += len(batch)
             n_tokens += flat.size
             pending = np.concatenate([pending, flat])
@@ -150,8 +150,11 @@ def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: st
                 flush()
         flush()
     bar.close()
+    p = counts[counts > 0] / max(counts.sum(), 1)
     return {"documents": n_docs, "tokens": n_tokens, "sequences": n_rows,
-            "dropped_tail_tokens": int(pending.size), "vocab_used": int(vocab_seen.sum())}
+            "dropped_tail_tokens": int(pending.size), "vocab_used": int((counts > 0).sum()),
+            # the loss (nats/token) of the best context-free model: training must go well below it
+            "unigram_entropy": round(float(-(p * np.log(p)).sum()), 6)}
 
 
 def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCache:

@@ -1,0 +1,239 @@
+"""Telemetry: metric names (defined once; reports and tests import them), FLOPs and MFU, sinks.
+
+Sinks, on process 0 only: a console progress bar with ETA, JSON Lines in ``WORKDIR/metrics.jsonl``
+(one record per log step), and wandb (``log.wandb_mode``: disabled/offline/online; offline by
+default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
+versions, the jaxlm git commit, devices and mesh, once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlm import precision
+
+# --- metric names -------------------------------------------------------------------------
+STEP = "step"
+LOSS = "train/loss"  # mean over the steps since the last log record
+STEP_LOSSES = "train/step_losses"  # every step's loss since the last record (for exact comparisons)
+PERPLEXITY = "train/perplexity"
+LR = "train/lr"
+GRAD_NORM = "train/grad_norm"  # global norm of the unscaled gradient, before clipping
+GRAD_NORM_CLIPPED = "train/grad_norm_clipped"  # after clipping
+PARAM_NORM = "train/param_norm"
+UPDATE_NORM = "train/update_norm"
+LOSS_SCALE = "train/loss_scale"  # fp16 dynamic loss scale (1 in other regimes)
+SKIPPED = "train/skipped_steps"  # total steps skipped for non-finite gradients
+NONFINITE = "train/nonfinite_steps"  # steps since the last record whose loss/gradients were non-finite
+STEP_TIME = "perf/step_time_s"
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"
+DEVICE_MEMORY = "perf/device_memory_gib"  # peak bytes in use on device 0, where JAX reports it
+COMPILE_TIME = "perf/compile_time_s"
+RESID_RMS = "layers/resid_rms"  # per layer (a list), residual stream RMS after the block
+ATTN_MAX = "layers/attn_max"  # per layer, max pre-softmax attention score
+ATTN_MIN = "layers/attn_min"
+LAYER_NONFINITE = "layers/nonfinite"  # per layer, any non-finite score or activation
+EVAL_LOSS = "eval/loss"
+EVAL_PERPLEXITY = "eval/perplexity"
+
+TRAIN_METRICS = (LOSS, STEP_LOSSES, PERPLEXITY, LR, GRAD_NORM, GRAD_NORM_CLIPPED, PARAM_NORM, UPDATE_NORM,
+                 LOSS_SCALE, SKIPPED, NONFINITE, STEP_TIME, TOKENS_PER_S, MFU, DEVICE_MEMORY)
+LAYER_METRICS = (RESID_RMS, ATTN_MAX, ATTN_MIN, LAYER_NONFINITE)
+EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
+
+
+# --- FLOPs and MFU --------------------------------------------------------------------------
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N + 6·L·d·T.
+
+    6·N: forward (2) + backward (4) multiply-adds of every parameter (N counts all of them,
+    embeddings included, as llm.c and MaxText do). 6·L·d·T: attention's QK^T and AV, which are
+    2·(2·T·d) per layer forward for a full T×T map, ×3 for fwd+bwd, halved for the causal mask.
+    """
+    return 6.0 * n_params + 6.0 * n_layer * n_embd * seq_len
+
+
+# Dense peak TFLOP/s per chip by matmul input dtype. fp32 on GPUs is TF32 (XLA's default precision).
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("TPU v6", {"bfloat16": 918.0, "float16": 918.0, "float32": 918.0}),
+    ("TPU v5p", {"bfloat16": 459.0, "float16": 459.0, "float32": 459.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float16": 197.0, "float32": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0, "float16": 197.0, "float32": 197.0}),
+    ("TPU v4", {"bfloat16": 275.0, "float16": 275.0, "float32": 275.0}),
+)
+
+
+def peak_tflops(device_kind: str, policy: precision.Policy, override: float = 0.0) -> float | None:
+    """Per-chip peak for the policy's compute dtype; None where unknown (e.g. CPU) and not overridden."""
+    if override:
+        return float(override)
+    for key, table in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return table[precision.dtype_name(policy.compute_dtype)]
+    return None
+
+
+def mfu(tokens_per_s: float, flops_token: float, n_devices: int, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return tokens_per_s * flops_token / (n_devices * peak * 1e12)
+
+
+def device_memory_gib() -> float | None:
+    try:
+        s = jax.local_devices()[0].memory_stats()
+    except Exception:
+        return None
+    if not s:
+        return None
+    return s.get("peak_bytes_in_use", s.get("bytes_in_use", 0)) / 2**30
+
+
+# --- run metadata -----------------------------------------------------------------------------
+
+def git_commit(repo: Path) -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) if head else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece",
+              "ml-collections", "tensorflow-datasets", "wandb"):
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def environment(mesh=None) -> dict[str, Any]:
+    devs = jax.devices()
+    return {
+        "device_kind": devs[0].device_kind, "platform": devs[0].platform, "device_count": len(devs),
+        "process_count": jax.process_count(), "host": platform.node(),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+    }
+
+
+def jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else str(float(x))  # JSON has no inf/nan: "inf", "nan"
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# --- sinks ------------------------------------------------------------------------------------
+
+class Telemetry:
+    """Receives values and writes them; computes nothing about training."""
+
+    def __init__(self, workdir: str | Path, cfg, *, total_steps: int, start_step: int = 0,
+                 run_metadata: dict | None = None, is_main: bool | None = None):
+        self.workdir = Path(workdir)
+        self.is_main = jax.process_index() == 0 if is_main is None else is_main
+        self.total_steps = total_steps
+        self._bar = None
+        self._wandb = None
+        self._jsonl = None
+        if not self.is_main:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+        if run_metadata is not None:
+            (self.workdir / "run.json").write_text(json.dumps(jsonable(run_metadata), indent=2, sort_keys=True))
+        if cfg.log.wandb_mode != "disabled":
+            self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         file=sys.stderr, disable=None, desc=f"train {Path(workdir).name}")
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        rec = {STEP: int(step), "time": time.time(), **jsonable(record)}
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            flat = {}
+            for k, v in rec.items():
+                if k in (STEP, "time", STEP_LOSSES):
+                    continue
+                if isinstance(v, list):
+                    flat.update({f"{k}/{i}": float(x) for i, x in enumerate(v) if not isinstance(x, str)})
+                elif isinstance(v, (int, float)):
+                    flat[k] = v
+            self._wandb.log(flat, step=int(step))
+        if self._bar is not None and LOSS in rec:
+            self._bar.n = int(step)
+            post = {"loss": f"{rec[LOSS]:.4f}" if isinstance(rec[LOSS], float) else rec[LOSS]}
+            if rec.get(TOKENS_PER_S):
+                post["tok/s"] = f"{rec[TOKENS_PER_S]:,.0f}"
+            if rec.get(LOSS_SCALE, 1.0) != 1.0:
+                post["scale"] = f"{rec[LOSS_SCALE]:.0f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(workdir: Path, cfg, meta):
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    run_id_file = workdir / "wandb_id"
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
+    run_id_file.write_text(run_id)
+    return wandb.init(project=cfg.log.wandb_project, dir=str(workdir), mode=cfg.log.wandb_mode, id=run_id,
+                      resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
+                      settings=wandb.Settings(console="off", x_disable_stats=True))

@@ -1,0 +1,306 @@
+"""Train state, the train step (one jitted call), evaluation, and the training loop.
+
+The step, in order: micro-batches (a ``lax.scan`` when ``train.micro_batch_size`` is set) →
+fp32 loss × loss scale → gradients → unscale → finite check → clip + AdamW (optax) → the update
+is applied only if every gradient is finite (else the step is skipped and counted; in fp16 the
+loss scale reacts) → metrics. Parameters and optimizer state are fp32 masters whatever the regime.
+The state is donated; the host reads metrics only at log steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm import optim, precision, sharding, telemetry
+from jaxlm.errors import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates attempted so far (skipped ones included)
+    params: Any  # nested dict of fp32 master weights
+    opt_state: Any
+    rng: jax.Array  # uint32[2] key for dropout; each step folds in its step number
+    loss_scale: dict  # see precision.loss_scale_init
+    nonfinite: jax.Array  # int32: steps whose loss or gradients were non-finite
+
+
+class Trainer:
+    """Everything static about a run (model, policy, optimizer, mesh, shardings) and its compiled steps."""
+
+    def __init__(self, cfg, mesh, vocab_size: int):
+        self.cfg, self.mesh = cfg, mesh
+        self.model_cfg = config_lib.model_config(cfg, vocab_size)
+        self.policy = config_lib.policy(cfg)
+        self.ls_cfg = precision.loss_scale_config(cfg, self.policy)
+        self.tx, self.schedule = optim.make(cfg.optim, cfg.train.steps)
+        self.graphdef, abstract_params = model_lib.abstract(self.model_cfg, self.policy)
+        self.n_params = model_lib.count_params(abstract_params)
+        self.seq_len = cfg.train.seq_len
+        self.batch_size = cfg.train.batch_size
+        self.micro = cfg.train.micro_batch_size or cfg.train.batch_size
+        dp = sharding.data_parallel_size(mesh)
+        if self.batch_size % dp or self.micro % dp:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} (micro-batch {self.micro}) is not divisible by the data-parallel "
+                f"size mesh.data×mesh.fsdp={dp}; make it a multiple of {dp}"
+            )
+        self.dropout = any(getattr(self.model_cfg, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
+
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.abstract_state = jax.eval_shape(self._init, jnp.zeros((), jnp.uint32))
+        self.state_sharding = sharding.state_shardings(self.abstract_state, mesh)
+        repl = sharding.replicated(mesh)
+        self.init = jax.jit(self._init, out_shardings=self.state_sharding)
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+                                  out_shardings=(self.state_sharding, repl), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding),
+                                 out_shardings=repl)
+        self.stats_step = jax.jit(self._stats_step, in_shardings=(self.state_sharding.params, self.batch_sharding),
+                                  out_shardings=repl)
+
+    @property
+    def flops_per_token(self) -> float:
+        m = self.model_cfg
+        return telemetry.flops_per_token(self.n_params, m.n_layer, m.n_embd, self.seq_len)
+
+    # --- pure functions (jitted above) ---------------------------------------------------------
+
+    def _init(self, seed) -> TrainState:
+        key = jax.random.PRNGKey(seed)
+        init_key, dropout_key = jax.random.split(key)
+        _, params = model_lib.create(self.model_cfg, self.policy, init_key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), rng=dropout_key,
+            loss_scale=precision.loss_scale_init(self.ls_cfg), nonfinite=jnp.zeros((), jnp.int32),
+        )
+
+    def _loss(self, params, batch_BT1, key, scale):
+        tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
+        logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(precision.LOGITS_DTYPE), targets).mean()
+        return loss * scale, loss
+
+    def _grads(self, params, batch, key, scale):
+        """Mean loss and mean (scaled) gradients over the micro-batches of `batch`."""
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        n = self.batch_size // self.micro
+        if n == 1:
+            (_, loss), grads = grad_fn(params, batch, key, scale)
+            return loss, grads
+        # Micro-batch j takes rows j, j+n, j+2n, ...: each one spread over every data-parallel device.
+        micro = batch.reshape(self.micro, n, -1).swapaxes(0, 1)
+        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, P(None, ("data", "fsdp"))))
+
+        def body(carry, xs):
+            g_acc, l_acc = carry
+            mb, i = xs
+            (_, l), g = grad_fn(params, mb, jax.random.fold_in(key, i), scale)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n)))
+        return loss / n, jax.tree.map(lambda g: g / n, grads)
+
+    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        scale = state.loss_scale["scale"]
+        key = jax.random.fold_in(state.rng, state.step)
+        loss, grads = self._grads(state.params, batch, key, scale)
+        grads = jax.tree.map(lambda g: (g / scale).astype(precision.FP32), grads)
+        finite = precision.all_finite(grads) & jnp.isfinite(loss)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        clip = float(self.cfg.optim.clip_norm)
+        new = TrainState(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+            rng=state.rng, loss_scale=precision.loss_scale_update(state.loss_scale, finite, self.ls_cfg),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            telemetry.LOSS: loss,
+            telemetry.LR: self.schedule(state.step),
+            telemetry.GRAD_NORM: grad_norm,
+            telemetry.GRAD_NORM_CLIPPED: jnp.minimum(grad_norm, clip) if clip > 0 else grad_norm,
+            telemetry.PARAM_NORM: optax.tree.norm(new.params),
+            telemetry.UPDATE_NORM: jnp.where(finite, optax.tree.norm(updates), 0.0),
+            telemetry.LOSS_SCALE: scale,
+            telemetry.SKIPPED: new.loss_scale["skipped"],
+            "finite": finite,
+        }
+        return new, metrics
+
+    def _eval_step(self, params, batch):
+        return self._loss(params, batch, None, 1.0)[1]
+
+    def _stats_step(self, params, batch):
+        _, stats = model_lib.apply(self.graphdef, params, batch[:, :-1], collect_stats=True)
+        return stats
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    step: int
+    stopped: str | None = None  # why the loop stopped early, if it did
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
+    """Mean loss over equally sized validation batches (global arrays)."""
+    losses = [trainer.eval_step(params, b) for b in batches]
+    if not losses:
+        return {}
+    loss = float(np.mean(jax.device_get(losses)))
+    return {telemetry.EVAL_LOSS: loss, telemetry.EVAL_PERPLEXITY: _ppl(loss)}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def loop(
+    trainer: Trainer,
+    state: TrainState,
+    batches,
+    tele: telemetry.Telemetry,
+    *,
+    eval_batches: Callable[[], Any] | None = None,
+    on_step: Callable[[int, TrainState], str | None] | None = None,
+) -> LoopResult:
+    """Runs steps from state.step to train.steps. `on_step(step, state)` (checkpointing, preemption)
+    may return a reason to stop. Host syncs happen only at log/eval/stats steps."""
+    cfg = trainer.cfg
+    step = int(jax.device_get(state.step))
+    total = cfg.train.steps
+    log_every, stats_every, eval_every = cfg.log.every, cfg.log.stats_every, cfg.train.eval_every
+    tokens_per_step = trainer.batch_size * trainer.seq_len
+    peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, cfg.log.peak_tflops)
+    window: list[dict] = []
+    t_window, steps_window = time.perf_counter(), 0
+    while step < total:
+        batch = next(batches)
+        stats_now = stats_every and (step + 1) % stats_every == 0
+        stats = trainer.stats_step(state.params, batch) if stats_now else None  # before the update
+        state, metrics = trainer.train_step(state, batch)
+        step += 1
+        steps_window += 1
+        window.append(metrics)
+        record: dict[str, Any] = {}
+        if step % log_every == 0 or step == total:
+            host = jax.device_get(window)
+            elapsed = time.perf_counter() - t_window
+            losses = [float(m[telemetry.LOSS]) for m in host]
+            last = host[-1]
+            record = {k: float(v) for k, v in last.items() if k != "finite"}
+            record[telemetry.LOSS] = float(np.mean(losses))
+            record[telemetry.STEP_LOSSES] = losses
+            record[telemetry.PERPLEXITY] = _ppl(record[telemetry.LOSS])
+            record[telemetry.NONFINITE] = int(sum(not m["finite"] for m in host))
+            record[telemetry.STEP_TIME] = elapsed / steps_window
+            tps = tokens_per_step * steps_window / elapsed
+            record[telemetry.TOKENS_PER_S] = tps
+            record[telemetry.MFU] = telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak)
+            record[telemetry.DEVICE_MEMORY] = telemetry.device_memory_gib()
+            window, t_window, steps_window = [], time.perf_counter(), 0
+        if stats is not None:
+            s = jax.device_get(stats)
+            record.update({telemetry.RESID_RMS: s["resid_rms"], telemetry.ATTN_MAX: s["attn_max"],
+                           telemetry.ATTN_MIN: s["attn_min"], telemetry.LAYER_NONFINITE: s["nonfinite"]})
+        if eval_batches is not None and eval_every and (step % eval_every == 0 or step == total):
+            record.update(evaluate(trainer, state.params, eval_batches()))
+        if record:
+            tele.log(step, record)
+            t_window = time.perf_counter() if not window else t_window  # exclude logging time
+        stop = None
+        if record.get(telemetry.NONFINITE) and not trainer.policy.is_fp16 and cfg.train.stop_on_nonfinite:
+            stop = (f"non-finite loss or gradients at step {step} in regime {trainer.policy.name!r} "
+                    f"(no loss scaling outside fp16); the update was skipped and the run stops. Lower optim.lr, "
+                    "check the data, or set train.stop_on_nonfinite=False to continue")
+        if on_step is not None:
+            stop = on_step(step, state) or stop
+        if stop:
+            return LoopResult(state, step, stop)
+    return LoopResult(state, step, None)
+
+
+# --- a whole run ------------------------------------------------------------------------------
+
+def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult:
+    """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains."""
+    from pathlib import Path
+
+    from jaxlm import data
+    from jaxlm.errors import DataError
+
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    say = log or (lambda s: print(s, flush=True) if is_main else None)
+    config_lib.validate(cfg, backend=jax.default_backend())
+    mesh = sharding.make_mesh(cfg.mesh)
+    cache = data.prepare(cfg, workdir, log=say)
+    vocab = cache.manifest["vocab_size"]
+    config_lib.validate(cfg, backend=jax.default_backend(), vocab_size=vocab)
+    trainer = Trainer(cfg, mesh, vocab)
+    say(f"model: GPT-2 {trainer.n_params:,} parameters ({trainer.model_cfg.n_layer} layers, d={trainer.model_cfg.n_embd}); "
+        f"precision {trainer.policy.describe()}; mesh {dict(mesh.shape)} on {jax.device_count()} "
+        f"{jax.devices()[0].device_kind} device(s)")
+    ent = cache.manifest["splits"]["train"].get("unigram_entropy")
+    if ent is not None:
+        say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
+            "(a model that ignores context cannot go below it)")
+
+    state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
+    start = int(jax.device_get(state.step))
+
+    loader = data.train_loader(cache, cfg)
+    loader.set_state({"next_index": start})  # batch k is the one step k consumes
+    batches = data.device_prefetch(loader, trainer.batch_sharding)
+
+    eval_fn = None
+    if cfg.train.eval_every:
+        try:
+            val = data.eval_loader(cache, cfg, batch_size=trainer.micro)
+            n_eval = min(cfg.train.eval_batches, len(val))
+            eval_fn = lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
+        except DataError as e:
+            say(f"warning: periodic evaluation is off: {e}")
+
+    meta = {
+        "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
+        "jaxlm_commit": telemetry.git_commit(config_lib.REPO_ROOT), "environment": telemetry.environment(mesh),
+        "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
+        "flops_per_token": trainer.flops_per_token,
+        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path),
+                 "tokenizer_sha256": cache.manifest["tokenizer_sha256"], "splits": cache.manifest["splits"]},
+    }
+    tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
+    try:
+        t0 = time.perf_counter()
+        first = next(batches)
+        trainer.train_step.lower(state, first).compile()
+        tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
+        batches = _chain([first], batches)
+        result = loop(trainer, state, batches, tele, eval_batches=eval_fn)
+        if result.stopped:
+            tele.message(f"stopped: {result.stopped}")
+    finally:
+        tele.close()
+    return result
+
+
+def _chain(head, tail):
+    yield from head
+    yield from tail
