@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep_every = 0  # ... plus every step divisible by this (0 = none)
     c.checkpoint.latest_every_minutes = 30.0  # time-based 'latest' save for preemptible machines
     c.checkpoint.async_save = True
+    c.checkpoint.allow_config_change = False  # resume even if result-changing fields differ (e.g. train.steps)
 
     # --- log ---------------------------------------------------------------------------------
     c.log = ml_collections.ConfigDict()

@@ -47,6 +47,15 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ml_collec
     return cfg
 
 
+def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A validated copy of `cfg` with dotted overrides applied; `cfg` is untouched."""
+    new = cfg.copy_and_resolve_references()
+    for key, value in overrides.items():
+        set_by_path(new, key, value)
+    validate(new)
+    return new
+
+
 def set_by_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = cfg

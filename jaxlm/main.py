@@ -28,8 +28,8 @@ def main(argv):
         result = train.run(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    if result.stopped:
-        sys.exit(2)
+    if result.stopped and not result.preempted:
+        sys.exit(2)  # e.g. a non-finite loss outside fp16; a preempted run exits 0 and resumes
 
 
 if __name__ == "__main__":

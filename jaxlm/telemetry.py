@@ -173,8 +173,13 @@ class Telemetry:
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-        if run_metadata is not None:
+        metrics = self.workdir / "metrics.jsonl"
+        if metrics.exists():  # resuming: records past the restored step will be written again
+            keep = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)[STEP] <= start_step]
+            metrics.write_text("".join(line + "\n" for line in keep))
+        self._jsonl = open(metrics, "a")
+        if run_metadata is not None and not (self.workdir / "run.json").exists():
             (self.workdir / "run.json").write_text(json.dumps(jsonable(run_metadata), indent=2, sort_keys=True))
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)

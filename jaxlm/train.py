@@ -156,6 +156,7 @@ class LoopResult:
     state: TrainState
     step: int
     stopped: str | None = None  # why the loop stopped early, if it did
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving: exit 0, resume later
 
 
 def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
@@ -242,8 +243,8 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
     """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains."""
     from pathlib import Path
 
-    from jaxlm import data
-    from jaxlm.errors import DataError
+    from jaxlm import checkpoint, data
+    from jaxlm.errors import CheckpointError, DataError
 
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
@@ -262,11 +263,32 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
         say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
             "(a model that ignores context cannot go below it)")
 
-    state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
-    start = int(jax.device_get(state.step))
-
+    meta = {
+        "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
+        "jaxlm_commit": telemetry.git_commit(config_lib.REPO_ROOT), "environment": telemetry.environment(mesh),
+        "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
+        "flops_per_token": trainer.flops_per_token,
+        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path), "vocab_size": vocab,
+                 "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
+                 "splits": cache.manifest["splits"]},
+    }
+    meta = telemetry.jsonable(meta)
+    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=abstract_state(trainer), meta=meta)
+    restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
+                                   current_config=meta["config"])
     loader = data.train_loader(cache, cfg)
-    loader.set_state({"next_index": start})  # batch k is the one step k consumes
+    epoch_len = len(loader.rows)
+    data_state = lambda step: {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
+    if restored is not None:
+        state, saved_data, _, start = restored
+        if int(saved_data["next_index"]) != start:
+            raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
+        say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    else:
+        state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
+        start = 0
+        ckpt.save(0, state, data_state(0))
+    loader.set_state(data_state(start))  # batch k is the one step k consumes
     batches = data.device_prefetch(loader, trainer.batch_sharding)
 
     eval_fn = None
@@ -278,27 +300,33 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
         except DataError as e:
             say(f"warning: periodic evaluation is off: {e}")
 
-    meta = {
-        "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
-        "jaxlm_commit": telemetry.git_commit(config_lib.REPO_ROOT), "environment": telemetry.environment(mesh),
-        "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
-        "flops_per_token": trainer.flops_per_token,
-        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path),
-                 "tokenizer_sha256": cache.manifest["tokenizer_sha256"], "splits": cache.manifest["splits"]},
-    }
     tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
+    ckpt.install_signal_handlers()
     try:
-        t0 = time.perf_counter()
-        first = next(batches)
-        trainer.train_step.lower(state, first).compile()
-        tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
-        batches = _chain([first], batches)
-        result = loop(trainer, state, batches, tele, eval_batches=eval_fn)
+        result = LoopResult(state, start)
+        if start < cfg.train.steps:
+            t0 = time.perf_counter()
+            first = next(batches)
+            trainer.train_step.lower(state, first).compile()
+            tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
+            batches = _chain([first], batches)
+            result = loop(trainer, state, batches, tele, eval_batches=eval_fn,
+                          on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
+        result.preempted = ckpt.preempted is not None
         if result.stopped:
             tele.message(f"stopped: {result.stopped}")
+        else:
+            tele.message(f"done: step {result.step} of {cfg.train.steps}; run directory {workdir}")
     finally:
         tele.close()
+        ckpt.close()
     return result
+
+
+def abstract_state(trainer: Trainer):
+    """The train state as ShapeDtypeStructs carrying the current mesh's shardings (restore target)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        trainer.abstract_state, trainer.state_sharding)
 
 
 def _chain(head, tail):

@@ -1,0 +1,273 @@
+"""Checkpoints: Orbax CheckpointManager, Mistral's schedule, exact resume, preemption.
+
+``WORKDIR/checkpoints/<step>/`` holds three items:
+
+* ``state`` -- the whole TrainState (params, optimizer state, step, RNG, loss scale), saved
+  sharded and restored onto the current mesh (``StandardSave``/``StandardRestore``);
+* ``data``  -- the loader state ``{"next_index", "epoch"}`` (batch k is the one step k consumes);
+* ``meta``  -- the resolved config, jaxlm commit, package versions, devices and mesh.
+
+Saves are asynchronous (training goes on while Orbax writes) and atomic: Orbax writes into a
+temporary directory and renames it when complete, so a save killed midway is never listed.
+A checkpoint that fails to restore (a truncated file) is renamed ``<step>.corrupt-<time>``
+with a warning, and the previous one is used.
+
+When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and
+when ``step % every == 0`` for the first stage ``(every, until)`` with ``until >= step`` (past the
+last stage, its ``every``); plus a time-based "latest" save every ``latest_every_minutes`` that
+the next one replaces. What to keep (``keep``/``keep_every``): all schedule steps (0) or the
+last N plus every M-th; always the newest.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from jaxlm.errors import CheckpointError
+
+MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
+
+# Config fields that never change a run's results; everything else must match on resume.
+NEUTRAL_FIELDS = (
+    "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
+    "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
+    "model.attention_impl",
+)
+
+
+def on_schedule(step: int, stages, total_steps: int) -> bool:
+    """Whether `step` is a scheduled checkpoint (step 0, the final step, or the stage rule)."""
+    if step == 0 or step == total_steps:
+        return True
+    if not stages:
+        return False
+    for every, until in stages:
+        if step <= until:
+            return step % every == 0
+    return step % stages[-1][0] == 0
+
+
+def schedule(stages, total_steps: int) -> list[int]:
+    return [s for s in range(total_steps + 1) if on_schedule(s, stages, total_steps)]
+
+
+def state_signature(abstract_state) -> str:
+    """A hash of the train state's leaf paths, shapes and dtypes: equal signatures restore into each other."""
+    import hashlib
+
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    text = "\n".join(f"{jax.tree_util.keystr(p)} {tuple(x.shape)} {x.dtype}" for p, x in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every result-changing field that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if k.startswith(NEUTRAL_FIELDS) or k in NEUTRAL_FIELDS:
+            continue
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if _norm(va) != _norm(vb):
+            diffs.append(f"{k}: {va!r} -> {vb!r}")
+    return diffs
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+class Checkpointer:
+    """Owns the Orbax manager of one run directory and the decisions of when to save."""
+
+    def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False):
+        self.cfg, self.meta = cfg, meta or {}
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.total = int(cfg.train.steps)
+        stages = tuple(tuple(int(x) for x in s) for s in cfg.checkpoint.stages)
+        self.stages = stages
+        self.abstract_state = abstract_state
+        self.signature = state_signature(abstract_state) if abstract_state is not None else None
+        keep, keep_every = int(cfg.checkpoint.keep), int(cfg.checkpoint.keep_every)
+        if keep:
+            policies = [ocm.LatestN(n=keep)] + ([ocm.EveryNSteps(interval_steps=keep_every)] if keep_every else [])
+        else:  # keep every scheduled step; a time-based save lives until the next save replaces it
+            policies = [ocm.CustomSteps(steps=schedule(stages, self.total)), ocm.LatestN(n=1)]
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=bool(cfg.checkpoint.async_save),
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+        self._last_save_time = time.monotonic()
+        self.preempted: str | None = None
+        self._old_handlers: dict = {}
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(dict(self.meta, step=step, state_signature=self.signature))), force=True)
+        self._last_save_time = time.monotonic()
+
+    def on_step(self, step: int, state, data_state: dict) -> str | None:
+        """Saves when due; on a pending SIGTERM/SIGINT saves, waits, and returns why to stop."""
+        if self.preempted or self._multihost_preemption(step):
+            self.save(step, state, data_state)
+            self.manager.wait_until_finished()
+            return (f"preempted by {self.preempted or 'the cluster'}: checkpoint for step {step} saved in "
+                    f"{self.directory}; run the same command again to resume")
+        minutes = float(self.cfg.checkpoint.latest_every_minutes)
+        if on_schedule(step, self.stages, self.total) or (
+                minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes):
+            self.save(step, state, data_state)
+        if step == self.total:
+            self.manager.wait_until_finished()
+        return None
+
+    def _multihost_preemption(self, step: int) -> bool:
+        # JAX's preemption sync point makes every host agree on the same step; Orbax's check
+        # returns False unless jax.distributed is initialised, hence our own signal handler too.
+        return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
+    # --- restoring ------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, *, allow_config_change: bool = False, current_config: dict | None = None):
+        """(state, data_state, meta, step) of the newest checkpoint that restores, or None if none exist.
+
+        The checks come first and read only the small ``meta`` item: a checkpoint of a different
+        config, or of a train state of another structure (its recorded signature), is an error,
+        never taken for a corrupt one. Only a checkpoint whose meta or arrays fail to read although
+        the structure matches is corrupt: it is moved aside and the previous one used.
+        """
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            diffs = []
+            if current_config is not None:
+                diffs = config_differences(meta.get("config", {}), current_config)
+                if diffs and not allow_config_change:
+                    raise CheckpointError(
+                        f"{self.directory}: the config differs from the one this run was started with, in ways "
+                        "that change its results:\n  " + "\n  ".join(diffs) +
+                        "\nUse a new --workdir, revert these fields, or pass "
+                        "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
+            if meta.get("state_signature") not in (None, self.signature):
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} holds a train state of another structure or shape "
+                    f"than the current config builds ({'; '.join(diffs) or 'same config: a different jaxlm version?'}); "
+                    "it cannot be restored into this run. Use a new --workdir")
+            try:
+                return self.restore(step)
+            except Exception as e:  # same structure, yet unreadable: corrupt
+                self._set_aside(step, e)
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        bad = self.directory / str(step)
+        aside = bad.with_name(f"{step}.corrupt-{int(time.time())}")
+        warnings.warn(f"checkpoint {bad} cannot be restored ({type(error).__name__}: {str(error)[:200]}); "
+                      f"moved to {aside.name}, using the previous one", stacklevel=3)
+        if jax.process_index() == 0 and bad.exists():
+            bad.rename(aside)
+        self.manager.reload()
+
+    def restore(self, step: int):
+        if self.abstract_state is None:
+            raise CheckpointError("restore needs the abstract train state")
+        r = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return r["state"], r["data"], r["meta"], step
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    # --- preemption -------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.preempted = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def close(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_run(workdir, step: int | None = None, mesh=None):
+    """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
+    devices, one data-parallel axis), whatever mesh or process count wrote it.
+
+    Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
+    """
+    import ml_collections
+
+    from jaxlm import sharding as sharding_lib
+    from jaxlm import train
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
+    probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
+        "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
+    reader = Checkpointer(workdir, probe, read_only=True)
+    steps = reader.steps()
+    if not steps:
+        raise CheckpointError(f"{directory}: no complete checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
+    meta = reader.read_meta(step)
+    reader.manager.close()
+    cfg = ml_collections.ConfigDict(meta["config"])
+    cfg.checkpoint.async_save = False
+    if mesh is None:
+        cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})
+        mesh = sharding_lib.make_mesh(cfg.mesh)
+    trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
+    ckpt = Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
+    try:
+        state, _, meta, step = ckpt.restore(step)
+    finally:
+        ckpt.manager.close()
+    return cfg, trainer, state, meta, step

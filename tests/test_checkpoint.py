@@ -1,0 +1,208 @@
+"""Checkpoints: Mistral's schedule, bit-identical repeats, SIGKILL/SIGTERM resume, corruption, export."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint, telemetry
+
+from conftest import ROOT
+
+STEPS = 40
+
+
+def test_mistral_schedule():
+    steps = checkpoint.schedule(checkpoint.MISTRAL_STAGES, 400_000)
+    assert len(steps) == 609  # 10 + 38 + 180 + 380, plus step 0
+    assert steps[:3] == [0, 10, 20] and steps[-1] == 400_000
+    for s in (100, 2000, 20000, 150, 2100, 21000):
+        assert s in steps
+    for s in (110, 2050, 20500, 399_999):
+        assert s not in steps
+    # past the last stage: its interval; plus the final step whatever it is
+    assert checkpoint.schedule(((10, 20),), 45) == [0, 10, 20, 30, 40, 45]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckcorpus")
+    rng = np.random.RandomState(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=rng.randint(2, 7))) for _ in range(300)]
+    for i in range(40):
+        (d / f"{i}.txt").write_text(" ".join(rng.choice(words, size=400)))
+    return d
+
+
+def _args(workdir, corpus, cache, **over):
+    o = {"data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.cache_dir": str(cache),
+         "data.val_fraction": 0.0, "train.steps": STEPS, "train.batch_size": 8, "train.seq_len": 32,
+         "model.n_positions": 32, "model.embd_pdrop": 0.1, "model.attn_pdrop": 0.1, "model.resid_pdrop": 0.1,
+         "optim.warmup_steps": 5, "log.every": 1, "log.stats_every": 0, "log.wandb_mode": "disabled",
+         "train.eval_every": 0, "checkpoint.stages": "((5, 1000),)", "checkpoint.latest_every_minutes": 0.0}
+    o.update(over)
+    return [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in o.items()]
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args, timeout=300):
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+    return out
+
+
+def _losses(workdir) -> dict[int, float]:
+    """step -> that step's loss (log.every=1), the final record of each step."""
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if telemetry.STEP_LOSSES in r:
+            out[r["step"]] = r[telemetry.STEP_LOSSES][-1]
+    return out
+
+
+def _final_params(workdir, step=STEPS):
+    _, _, state, _, _ = checkpoint.load_run(workdir, step)
+    return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One uninterrupted run, and a second identical one: per-step losses must be bit-identical."""
+    root = tmp_path_factory.mktemp("ref")
+    runs = []
+    for name in ("a", "b"):
+        out = _run(_args(root / name, corpus, root / "cache"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(_losses(root / name))
+    assert sorted(runs[0]) == list(range(1, STEPS + 1))
+    return root / "a", runs
+
+
+def test_same_config_twice_gives_bit_identical_losses(reference):
+    _, (a, b) = reference
+    assert a == b  # exact float equality, every step
+
+
+def _wait_for(pred, timeout, poll=0.002):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(poll)
+    return False
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpus, tmp_path):
+    ref_dir, (ref, _) = reference
+    work = tmp_path / "killed"
+    ckdir = work / "checkpoints"
+    args = _args(work, corpus, ref_dir.parent / "cache")
+    rnd = random.Random(1234)
+    in_flight_kills = 0
+    for attempt in range(3):
+        p = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt == 0:
+            # kill while an async save is being written: Orbax's temporary directory exists
+            def saving():
+                return ckdir.is_dir() and any(".orbax-checkpoint-tmp" in d.name for d in ckdir.iterdir()
+                                               if d.name not in ("0",))
+            _wait_for(lambda: (work / "metrics.jsonl").exists() and len(_losses(work)) >= 3, 120)
+            if _wait_for(saving, 60, poll=0.0005):
+                in_flight_kills += 1
+        else:
+            _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 2, 120)
+            time.sleep(rnd.uniform(0.05, 1.0))  # a random moment of training
+        p.send_signal(signal.SIGKILL)
+        p.wait(60)
+    assert in_flight_kills == 1, "did not catch a save in flight"
+    out = _run(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in out.stderr + out.stdout
+    assert _losses(work) == ref  # every step after each resume, bit for bit
+    for a, b in zip(jax.tree.leaves(_final_params(work)), jax.tree.leaves(_final_params(ref_dir))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, corpus, tmp_path):
+    ref_dir, (ref, _) = reference
+    work = tmp_path / "term"
+    args = _args(work, corpus, ref_dir.parent / "cache", **{"checkpoint.stages": "((1000, 1000),)"})
+    p = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 7, 120)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert "preempted by SIGTERM" in err
+    saved = checkpoint.Checkpointer(work, _probe_cfg(), read_only=True).steps()
+    last = max(_losses(work))
+    assert saved == [0, last]  # only the initial and the preemption save (schedule: every 1000)
+    out = _run(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from the checkpoint at step {last}" in out.stderr + out.stdout
+    assert _losses(work) == ref
+
+
+def _probe_cfg():
+    import ml_collections
+
+    return ml_collections.ConfigDict({"train": {"steps": STEPS}, "checkpoint": {
+        "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, corpus, tmp_path):
+    import shutil
+
+    ref_dir, (ref, _) = reference
+    work = tmp_path / "corrupt"
+    shutil.copytree(ref_dir, work)  # a finished run: checkpoints 0, 5, ..., 40
+    newest = work / "checkpoints" / str(STEPS)
+    for f in (newest / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated files
+    out = _run(_args(work, corpus, ref_dir.parent / "cache"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stderr + out.stdout
+    assert f"checkpoint {newest} cannot be restored" in log
+    assert f"resumed from the checkpoint at step {STEPS - 5}" in log
+    assert _losses(work) == ref  # the last steps were recomputed exactly
+    assert list((work / "checkpoints").glob(f"{STEPS}.corrupt-*"))
+
+
+def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_path):
+    ref_dir, _ = reference
+    work = tmp_path / "shape"
+    cache = ref_dir.parent / "cache"
+    assert _run(_args(work, corpus, cache, **{"train.steps": 5})).returncode == 0
+    out = _run(_args(work, corpus, cache, **{"train.steps": 5, "model.n_embd": 96, "precision.regime": "bf16"}))
+    assert out.returncode != 0
+    assert "model.n_embd: 64 -> 96" in out.stderr and "precision.regime: 'fp32' -> 'bf16'" in out.stderr
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "5"]  # nothing set aside
+
+
+def test_export_to_hugging_face(reference, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxlm import export, model
+
+    ref_dir, _ = reference
+    out = export.export(ref_dir, tmp_path / "hf")
+    assert (out / "tokenizer.model").exists()
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
+    _, trainer, state, _, _ = checkpoint.load_run(ref_dir)
+    tokens = np.random.RandomState(0).randint(0, 300, (2, 16))
+    ours = np.asarray(model.logits(trainer.graphdef, state.params, tokens))
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
