@@ -118,12 +118,15 @@ def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_l
 
 
 def _stats(s_BHTS, mask_TS) -> ScoreStats:
+    """Max/min over unmasked scores. NaN is propagated explicitly: XLA's CPU backend drops NaNs
+    from max/min reductions by default (fast min/max), which would hide a broken layer."""
     f32 = precision.STATS_DTYPE
     s = s_BHTS.astype(f32)
-    big = jnp.finfo(f32).max
+    has_nan = jnp.any(jnp.where(mask_TS, jnp.isnan(s), False))
+    nan = jnp.asarray(jnp.nan, f32)
     return ScoreStats(
-        max=jnp.max(jnp.where(mask_TS, s, -big)),
-        min=jnp.min(jnp.where(mask_TS, s, big)),
+        max=jnp.where(has_nan, nan, jnp.max(jnp.where(mask_TS, s, -jnp.inf))),
+        min=jnp.where(has_nan, nan, jnp.min(jnp.where(mask_TS, s, jnp.inf))),
         nonfinite=jnp.any(jnp.where(mask_TS, ~jnp.isfinite(s), False)),
     )
 

@@ -313,6 +313,10 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
             result = loop(trainer, state, batches, tele, eval_batches=eval_fn,
                           on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
         result.preempted = ckpt.preempted is not None
+        if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
+            import json
+
+            (workdir / "done.json").write_text(json.dumps({"step": result.step, "stopped": result.stopped}))
         if result.stopped:
             tele.message(f"stopped: {result.stopped}")
         else:

@@ -1,0 +1,375 @@
+"""The ablation report: from run directories (from one or several machines) to report.md,
+report.html and PNG plots.
+
+A run directory is any folder holding ``run.json`` and ``metrics.jsonl`` (what ``jaxlm.main``
+writes). Runs are grouped by (accelerator kind, regime, layer scaling); seeds are aggregated.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jaxlm import telemetry as T
+
+
+@dataclass
+class Run:
+    path: Path
+    device: str
+    regime: str
+    layer_scaling: bool
+    seed: int
+    records: list[dict]
+    done: dict | None = None
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return self.device, self.label
+
+    @property
+    def label(self) -> str:
+        return self.regime + (" +layer-scale" if self.layer_scaling else "")
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a scalar metric; 'nan'/'inf' strings become floats."""
+        pts = [(r[T.STEP], _num(r[key])) for r in self.records if key in r and not isinstance(r[key], list)]
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        s, v = zip(*pts)
+        return np.asarray(s), np.asarray(v, float)
+
+    def layers(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values[step, layer]) of a per-layer metric."""
+        pts = [(r[T.STEP], [_num(x) for x in r[key]]) for r in self.records if isinstance(r.get(key), list)]
+        if not pts:
+            return np.zeros(0), np.zeros((0, 0))
+        s, v = zip(*pts)
+        return np.asarray(s), np.asarray(v, float)
+
+    def first_nonfinite_step(self) -> int | None:
+        for r in self.records:
+            bad = r.get(T.NONFINITE, 0) or any(r.get(T.LAYER_NONFINITE) or []) or (
+                T.LOSS in r and not math.isfinite(_num(r[T.LOSS])))
+            if bad:
+                return r[T.STEP]
+        return None
+
+    def last(self, key: str):
+        s, v = self.series(key)
+        return (float(v[-1]) if len(v) else None)
+
+
+def _num(x) -> float:
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, str):
+        return float(x)  # "nan", "inf", "-inf"
+    return float(x) if x is not None else float("nan")
+
+
+def find_runs(dirs) -> list[Run]:
+    runs = []
+    for d in dirs:
+        for meta_file in sorted(Path(d).rglob("run.json")):
+            run_dir = meta_file.parent
+            if not (run_dir / "metrics.jsonl").exists():
+                continue
+            meta = json.loads(meta_file.read_text())
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else None
+            runs.append(Run(run_dir, meta["environment"]["device_kind"], meta["precision"]["name"],
+                             bool(meta["config"]["model"]["scale_attn_by_inverse_layer_idx"]),
+                             int(meta["config"]["train"]["seed"]), records, done))
+    return runs
+
+
+# --- document blocks rendered to both Markdown and HTML ----------------------------------------
+
+@dataclass
+class Doc:
+    blocks: list = field(default_factory=list)
+
+    def h(self, text, level=2):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text):
+        self.blocks.append(("p", text))
+
+    def table(self, headers, rows):
+        self.blocks.append(("table", headers, rows))
+
+    def img(self, path, caption):
+        self.blocks.append(("img", path, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                out.append("| " + " | ".join(b[1]) + " |")
+                out.append("|" + "---|" * len(b[1]))
+                out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in b[2])
+            elif b[0] == "img":
+                out.append(f"![{b[2]}]({b[1]})\n\n*{b[2]}*")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title) -> str:
+        e = html.escape
+        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
+               "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+               "text-align:right}th{background:#f4f4f4}img{max-width:100%}figcaption{color:#555}</style>"
+               "</head><body>"]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "table":
+                out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>")
+                out.extend("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
+                out.append("</table>")
+            elif b[0] == "img":
+                out.append(f"<figure><img src='{e(b[1])}' alt='{e(b[2])}'><figcaption>{e(b[2])}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _fmt(values, digits=3) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "–"
+    if not all(math.isfinite(x) for x in v):
+        return "non-finite"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{np.mean(v):.{digits}f} ± {np.std(v):.{digits}f}"
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color_map(groups):
+    return {g: f"C{i % 10}" for i, g in enumerate(groups)}
+
+
+def _group_label(g):
+    device, label = g
+    return f"{label} [{device}]"
+
+
+def _seed_curve(runs, key):
+    """(steps, mean, min, max, n seeds) of a scalar metric over the runs that logged the same steps."""
+    curves = [(s, v) for s, v in (r.series(key) for r in runs) if len(s)]
+    if not curves:
+        return None
+    steps = curves[0][0]
+    mat = np.vstack([v for s, v in curves if len(s) == len(steps) and np.array_equal(s, steps)])
+    finite = np.where(np.isfinite(mat), mat, np.nan)
+    return steps, np.nanmean(finite, axis=0), np.nanmin(finite, axis=0), np.nanmax(finite, axis=0), len(mat)
+
+
+def plot_over_steps(by_group, key, path, ylabel, title, log_y=False, band=True, style_key=None):
+    """One line per group (mean over seeds; a min-max band), a dotted line at the first non-finite
+    step, and optionally `style_key` dashed in the same colour."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = _color_map(by_group)
+    for g, runs in by_group.items():
+        c = _seed_curve(runs, key)
+        if c is None:
+            continue
+        steps, mean, lo, hi, n = c
+        ax.plot(steps, mean, color=colors[g], label=_group_label(g) + (f" ({n} seeds)" if n > 1 else ""))
+        if band and n > 1:
+            ax.fill_between(steps, lo, hi, color=colors[g], alpha=0.2)
+        bad = [b for b in (r.first_nonfinite_step() for r in runs) if b is not None]
+        if bad:
+            ax.axvline(min(bad), color=colors[g], ls=":", lw=1)
+        c2 = _seed_curve(runs, style_key) if style_key else None
+        if c2 is not None:
+            ax.plot(c2[0], c2[1], color=colors[g], ls="--", lw=1)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_heatmaps(by_group, key, path, title, log_color=True):
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    groups = [(g, runs[0]) for g, runs in by_group.items() if len(runs[0].layers(key)[0])]
+    if not groups:
+        groups = [(g, runs[0]) for g, runs in by_group.items()]
+    n = max(len(groups), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1, 3.4 * rows), squeeze=False,
+                             layout="constrained")
+    finite_all = [v for _, r in groups for v in r.layers(key)[1].ravel() if math.isfinite(v) and v > 0]
+    vmin, vmax = (min(finite_all), max(finite_all)) if finite_all else (1, 10)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="red")
+    im = None
+    for ax, (g, run) in zip(axes.ravel(), groups):
+        steps, vals = run.layers(key)
+        if not len(steps):
+            ax.set_axis_off()
+            continue
+        vals = np.where(np.isfinite(vals), vals, np.nan)
+        norm = LogNorm(vmin=max(vmin, 1e-3), vmax=max(vmax, vmin * 1.01)) if log_color else None
+        im = ax.imshow(np.abs(vals).T, aspect="auto", origin="lower", cmap=cmap, norm=norm,
+                       extent=(steps[0], steps[-1], -0.5, vals.shape[1] - 0.5), interpolation="nearest")
+        ax.set(title=_group_label(g) + f" seed {run.seed}", xlabel="step", ylabel="layer",
+               yticks=range(vals.shape[1]))
+        ax.title.set_fontsize(8)
+    for ax in axes.ravel()[len(groups):]:
+        ax.set_axis_off()
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label="|value| (log)")
+    fig.suptitle(title + " (red: non-finite)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_final_layers(by_group, key, path, ylabel, title):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = _color_map(by_group)
+    for g, runs in by_group.items():
+        finals = []
+        for r in runs:
+            steps, vals = r.layers(key)
+            if len(steps):
+                finals.append(vals[-1])
+        if finals:
+            m = np.vstack(finals)
+            with np.errstate(all="ignore"):
+                ax.plot(range(m.shape[1]), np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=0), "o-",
+                        color=colors[g], label=_group_label(g))
+    n_layers = max((r.layers(key)[1].shape[1] for rs in by_group.values() for r in rs), default=1)
+    ax.set(xlabel="layer", ylabel=ylabel, title=title + " (missing: non-finite)", yscale="log",
+           xticks=range(n_layers))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+PLOTS = ("loss.png", "loss_scale.png", "grad_norm.png", "attn_max_heatmap.png", "resid_rms_heatmap.png",
+         "resid_rms_final.png")
+
+
+def _plots(by_group, out: Path) -> None:
+    plot_over_steps(by_group, T.LOSS, out / "loss.png", "train loss (nats/token)",
+                    "Training loss (line: mean over seeds, band: min-max; dotted: first non-finite step)")
+    plot_over_steps(by_group, T.LOSS_SCALE, out / "loss_scale.png", "loss scale", "fp16 dynamic loss scale",
+                    log_y=True, band=False)
+    plot_over_steps(by_group, T.GRAD_NORM, out / "grad_norm.png", "gradient norm",
+                    "Gradient norm before (solid) and after (dashed) clipping", log_y=True, band=False,
+                    style_key=T.GRAD_NORM_CLIPPED)
+    plot_layer_heatmaps(by_group, T.ATTN_MAX, out / "attn_max_heatmap.png", "Max attention score per layer")
+    plot_layer_heatmaps(by_group, T.RESID_RMS, out / "resid_rms_heatmap.png", "Residual-stream RMS per layer")
+    plot_final_layers(by_group, T.RESID_RMS, out / "resid_rms_final.png", "RMS", "Per-layer activation RMS, last sample")
+
+
+def build(dirs, out) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = find_runs(dirs)
+    if not runs:
+        raise FileNotFoundError(f"no run directories (run.json + metrics.jsonl) under {', '.join(map(str, dirs))}")
+    by_group: dict = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (r.device, r.regime, r.layer_scaling, r.seed)):
+        by_group[r.group].append(r)
+
+    with warnings.catch_warnings():  # all-NaN slices are expected where a regime diverged
+        warnings.filterwarnings("ignore", message="(Mean of empty slice|All-NaN slice)", category=RuntimeWarning)
+        _plots(by_group, out)
+
+    doc = Doc()
+    doc.h("jaxlm precision ablation", 1)
+    devices = sorted({r.device for r in runs})
+    doc.p(f"{len(runs)} runs from {len(dirs)} director{'y' if len(dirs) == 1 else 'ies'}; accelerators: "
+          f"{', '.join(devices)}; regimes: {', '.join(sorted({r.label for r in runs}))}.")
+
+    doc.h("Final loss (mean ± std over seeds)")
+    rows = []
+    for (device, label), rs in by_group.items():
+        train_l = [r.last(T.LOSS) for r in rs]
+        eval_l = [r.last(T.EVAL_LOSS) for r in rs]
+        ppl = [math.exp(x) if x is not None and math.isfinite(x) and x < 700 else (float("nan") if x is not None else None)
+               for x in eval_l]
+        steps = [r.records[-1][T.STEP] if r.records else 0 for r in rs]
+        rows.append([device, label, len(rs), max(steps), _fmt(train_l), _fmt(eval_l), _fmt(ppl, 2)])
+    doc.table(["accelerator", "regime", "seeds", "steps", "train loss", "val loss", "val perplexity"], rows)
+
+    doc.h("Stability per run")
+    rows = []
+    for (device, label), rs in by_group.items():
+        for r in rs:
+            first = r.first_nonfinite_step()
+            rows.append([device, label, r.seed, "none" if first is None else first,
+                         int(r.last(T.SKIPPED) or 0), _fmt([r.last(T.LOSS_SCALE)], 0),
+                         (r.done or {}).get("stopped") or ("finished" if r.done else "running/interrupted")])
+    doc.table(["accelerator", "regime", "seed", "first non-finite step", "skipped steps", "final loss scale",
+               "status"], rows)
+
+    doc.h("Throughput by accelerator")
+    rows = []
+    for (device, label), rs in by_group.items():
+        tps, mfu = [], []
+        for r in rs:
+            s, v = r.series(T.TOKENS_PER_S)
+            if len(v) > 1:
+                tps.append(float(np.median(v[1:])))  # the first window includes compilation
+            elif len(v):
+                tps.append(float(v[0]))
+            s, v = r.series(T.MFU)
+            v = v[np.isfinite(v)] if len(v) else v
+            if len(v):
+                mfu.append(float(np.median(v)))
+        rows.append([device, label, _fmt(tps, 0), _fmt([100 * x for x in mfu], 1) + (" %" if mfu else "")])
+    doc.table(["accelerator", "regime", "tokens/s (median)", "MFU"], rows)
+
+    doc.h("Plots")
+    captions = {
+        "loss.png": "Training loss vs step per regime; seeds as a band.",
+        "loss_scale.png": "fp16 dynamic loss scale vs step (1 for regimes without loss scaling).",
+        "grad_norm.png": "Gradient global norm before and after clipping.",
+        "attn_max_heatmap.png": "Max pre-softmax attention score per layer over time (first seed of each regime).",
+        "resid_rms_heatmap.png": "Residual-stream RMS per layer over time.",
+        "resid_rms_final.png": "Per-layer residual-stream RMS at the last sampled step.",
+    }
+    for name in PLOTS:
+        doc.img(name, captions[name])
+    (out / "report.md").write_text(doc.markdown())
+    (out / "report.html").write_text(doc.html("jaxlm precision ablation"))
+    return out / "report.md"

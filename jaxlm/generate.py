@@ -1,0 +1,164 @@
+"""Sampling from a checkpoint with a KV cache: temperature, top-k, top-p; deterministic with a seed.
+
+    python -m jaxlm.generate --workdir=DIR --prompt="def main(" [--max_new_tokens=64] \
+        [--temperature=0.8] [--top_k=40] [--top_p=0.95] [--seed=0] [--step=N]
+
+The prompt is run once (prefill) into a cache of keys and values of shape (layers, batch,
+n_positions, heads, head size); each new token then attends to the cache (one jitted decode step
+per token). ``temperature=0`` is greedy. Prompt plus new tokens must fit in ``n_positions``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxlm import attention as attn_lib
+from jaxlm import model as model_lib
+from jaxlm.errors import CheckpointError, ConfigError
+
+
+@jax.tree_util.register_pytree_node_class
+class KVCache:
+    """Keys/values of every layer, (L, B, S, H, K), and how many positions are filled."""
+
+    def __init__(self, k, v, index):
+        self.k, self.v, self.index = k, v, index
+        self._new_k, self._new_v = [None] * k.shape[0], [None] * k.shape[0]
+
+    @classmethod
+    def empty(cls, cfg: model_lib.GPT2Config, batch: int, dtype) -> "KVCache":
+        shape = (cfg.n_layer, batch, cfg.n_positions, cfg.n_head, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def layer(self, i: int):
+        """The hook the model calls in layer i with the new keys/values; returns all of them."""
+        def kv(k_new, v_new):
+            at = (0, self.index, 0, 0)
+            self._new_k[i] = jax.lax.dynamic_update_slice(self.k[i], k_new.astype(self.k.dtype), at)
+            self._new_v[i] = jax.lax.dynamic_update_slice(self.v[i], v_new.astype(self.v.dtype), at)
+            return self._new_k[i], self._new_v[i]
+        return kv
+
+    def mask_TS(self, T: int):
+        return attn_lib.causal_mask(T, self.k.shape[2], q_offset=self.index)
+
+    def advanced(self, T: int) -> "KVCache":
+        return KVCache(jnp.stack(self._new_k), jnp.stack(self._new_v), self.index + T)
+
+    def tree_flatten(self):
+        return (self.k, self.v, self.index), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def sample(logits_V, key, temperature: float, top_k: int, top_p: float):
+    """One token id from float32 logits; greedy when temperature is 0."""
+    if temperature <= 0:
+        return jnp.argmax(logits_V, axis=-1)
+    logits = logits_V / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if 0 < top_p < 1:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)  # the top token always stays
+        logits = jnp.take_along_axis(sorted_logits, jnp.argsort(order, axis=-1), axis=-1)  # unsort
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_cached(graphdef, params, tokens_BT, cache: KVCache):
+    T = tokens_BT.shape[1]
+    positions = cache.index + jnp.arange(T)[None, :]
+    logits = model_lib.apply(graphdef, params, tokens_BT, positions_BT=positions, cache=cache)
+    return logits[:, -1], cache.advanced(T)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _pick(graphdef, logits, key, step, temperature, top_k, top_p):
+    del graphdef
+    return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+
+
+def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None, use_cache: bool = True) -> list[int]:
+    """New token ids after `prompt_ids` (stops early at `eos_id`). `use_cache=False` recomputes the
+    whole sequence each step (the reference the cache must agree with)."""
+    prompt = list(int(t) for t in prompt_ids)
+    if not prompt:
+        raise ConfigError("--prompt: empty after tokenization; give at least one token of text")
+    if len(prompt) + max_new_tokens > cfg.n_positions:
+        raise ConfigError(f"prompt ({len(prompt)} tokens) + --max_new_tokens={max_new_tokens} exceeds "
+                          f"model.n_positions={cfg.n_positions}; shorten one of them")
+    key = jax.random.PRNGKey(seed)
+    out: list[int] = []
+    if use_cache:
+        cache = KVCache.empty(cfg, 1, policy.compute_dtype)
+        logits, cache = _forward_cached(graphdef, params, jnp.asarray([prompt], jnp.int32), cache)
+    else:
+        seq = np.zeros((1, cfg.n_positions), np.int32)
+        seq[0, : len(prompt)] = prompt
+        logits = _forward_full(graphdef, params, jnp.asarray(seq))[:, len(prompt) - 1]
+    for i in range(max_new_tokens):
+        tok = int(_pick(graphdef, logits, key, i, float(temperature), int(top_k), float(top_p))[0])
+        out.append(tok)
+        if eos_id is not None and tok == eos_id:
+            break
+        if i == max_new_tokens - 1:
+            break
+        if use_cache:
+            logits, cache = _forward_cached(graphdef, params, jnp.asarray([[tok]], jnp.int32), cache)
+        else:
+            n = len(prompt) + len(out)
+            seq[0, n - 1] = tok
+            logits = _forward_full(graphdef, params, jnp.asarray(seq))[:, n - 1]
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_full(graphdef, params, seq):
+    return model_lib.apply(graphdef, params, seq)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
+
+
+def main(argv):
+    del argv
+    if not _WORKDIR.value or _PROMPT.value is None:
+        raise app.UsageError("--workdir and --prompt are required")
+    from jaxlm import checkpoint
+    from jaxlm.data import tokenizer as tok_lib
+
+    try:
+        _, trainer, state, meta, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+        tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+        ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([_PROMPT.value])[0],
+                       _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                       seed=_SEED.value, eos_id=tok.eos_id)
+    except (CheckpointError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+    print(_PROMPT.value + tok.decode(i for i in ids if i != tok.eos_id))
+
+
+if __name__ == "__main__":
+    app.run(main)

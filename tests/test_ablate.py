@@ -1,0 +1,173 @@
+"""Studies: the fp16 stress preset, the ablation grid and its report, eval, generation."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import checkpoint, evaluate, generate, model, telemetry
+from jaxlm.data import tokenizer as tok_lib
+
+from conftest import ROOT
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The stress preset, shortened: naive fp16 vs fp16_upcast, layer scaling on, one seed."""
+    out = tmp_path_factory.mktemp("grid")
+    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16,fp16_upcast",
+           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=disabled"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def _records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _f(x):
+    return float(x)  # "nan"/"inf" strings too
+
+
+def test_stress_preset_fp16_overflows_and_upcast_trains(grid):
+    out, _ = grid
+    naive = _records(out / "cells" / "fp16-lson-s21")
+    upcast = _records(out / "cells" / "fp16_upcast-lson-s21")
+    assert any(any(r.get(telemetry.LAYER_NONFINITE, [])) for r in naive), "fp16 scores must overflow"
+    assert naive[-1][telemetry.SKIPPED] > 0
+    assert not any(any(r.get(telemetry.LAYER_NONFINITE, [])) for r in upcast)
+    assert upcast[-1][telemetry.SKIPPED] == 0
+    losses = [_f(r[telemetry.LOSS]) for r in upcast if telemetry.LOSS in r]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    # the overflow is the attention one: upcast's raw QK^T (score × 16 × layer) is past fp16's range
+    assert max(_f(r[telemetry.ATTN_MAX][0]) for r in upcast if telemetry.ATTN_MAX in r) * 16 > 65504
+
+
+def test_rerunning_the_grid_skips_finished_cells(grid):
+    out, _ = grid
+    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16_upcast",
+           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=disabled"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fp16_upcast-lson-s21: already finished, skipped" in res.stderr
+
+
+def test_report_from_two_machines(grid, tmp_path):
+    from jaxlm.ablate import report
+
+    out, _ = grid
+    other = tmp_path / "h100"
+    shutil.copytree(out / "cells", other)
+    for meta in other.rglob("run.json"):  # the same grid, recorded on another accelerator
+        m = json.loads(meta.read_text())
+        m["environment"]["device_kind"] = "NVIDIA H100 80GB HBM3"
+        meta.write_text(json.dumps(m))
+    md = report.build([out / "cells", other], tmp_path / "report").read_text()
+    for device in ("cpu", "NVIDIA H100 80GB HBM3"):
+        for regime in ("fp16 +layer-scale", "fp16_upcast +layer-scale"):
+            assert f"| {device} | {regime} |" in md
+    stab = md.split("## Stability per run")[1].split("##")[0]
+    row = next(line for line in stab.splitlines() if line.startswith("| cpu | fp16 +layer-scale | 21 |"))
+    first_bad = int(row.split("|")[4])
+    assert 0 < first_bad <= 40 and int(row.split("|")[5]) > 0
+    assert "| cpu | fp16_upcast +layer-scale | 21 | none | 0 |" in stab
+    assert "non-finite" in md.split("## Final loss")[1].split("##")[0]  # fp16's final loss
+    html = (tmp_path / "report" / "report.html").read_text()
+    for name in report.PLOTS:
+        data = (tmp_path / "report" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+        from PIL import Image
+
+        Image.open(tmp_path / "report" / name).verify()
+        assert f"({name})" in md and f"src='{name}'" in html
+
+
+def test_eval_perplexity_equals_exp_mean_token_loss(grid):
+    out, _ = grid
+    run = out / "cells" / "fp16_upcast-lson-s21"
+    cfg, trainer, state, meta, step = checkpoint.load_run(run)
+    text = evaluate.load_text(cfg, meta, max_docs=3)
+    # independently: non-overlapping windows, log-softmax in numpy
+    ctx = cfg.train.seq_len
+    toks = text.tokens
+    nll = []
+    for s in range(0, len(toks) - 1, ctx):
+        x = toks[s: s + ctx + 1]
+        logits = np.asarray(model.logits(trainer.graphdef, state.params, x[:-1]), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll.extend(-logp[np.arange(len(x) - 1), x[1:]])
+    expect = math.exp(np.mean(nll))
+    r = evaluate.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx)
+    assert r["tokens"] == len(toks) - 1 == len(nll)
+    assert r["perplexity"] == pytest.approx(expect, rel=1e-4)
+    docs_bytes = sum(len(d.encode("utf-8")) for d in _val_docs(cfg, 3))
+    assert r["bytes"] == docs_bytes
+    assert r["bits_per_byte"] == pytest.approx(np.sum(nll) / math.log(2) / docs_bytes, rel=1e-4)
+    # a sliding window scores every token exactly once, with more context: lower or equal loss
+    slid = evaluate.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx // 4)
+    assert slid["tokens"] == r["tokens"] and slid["loss"] < r["loss"] + 1e-3
+
+
+def _val_docs(cfg, n):
+    from jaxlm.data import sources
+
+    c = cfg.data.copy_and_resolve_references()
+    c.max_docs = n
+    return list(sources.open_source(c).documents("validation"))
+
+
+def test_eval_cli_all_steps_writes_csv_and_plot(grid):
+    out, _ = grid
+    run = out / "cells" / "fp16_upcast-lson-s21"
+    res = subprocess.run([sys.executable, "-m", "jaxlm.eval", f"--workdir={run}", "--all-steps", "--max_docs=2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = (run / "eval.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,perplexity,bits_per_byte") and len(rows) == 1 + 2  # steps 0 and 40
+    assert (run / "eval.png").read_bytes().startswith(PNG)
+    assert float(rows[2].split(",")[1]) < float(rows[1].split(",")[1])  # trained beats initial
+
+
+def test_generation_with_kv_cache_equals_without(grid):
+    out, _ = grid
+    _, trainer, state, meta, _ = checkpoint.load_run(out / "cells" / "fp16_upcast-lson-s21")
+    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    prompt = tok.encode(["def __init__(self"])[0]
+    args = (trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, prompt, 24)
+    cached = generate.generate(*args, temperature=0.0)
+    plain = generate.generate(*args, temperature=0.0, use_cache=False)
+    assert cached == plain and len(cached) == 24
+    # fp32 too (the fp16_upcast cache is fp16)
+    cfg32 = trainer.model_cfg
+    from jaxlm import precision
+
+    gd32, _ = model.create(cfg32, precision.policy("fp32"))
+    args32 = (gd32, state.params, cfg32, precision.policy("fp32"), prompt, 16)
+    assert generate.generate(*args32, temperature=0.0) == generate.generate(*args32, temperature=0.0, use_cache=False)
+    a = generate.generate(*args, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    b = generate.generate(*args, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    c = generate.generate(*args, temperature=1.0, top_k=20, top_p=0.9, seed=4)
+    assert a == b and a != c
+
+
+def test_sampling_filters():
+    logits = jax.numpy.log(jax.numpy.asarray([0.5, 0.3, 0.15, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    top_k = {int(generate.sample(logits, k, 1.0, 2, 1.0)) for k in keys}
+    assert top_k == {0, 1}
+    top_p = {int(generate.sample(logits, k, 1.0, 0, 0.7)) for k in keys}
+    assert top_p == {0, 1}  # 0.5 < 0.7, then 0.5+0.3 covers it
+    assert int(generate.sample(logits, keys[0], 0.0, 0, 1.0)) == 0
