@@ -1,10 +1,11 @@
 """The input loader on grain: a global shuffle, per-host shards, batches, prefetch, exact resume.
 
 Global row order: ``MapDataset.source(rows).shuffle(data_seed).repeat()`` -- a full permutation of
-the rows, a new one per epoch (grain folds the epoch into the seed). Host ``h`` of ``P`` reads
-rows ``h, h+P, h+2P, ...`` of that order and batches them ``global_batch / P`` at a time, so the
-hosts' batch ``k`` are disjoint and together are global rows ``[k*B, (k+1)*B)``. Each host reads
-only its own rows from the memory-mapped cache.
+the rows, a new one per epoch (grain folds the epoch into the seed). Global batch ``k`` is rows
+``[k*B, (k+1)*B)`` of that order; host ``h`` of ``P`` reads only its contiguous block
+``[k*B + h*B/P, k*B + (h+1)*B/P)`` of it from the memory-mapped cache. The hosts' blocks are
+disjoint, and ``jax.make_array_from_process_local_data`` puts them back in exactly the order one
+process would have read, so a multi-host run sees the same global batches as a single host.
 
 The state is grain's ``{"next_index": k}`` (batches consumed) plus the epoch, for humans;
 restoring it makes the next batch the one an uninterrupted run would have seen, because every
@@ -57,7 +58,7 @@ class Loader:
             ds = ds.shuffle(seed=seed)
         if repeat:
             ds = ds.repeat()
-        ds = ds[self.process_index:: self.process_count]
+        ds = grain.MapDataset.source(_HostBlock(ds, self.process_index, self.host_batch, global_batch))
         ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=_stack_int32)
         self.dataset = ds
         self._iter = ds.to_iter_dataset(
@@ -83,6 +84,20 @@ class Loader:
 
     def set_state(self, state: dict) -> None:
         self._iter.set_state({"next_index": int(state["next_index"])})
+
+
+class _HostBlock:
+    """Random access to this host's rows: its block of every global batch of `ordered`."""
+
+    def __init__(self, ordered, host: int, host_batch: int, global_batch: int):
+        self.ordered, self.host, self.hb, self.gb = ordered, host, host_batch, global_batch
+
+    def __len__(self) -> int:
+        return len(self.ordered) // self.gb * self.hb
+
+    def __getitem__(self, i: int):
+        k, j = divmod(i, self.hb)
+        return self.ordered[k * self.gb + self.host * self.hb + j]
 
 
 def _stack_int32(rows) -> np.ndarray:
