@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 1000  # 0 = no periodic evaluation
     c.train.eval_batches = 20
     c.train.stop_on_nonfinite = True  # non-finite loss outside fp16 loss scaling stops the run
+    # GPU: --xla_gpu_deterministic_ops=true, so reruns are bit-identical (no atomics in scatter and
+    # reductions; costs some speed, see README). CPU and TPU are deterministic anyway.
+    c.train.deterministic = True
 
     # --- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -27,6 +27,11 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny")
     import logging
+    import os
+
+    if _CONFIG.value.train.deterministic and "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+        # before the backend starts (jax reads XLA_FLAGS once, at its first use)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
 
     import jax
 

@@ -138,6 +138,7 @@ def environment(mesh=None) -> dict[str, Any]:
         "device_kind": devs[0].device_kind, "platform": devs[0].platform, "device_count": len(devs),
         "process_count": jax.process_count(), "host": platform.node(),
         "mesh": dict(mesh.shape) if mesh is not None else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

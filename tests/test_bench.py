@@ -1,0 +1,34 @@
+"""The throughput harness's output format (never its timings)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxlm.bench", "--config=configs/tiny.py", "--regimes=fp32,fp16_upcast", "--steps=2",
+         "--warmup=1", f"--out={out}", "--config.train.batch_size=4", "--config.train.seq_len=32",
+         "--config.model.n_positions=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    header = next(line for line in res.stdout.splitlines() if line.startswith("regime"))
+    for col in ("compile s", "step ms", "tokens/s", "MFU", "/ceiling", "mem GiB"):
+        assert col in header
+    d = json.loads(out.read_text())
+    assert d["flops_formula"] == "6*N + 6*L*d*T per token" and d["matmul_ceiling_tflops"] > 0
+    assert [r["regime"] for r in d["results"]] == ["fp32", "fp16_upcast"]
+    for r in d["results"]:
+        assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["batch"] == 4 and r["seq_len"] == 32
+        assert r["mfu"] is None  # CPU: no peak in the table, and none given
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        assert d["baseline"] is None
+    else:
+        assert d["baseline"]["tokens_per_s"] > 0 and "vs torch" in header
