@@ -233,6 +233,22 @@ class Checkpointer:
         self.manager.close()
 
 
+def saved_steps(workdir) -> list[int]:
+    """The complete checkpoints of a run directory (read-only; nothing is created or cleaned)."""
+    import ml_collections
+
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
+    probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
+        "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
+    reader = Checkpointer(workdir, probe, read_only=True)
+    try:
+        return reader.steps()
+    finally:
+        reader.manager.close()
+
+
 def load_run(workdir, step: int | None = None, mesh=None):
     """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
     devices, one data-parallel axis), whatever mesh or process count wrote it.
@@ -245,20 +261,14 @@ def load_run(workdir, step: int | None = None, mesh=None):
     from jaxlm import train
 
     directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
-    probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
-        "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
-    reader = Checkpointer(workdir, probe, read_only=True)
-    steps = reader.steps()
+    steps = saved_steps(workdir)
     if not steps:
         raise CheckpointError(f"{directory}: no complete checkpoint")
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
-    meta = reader.read_meta(step)
-    reader.manager.close()
+    meta = _read_meta(workdir, step)
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.checkpoint.async_save = False
     if mesh is None:
@@ -271,3 +281,12 @@ def load_run(workdir, step: int | None = None, mesh=None):
     finally:
         ckpt.manager.close()
     return cfg, trainer, state, meta, step
+
+
+def _read_meta(workdir, step: int) -> dict:
+    manager = ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", item_names=("meta",),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        manager.close()

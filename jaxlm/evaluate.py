@@ -118,7 +118,7 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
     text = load_text(cfg, meta, data_spec, max_docs)
     log(f"evaluating on {text.n_documents} documents, {len(text.tokens):,} tokens, {text.n_bytes:,} bytes "
         f"(context {context}, stride {stride})")
-    steps = checkpoint.Checkpointer(workdir, cfg, read_only=True).steps() if all_steps else [last]
+    steps = checkpoint.saved_steps(workdir) if all_steps else [last]
     rows = []
     for s in steps:
         params = state.params if s == last else checkpoint.load_run(workdir, s)[2].params

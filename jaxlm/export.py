@@ -16,11 +16,6 @@ from absl import app, flags
 
 from jaxlm.errors import CheckpointError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_OUT = flags.DEFINE_string("to_hf", None, "Output directory for the Hugging Face model.")
-
-
 def export(workdir, out, step: int | None = None) -> Path:
     from jaxlm import checkpoint, hf
 
@@ -35,15 +30,19 @@ def export(workdir, out, step: int | None = None) -> Path:
 
 def main(argv):
     del argv
-    if not _WORKDIR.value or not _OUT.value:
-        raise app.UsageError("--workdir and --to_hf are required")
+    F = flags.FLAGS
+    if not F.workdir or not F.to_hf:
+        raise app.UsageError("--workdir and --to-hf are required")
     try:
-        out = export(_WORKDIR.value, _OUT.value, _STEP.value)
+        out = export(F.workdir, F.to_hf, F.step)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run as a program: the module is a library too
+    flags.DEFINE_string("workdir", None, "The run directory.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("to_hf", None, "Output directory for the Hugging Face model.")
     flags.DEFINE_alias("to-hf", "to_hf")
     app.run(main)

@@ -132,33 +132,37 @@ def _forward_full(graphdef, params, seq):
     return model_lib.apply(graphdef, params, seq)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
+def _define_flags():
+    """CLI flags, defined only when run as a program (the module is a library too)."""
+    flags.DEFINE_string("workdir", None, "The run directory.")
+    flags.DEFINE_string("prompt", None, "Text to continue.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+    flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this mass.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
 
 
 def main(argv):
     del argv
-    if not _WORKDIR.value or _PROMPT.value is None:
+    F = flags.FLAGS
+    if not F.workdir or F.prompt is None:
         raise app.UsageError("--workdir and --prompt are required")
     from jaxlm import checkpoint
     from jaxlm.data import tokenizer as tok_lib
 
     try:
-        _, trainer, state, meta, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+        _, trainer, state, meta, step = checkpoint.load_run(F.workdir, F.step)
         tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
-        ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([_PROMPT.value])[0],
-                       _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                       seed=_SEED.value, eos_id=tok.eos_id)
+        ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
+                       F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
+                       seed=F.seed, eos_id=tok.eos_id)
     except (CheckpointError, ConfigError) as e:
         sys.exit(f"error: {e}")
-    print(_PROMPT.value + tok.decode(i for i in ids if i != tok.eos_id))
+    print(F.prompt + tok.decode(i for i in ids if i != tok.eos_id))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

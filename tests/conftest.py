@@ -11,3 +11,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_word_corpus(d: Path, n_docs: int, words_per_doc: int = 400, seed: int = 0) -> Path:
+    """Text files of random made-up words: a small corpus a tokenizer can learn quickly."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    words = ["".join(rng.choice(letters, size=rng.randint(2, 8))) for _ in range(400)]
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        n = words_per_doc or rng.randint(80, 300)
+        (d / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words, size=n)) + f"\nend of document {i}.\n")
+    return d

@@ -12,7 +12,7 @@ from jaxlm.data import cache as cache_lib
 from jaxlm.data import sources, tokenizer
 from jaxlm.errors import DataError
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, write_word_corpus
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
@@ -31,14 +31,7 @@ def _cfg(source, **over):
 
 
 def _write_corpus(d: Path, n_docs=60, seed=0) -> Path:
-    rng = np.random.RandomState(seed)
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    words = ["".join(rng.choice(letters, size=rng.randint(2, 8))) for _ in range(400)]
-    d.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        text = " ".join(rng.choice(words, size=rng.randint(80, 300))) + f"\nend of document {i}.\n"
-        (d / f"doc{i:03d}.txt").write_text(text)
-    return d
+    return write_word_corpus(d, n_docs, words_per_doc=0, seed=seed)
 
 
 def _prepare(cfg, root):

@@ -13,7 +13,7 @@ import pytest
 
 from jaxlm import checkpoint, telemetry
 
-from conftest import ROOT
+from conftest import ROOT, write_word_corpus
 
 STEPS = 6
 GLOBAL_DEVICES = 4
@@ -21,12 +21,7 @@ GLOBAL_DEVICES = 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mhcorpus")
-    rng = np.random.RandomState(0)
-    words = ["".join(rng.choice(list("abcdefghij"), size=rng.randint(2, 7))) for _ in range(300)]
-    for i in range(30):
-        (d / f"{i}.txt").write_text(" ".join(rng.choice(words, size=400)))
-    return d
+    return write_word_corpus(tmp_path_factory.mktemp("mhcorpus"), 30)
 
 
 def _free_port() -> int:
