@@ -194,3 +194,27 @@ def test_export_to_hugging_face(reference, tmp_path):
     with torch.no_grad():
         theirs = hf_model(torch.tensor(tokens)).logits.numpy()
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_time_based_latest_is_replaced_by_the_next_save(tmp_path):
+    import jax.numpy as jnp
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"train": {"steps": 100}, "checkpoint": {
+        "stages": ((5, 1000),), "keep": 0, "keep_every": 0, "async_save": True, "latest_every_minutes": 0.0}})
+    state = {"w": jnp.arange(4.0)}
+    ck = checkpoint.Checkpointer(tmp_path, cfg, abstract_state=jax.eval_shape(lambda: state))
+    ck.cfg.checkpoint.latest_every_minutes = 1e-9  # every step is "due" by the clock
+    for step in range(1, 8):
+        assert ck.on_step(step, state, {"next_index": step, "epoch": 0}) is None
+    ck.manager.wait_until_finished()
+    assert ck.steps() == [5, 7]  # 5 is scheduled; 6 (time-based) was replaced by 7 (time-based)
+    ck.close()
+
+
+def test_keep_the_last_n_plus_every_mth(reference, corpus, tmp_path):
+    ref_dir, _ = reference
+    out = _run(_args(tmp_path / "w", corpus, ref_dir.parent / "cache", **{
+        "train.steps": 12, "checkpoint.stages": "((1, 1000),)", "checkpoint.keep": 2, "checkpoint.keep_every": 5}))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert checkpoint.saved_steps(tmp_path / "w") == [0, 5, 10, 11, 12]
