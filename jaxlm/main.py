@@ -42,6 +42,10 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"error: {e}")
     log_file = distributed.process_log(_WORKDIR.value)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)  # INFO reaches the per-process log file ...
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)  # ... the console shows warnings and up
     logger = logging.getLogger("jaxlm")
     logger.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(), jax.process_count(),
                 how, jax.local_device_count(), jax.device_count())

@@ -188,6 +188,7 @@ class Telemetry:
 
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None, desc=f"train {Path(workdir).name}")
+        self._t0, self._step0 = time.time(), start_step
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -205,7 +206,20 @@ class Telemetry:
                 elif isinstance(v, (int, float)):
                     flat[k] = v
             self._wandb.log(flat, step=int(step))
-        if self._bar is not None and LOSS in rec:
+        if self._bar is not None and self._bar.disable and LOSS in rec:  # no terminal: one line per record
+            done = int(step) - self._step0
+            eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - int(step))
+            parts = [f"step {int(step)}/{self.total_steps}", f"loss {rec[LOSS]:.4f}" if isinstance(rec[LOSS], float)
+                     else f"loss {rec[LOSS]}"]
+            if EVAL_LOSS in rec:
+                parts.append(f"eval {rec[EVAL_LOSS]:.4f}" if isinstance(rec[EVAL_LOSS], float) else f"eval {rec[EVAL_LOSS]}")
+            if rec.get(TOKENS_PER_S):
+                parts.append(f"{rec[TOKENS_PER_S]:,.0f} tok/s")
+            if rec.get(SKIPPED):
+                parts.append(f"skipped {int(rec[SKIPPED])}")
+            parts.append(f"eta {eta:,.0f}s")
+            print("  ".join(parts), file=sys.stderr, flush=True)
+        elif self._bar is not None and LOSS in rec:
             self._bar.n = int(step)
             post = {"loss": f"{rec[LOSS]:.4f}" if isinstance(rec[LOSS], float) else rec[LOSS]}
             if rec.get(TOKENS_PER_S):
