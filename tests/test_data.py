@@ -274,3 +274,12 @@ def test_tokenizer_is_lossless_on_code_and_whitespace():
     tok = tokenizer.train(docs, vocab_size=300, max_docs=10)
     for d in docs + ["unseen: 日本語 ≠ 🙂\n  indented"]:
         assert tok.decode(tok.encode([d])[0]) == d
+
+
+def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
+    docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    models = []
+    for cores in (1, 16):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        models.append(tokenizer.train(docs, vocab_size=350, max_docs=60).proto)
+    assert models[0] == models[1]

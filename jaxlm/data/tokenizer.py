@@ -3,7 +3,7 @@
 Trained models are lossless on any text: no normalisation, whitespace kept as is, unknown
 characters fall back to bytes, so ``decode(encode(text)) == text``. Document boundaries are
 marked by ``eos_id``. Training is deterministic: the same documents (first ``max_docs``, at most
-``max_chars`` characters, in corpus order), no input shuffling.
+``max_chars`` characters, in corpus order), no input shuffling, a fixed thread count.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import sentencepiece as spm
 from jaxlm.errors import DataError
 
 UNK_ID, EOS_ID = 0, 1
+# SentencePiece's BPE training gives a different model for a different thread count (measured:
+# 1, 2 and 4 threads, three models), so it is fixed here, never os.cpu_count(): the same corpus
+# must give the same tokenizer on every machine and every host of a multi-host run.
+TRAIN_THREADS = 8
 
 
 class Tokenizer:
@@ -90,7 +94,7 @@ def train(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000, max_c
             unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, pad_id=-1,
             input_sentence_size=0,
             shuffle_input_sentence=False,
-            num_threads=os.cpu_count() or 1,
+            num_threads=TRAIN_THREADS,
             minloglevel=2,
         )
     except RuntimeError as e:
