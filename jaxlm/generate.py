@@ -85,9 +85,8 @@ def _forward_cached(graphdef, params, tokens_BT, cache: KVCache):
     return logits[:, -1], cache.advanced(T)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _pick(graphdef, logits, key, step, temperature, top_k, top_p):
-    del graphdef
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _pick(logits, key, step, temperature, top_k, top_p):
     return sample(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
 
 
@@ -112,7 +111,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
         seq[0, : len(prompt)] = prompt
         logits = _forward_full(graphdef, params, jnp.asarray(seq))[:, len(prompt) - 1]
     for i in range(max_new_tokens):
-        tok = int(_pick(graphdef, logits, key, i, float(temperature), int(top_k), float(top_p))[0])
+        tok = int(_pick(logits, key, i, float(temperature), int(top_k), float(top_p))[0])
         out.append(tok)
         if eos_id is not None and tok == eos_id:
             break

@@ -60,7 +60,7 @@ def name_map(n_layer: int) -> dict[str, str]:
 def _flat(params) -> dict[str, Any]:
     """{'h.0.attn.c_attn.kernel': array, ...} of a params dict."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): v for path, v in leaves}
+    return {model_lib.param_name(path): v for path, v in leaves}
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -190,8 +190,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
         raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:10])}")
 
     def fill(path, leaf):
-        key = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        return jnp.asarray(found[key], dtype=leaf.dtype)
+        return jnp.asarray(found[model_lib.param_name(path)], dtype=leaf.dtype)
 
     return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
 

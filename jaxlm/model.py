@@ -260,6 +260,11 @@ def apply(graphdef, params, tokens_BT, **kwargs):
     return nnx.merge(graphdef, params)(tokens_BT, **kwargs)
 
 
+def param_name(path) -> str:
+    """'h.0.attn.c_attn.kernel' for a pytree key path into params (or into anything holding them)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 

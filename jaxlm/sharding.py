@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.errors import ConfigError
+from jaxlm.model import param_name
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = P(("data", "fsdp"))
@@ -78,10 +79,6 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _path_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The partition spec of one parameter; dims its axis does not divide stay replicated."""
     for pattern, spec in RULES:
@@ -105,7 +102,7 @@ def param_shardings(params, mesh: Mesh):
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-        return NamedSharding(mesh, spec_for(_path_name(path), shape, mesh))
+        return NamedSharding(mesh, spec_for(param_name(path), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -115,7 +112,7 @@ def state_shardings(abstract_state, mesh: Mesh):
     names end like the parameter's), every scalar and everything else replicated."""
 
     def one(path, leaf):
-        name = _path_name(path)
+        name = param_name(path)
         shape = tuple(leaf.shape)
         if shape and name.startswith(("params.", "opt_state.")):
             return NamedSharding(mesh, spec_for(name, shape, mesh))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config, data, precision, sharding, telemetry, train
+from jaxlm import config, precision, sharding, telemetry, train
 from jaxlm.errors import ConfigError
 
 from conftest import ROOT

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxlm import config, data
-from jaxlm.data import sources, tokenizer
+from jaxlm.data import sources
 from jaxlm.sharding import batch_sharding, make_mesh
 
 
