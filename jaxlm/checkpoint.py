@@ -83,7 +83,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     diffs = []
     for k in sorted(set(a) | set(b)):
-        if k.startswith(NEUTRAL_FIELDS) or k in NEUTRAL_FIELDS:
+        if k.startswith(NEUTRAL_FIELDS):
             continue
         va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
         if _norm(va) != _norm(vb):
@@ -233,8 +233,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def saved_steps(workdir) -> list[int]:
-    """The complete checkpoints of a run directory (read-only; nothing is created or cleaned)."""
+def _reader(workdir) -> "Checkpointer":
+    """A read-only Checkpointer of a run directory, for its steps and metadata (no config needed)."""
     import ml_collections
 
     directory = Path(workdir) / "checkpoints"
@@ -242,7 +242,12 @@ def saved_steps(workdir) -> list[int]:
         raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
     probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
         "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
-    reader = Checkpointer(workdir, probe, read_only=True)
+    return Checkpointer(workdir, probe, read_only=True)
+
+
+def saved_steps(workdir) -> list[int]:
+    """The complete checkpoints of a run directory (read-only; nothing is created or cleaned)."""
+    reader = _reader(workdir)
     try:
         return reader.steps()
     finally:
@@ -260,15 +265,18 @@ def load_run(workdir, step: int | None = None, mesh=None):
     from jaxlm import sharding as sharding_lib
     from jaxlm import train
 
-    directory = Path(workdir) / "checkpoints"
-    steps = saved_steps(workdir)
-    if not steps:
-        raise CheckpointError(f"{directory}: no complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
-    meta = _read_meta(workdir, step)
+    reader = _reader(workdir)
+    try:
+        steps = reader.steps()
+        if not steps:
+            raise CheckpointError(f"{reader.directory}: no complete checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{reader.directory}: no checkpoint for step {step}; available: {steps}")
+        meta = reader.read_meta(step)
+    finally:
+        reader.manager.close()
     cfg = ml_collections.ConfigDict(meta["config"])
     cfg.checkpoint.async_save = False
     if mesh is None:
@@ -281,12 +289,3 @@ def load_run(workdir, step: int | None = None, mesh=None):
     finally:
         ckpt.manager.close()
     return cfg, trainer, state, meta, step
-
-
-def _read_meta(workdir, step: int) -> dict:
-    manager = ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", item_names=("meta",),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    finally:
-        manager.close()

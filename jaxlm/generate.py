@@ -109,7 +109,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
     else:
         seq = np.zeros((1, cfg.n_positions), np.int32)
         seq[0, : len(prompt)] = prompt
-        logits = _forward_full(graphdef, params, jnp.asarray(seq))[:, len(prompt) - 1]
+        logits = model_lib.logits(graphdef, params, seq)[:, len(prompt) - 1]
     for i in range(max_new_tokens):
         tok = int(_pick(logits, key, i, float(temperature), int(top_k), float(top_p))[0])
         out.append(tok)
@@ -122,13 +122,8 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
         else:
             n = len(prompt) + len(out)
             seq[0, n - 1] = tok
-            logits = _forward_full(graphdef, params, jnp.asarray(seq))[:, n - 1]
+            logits = model_lib.logits(graphdef, params, seq)[:, n - 1]
     return out
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _forward_full(graphdef, params, seq):
-    return model_lib.apply(graphdef, params, seq)
 
 
 def _define_flags():

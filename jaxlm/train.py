@@ -90,7 +90,7 @@ class Trainer:
     def _loss(self, params, batch_BT1, key, scale):
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
         logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(precision.LOGITS_DTYPE), targets).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return loss * scale, loss
 
     def _grads(self, params, batch, key, scale):
@@ -190,14 +190,13 @@ def loop(
     tokens_per_step = trainer.batch_size * trainer.seq_len
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, cfg.log.peak_tflops)
     window: list[dict] = []
-    t_window, steps_window = time.perf_counter(), 0
+    t_window = time.perf_counter()  # start of the current log window (excludes logging and eval)
     while step < total:
         batch = next(batches)
         stats_now = stats_every and (step + 1) % stats_every == 0
         stats = trainer.stats_step(state.params, batch) if stats_now else None  # before the update
         state, metrics = trainer.train_step(state, batch)
         step += 1
-        steps_window += 1
         window.append(metrics)
         record: dict[str, Any] = {}
         if step % log_every == 0 or step == total:
@@ -210,12 +209,12 @@ def loop(
             record[telemetry.STEP_LOSSES] = losses
             record[telemetry.PERPLEXITY] = _ppl(record[telemetry.LOSS])
             record[telemetry.NONFINITE] = int(sum(not m["finite"] for m in host))
-            record[telemetry.STEP_TIME] = elapsed / steps_window
-            tps = tokens_per_step * steps_window / elapsed
+            record[telemetry.STEP_TIME] = elapsed / len(window)
+            tps = tokens_per_step * len(window) / elapsed
             record[telemetry.TOKENS_PER_S] = tps
             record[telemetry.MFU] = telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak)
             record[telemetry.DEVICE_MEMORY] = telemetry.device_memory_gib()
-            window, t_window, steps_window = [], time.perf_counter(), 0
+            window = []
         if stats is not None:
             s = jax.device_get(stats)
             record.update({telemetry.RESID_RMS: s["resid_rms"], telemetry.ATTN_MAX: s["attn_max"],
@@ -224,7 +223,8 @@ def loop(
             record.update(evaluate(trainer, state.params, eval_batches()))
         if record:
             tele.log(step, record)
-            t_window = time.perf_counter() if not window else t_window  # exclude logging time
+        if not window:
+            t_window = time.perf_counter()
         stop = None
         if record.get(telemetry.NONFINITE) and not trainer.policy.is_fp16 and cfg.train.stop_on_nonfinite:
             stop = (f"non-finite loss or gradients at step {step} in regime {trainer.policy.name!r} "
@@ -253,8 +253,7 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
     mesh = sharding.make_mesh(cfg.mesh)
     cache = data.prepare(cfg, workdir, log=say)
     vocab = cache.manifest["vocab_size"]
-    config_lib.validate(cfg, backend=jax.default_backend(), vocab_size=vocab)
-    trainer = Trainer(cfg, mesh, vocab)
+    trainer = Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
     say(f"model: GPT-2 {trainer.n_params:,} parameters ({trainer.model_cfg.n_layer} layers, d={trainer.model_cfg.n_embd}); "
         f"precision {trainer.policy.describe()}; mesh {dict(mesh.shape)} on {jax.device_count()} "
         f"{jax.devices()[0].device_kind} device(s)")
