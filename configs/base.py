@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.scale_attn_by_inverse_layer_idx = False  # HF/Mistral: changes the function
     c.model.query_key_layer_scaling = False  # Megatron: function-preserving overflow guard
     c.model.attention_impl = "auto"  # auto | reference | cudnn
+    c.model.remat = "none"  # none | dots | full: activation recomputation (memory for compute)
 
     # --- precision: a regime preset; explicit dtypes ('' = the regime's) win --------------
     c.precision = ml_collections.ConfigDict()

@@ -105,15 +105,18 @@ def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_l
     """Scaled QK^T in the dtype the softmax will run in; returns (scores_BHTS, its dtype)."""
     head_dim = q_BTHK.shape[-1]
     scale = score_scale(head_dim, layer_idx, inverse_layer_idx)
-    sdt = policy.attn_dtype
+    sdt, mp = policy.attn_dtype, policy.matmul_precision
     if query_key_layer_scaling:
         coeff = float(layer_idx + 1)
         q = (q_BTHK.astype(precision.FP32) * (scale / coeff)).astype(sdt)
-        s = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(sdt), preferred_element_type=sdt)
+        s = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(sdt), preferred_element_type=sdt, precision=mp)
         return s.astype(precision.FP32) * coeff, precision.FP32
-    s = jnp.einsum(
-        "bthk,bshk->bhts", q_BTHK.astype(sdt), k_BSHK.astype(sdt), preferred_element_type=sdt
-    )
+    # Upcast regimes multiply the 16-bit Q and K with a float32 result: products of 16-bit numbers
+    # are exact in float32 and the sum is float32, so this equals QK^T of upcast operands (HF's
+    # reorder_and_upcast_attn) at tensor-core speed.
+    operand = policy.compute_dtype if policy.upcasts_attention else sdt
+    s = precision.einsum("bthk,bshk->bhts", q_BTHK.astype(operand), k_BSHK.astype(operand), out_dtype=sdt,
+                         precision=mp)
     return s * jnp.asarray(scale, sdt), sdt
 
 
@@ -177,5 +180,5 @@ def attention(
     probs_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(cdt)
     if probs_dropout is not None:
         probs_BHTS = probs_dropout(probs_BHTS)
-    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(cdt))
+    out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(cdt), precision=policy.matmul_precision)
     return out_BTHK, stats

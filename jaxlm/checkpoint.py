@@ -39,7 +39,7 @@ MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
 NEUTRAL_FIELDS = (
     "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
-    "model.attention_impl", "train.deterministic",
+    "model.attention_impl", "model.remat", "train.deterministic",
 )
 
 

@@ -43,6 +43,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     query_key_layer_scaling: bool = False
     attention_impl: str = "auto"
+    remat: str = "none"  # see REMAT_POLICIES
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -64,6 +65,8 @@ class GPT2Config:
                 f"model.attention_impl: unknown {self.attention_impl!r}; "
                 f"allowed: {', '.join(attn_lib.IMPLEMENTATIONS)}"
             )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat: unknown {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +75,16 @@ class GPT2Config:
     def replace(self, **kw) -> "GPT2Config":
         return dataclasses.replace(self, **kw)
 
+
+# Activation rematerialisation per block (``jax.checkpoint`` policies): what the backward pass
+# keeps from the forward pass and what it recomputes. Same function and gradients, other memory.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # keep every intermediate (fastest when it fits)
+    # keep the weight matmuls' outputs; recompute the attention core (QK^T, softmax, dropout, PV),
+    # LayerNorms and GELU: Megatron's "selective" recomputation, whose savings are the (B, H, T, T) scores
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+}
 
 # Sizes of the released GPT-2 family (vocab 50257, 1024 positions).
 SIZES: dict[str, dict[str, int]] = {
@@ -198,7 +211,11 @@ class GPT2(nnx.Module):
         x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
         x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
         stats = []
+        remat = REMAT_POLICIES[cfg.remat] is not None and cache is None and not collect_stats
         for i, block in enumerate(self.h):
+            if remat:
+                x_BTD, s = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])(block, x_BTD, keys[i])
+                continue
             kv = cache.layer(i) if cache is not None else None
             mask = cache.mask_TS(T) if cache is not None else None
             x_BTD, s = block(x_BTD, key=keys[i], collect_stats=collect_stats, kv=kv, mask_TS=mask)
@@ -206,8 +223,8 @@ class GPT2(nnx.Module):
                 stats.append((_rms(x_BTD), s))
         x_BTD = self.ln_f(x_BTD)
         embedding = self.wte.embedding[...].astype(self.policy.compute_dtype)
-        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD.astype(self.policy.compute_dtype), embedding,
-                                preferred_element_type=precision.LOGITS_DTYPE)
+        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(self.policy.compute_dtype), embedding,
+                                      out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
         if not collect_stats:
             return logits_BTV
         return logits_BTV, {
@@ -218,10 +235,15 @@ class GPT2(nnx.Module):
         }
 
 
+def _run_block(block, x_BTD, key):
+    return block(x_BTD, key=key)
+
+
 def _linear(d_in, d_out, std, policy, rngs):
     return nnx.Linear(
         d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
-        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
+        precision=policy.matmul_precision, rngs=rngs,
     )
 
 

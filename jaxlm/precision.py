@@ -28,6 +28,7 @@ constants below).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -92,6 +93,14 @@ class Policy:
         return np.dtype(self.attn_dtype).itemsize > np.dtype(self.compute_dtype).itemsize
 
     @property
+    def matmul_precision(self) -> Any:
+        """What float32 matmuls mean: true float32 (``Precision.HIGHEST``), as in PyTorch, whose
+        default is allow_tf32=False. JAX's default would let a GPU round float32 operands to TF32
+        and a TPU to bfloat16, which would make the fp32 regime a reduced-precision one. For
+        16-bit operands the default is exact, and None keeps it."""
+        return jax.lax.Precision.HIGHEST if self.compute_dtype == FP32 else None
+
+    @property
     def is_fp16(self) -> bool:
         """fp16 anywhere in the forward pass means the gradients need dynamic loss scaling."""
         return jnp.float16 in (self.compute_dtype, self.attn_dtype, self.param_dtype)
@@ -141,6 +150,35 @@ def policy(
         attn_dtype=a if attn_dtype is None else attn_dtype,
         name=regime + ("+custom" if overridden else ""),
     )
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any, precision: Any = None) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` of same-dtype operands with an `out_dtype` result (accumulated in at
+    least that). When the result is wider than the operands (16-bit activations -> float32 logits or
+    attention scores), the backward pass rounds the float32 cotangent to the operands' dtype before
+    its two matmuls, as mixed-precision training does everywhere else; plain autodiff would multiply
+    a float32 cotangent by 16-bit operands, i.e. float32/TF32 matrix products off the tensor cores."""
+    if np.dtype(out_dtype).itemsize <= np.dtype(a.dtype).itemsize:
+        return jnp.einsum(spec, a, b, preferred_element_type=out_dtype, precision=precision)
+    return _widening_einsum(spec, np.dtype(out_dtype).name, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _widening_einsum(spec, out_dtype, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+
+
+def _widening_einsum_fwd(spec, out_dtype, a, b):
+    return _widening_einsum(spec, out_dtype, a, b), (a, b)
+
+
+def _widening_einsum_bwd(spec, out_dtype, res, g):
+    a, b = res
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=a.dtype), a, b)
+    return vjp(g.astype(a.dtype))
+
+
+_widening_einsum.defvjp(_widening_einsum_fwd, _widening_einsum_bwd)
 
 
 def finfo_min(dtype: Any) -> Any:

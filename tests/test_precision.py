@@ -129,3 +129,43 @@ def test_cudnn_forced_on_cpu_explains_why_not():
                                             query_key_layer_scaling=False, backend="gpu") == "cudnn"
     assert attention.resolve_implementation("auto", up, head_dim=64, dropout=True,
                                             query_key_layer_scaling=False, backend="gpu") == "reference"
+
+
+@pytest.mark.parametrize("regime", ["fp32", "bf16", "bf16_upcast", "fp16", "fp16_upcast"])
+def test_every_matmul_of_the_train_step_runs_in_the_regime_dtype(regime):
+    """The whole compiled step (forward, backward, optimizer), read from its StableHLO: 16-bit regimes
+    multiply 16-bit operands only (fp32 scores and logits are 16-bit products with fp32 results, and
+    their backward rounds the cotangent first), so no matmul falls back to float32/TF32; the fp32
+    regime asks for true float32 (HIGHEST) everywhere, not the TF32/bf16 passes JAX's default allows."""
+    import re
+
+    from jaxlm import config, sharding, train
+    from conftest import ROOT
+
+    cfg = config.load(ROOT / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,
+                                                    "model.n_positions": 16, "precision.regime": regime})
+    tr = train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), cfg.data.vocab_size)
+    batch = jax.ShapeDtypeStruct((4, 17), jnp.int32, sharding=tr.batch_sharding)
+    hlo = tr.train_step.lower(train.abstract_state(tr), batch).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 6 * cfg.model.n_layer  # 3 per matmul (forward + 2 backward), 6+ matmuls per layer
+    operand = {"fp32": "f32", "bf16": "bf16", "bf16_upcast": "bf16", "fp16": "f16", "fp16_upcast": "f16"}[regime]
+    for line in dots:
+        lhs, rhs = re.search(r":\s*\(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)\s*->", line).groups()
+        assert (lhs, rhs) == (operand, operand), line
+        assert ("precision = [HIGHEST, HIGHEST]" in line) == (regime == "fp32"), line
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_widening_einsum_backward_rounds_only_the_cotangent(dtype):
+    a = jax.random.normal(jax.random.key(0), (8, 32), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (64, 32), jnp.float32).astype(dtype)
+    w = jax.random.normal(jax.random.key(2), (8, 64), jnp.float32)
+    ours = lambda a, b: (precision.einsum("nd,vd->nv", a, b, out_dtype=jnp.float32) * w).sum()
+    autodiff = lambda a, b: (jnp.einsum("nd,vd->nv", a, b, preferred_element_type=jnp.float32) * w).sum()
+    assert float(ours(a, b)) == float(autodiff(a, b))  # the forward pass is the same program
+    for g, ref in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(autodiff, (0, 1))(a, b)):
+        assert g.dtype == dtype
+        # the same gradient up to the rounding of the cotangent to `dtype` (a few units in the last place)
+        eps = float(jnp.finfo(dtype).eps)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref, np.float32), rtol=4 * eps, atol=4 * eps)
