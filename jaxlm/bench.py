@@ -1,24 +1,29 @@
 """Training throughput per precision regime, with a PyTorch/Hugging Face baseline on the same device.
 
     python -m jaxlm.bench --config=configs/gpt2_small.py --regimes=bf16,fp16_upcast,fp16,fp32 \
-        [--steps=20] [--out=bench.json] [--config.train.batch_size=16]
+        [--batch_per_device=16] [--steps=20] [--out=bench.json] [--config.model.remat=dots] [--config.*=...]
 
 For each regime: compile time, steady-state step time (median of --steps synchronised steps after
 --warmup), tokens/s, MFU (``telemetry.flops_per_token``: 6·N + 6·L·d·T, over the device's peak from
-``telemetry.PEAK_TFLOPS`` or --peak_tflops), peak device memory where JAX reports it, and the MFU
-as a fraction of a measured matmul ceiling (one large matmul timed in the same process). Batches
-are synthetic tokens (the input pipeline has its own benchmark: ``python -m jaxlm.data.bench``).
+``telemetry.PEAK_TFLOPS`` or --peak_tflops), the step's device memory as XLA planned it (arguments,
+outputs and temporaries of the compiled step, per regime), the process's peak device memory where
+JAX reports it (a high-water mark: regimes run in the order given), and the throughput as a
+fraction of a measured matmul ceiling (one large bf16 matmul timed in the same process). The step
+is the training step exactly (``train.Trainer``: the config's attention, remat, dropout and
+``train.deterministic``, whose XLA flag is set as ``jaxlm.main`` sets it) on one micro-batch of
+--batch_per_device sequences per device; batches are synthetic tokens (the input pipeline has its
+own benchmark: ``python -m jaxlm.data.bench``).
 
 When torch and transformers import, the same shape and batch run as HF ``GPT2LMHeadModel``
 (SDPA attention, AdamW; on CUDA bf16 autocast, fused AdamW and torch.compile), and the table
-gives jaxlm/baseline tokens/s. The batch is ``train.micro_batch_size`` (or ``train.batch_size``).
-Peak memory is the process's high-water mark so far: regimes run in the order given.
+gives jaxlm/baseline tokens/s.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -29,6 +34,7 @@ from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm import sharding, telemetry, train
+from jaxlm.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file.")
 _REGIMES = flags.DEFINE_list("regimes", ["bf16", "fp16_upcast", "fp16", "fp32"], "Precision regimes to time.")
@@ -37,6 +43,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also time the PyTorch/HF baseline when importable.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
+_BATCH = flags.DEFINE_integer("batch_per_device", 16, "Sequences per device per step (no accumulation); "
+                              "0 = the config's train.micro_batch_size, else train.batch_size.")
 
 
 def matmul_ceiling_tflops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 10) -> float:
@@ -54,9 +62,13 @@ def matmul_ceiling_tflops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float) -> dict:
+def batch_size(cfg, per_device: int) -> int:
+    """The benchmark's global batch: per_device × devices, or the config's micro-batch (or batch)."""
+    return per_device * jax.device_count() if per_device else cfg.train.micro_batch_size or cfg.train.batch_size
+
+
+def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float, batch_size: int) -> dict:
     cfg = config_lib.with_overrides(cfg, {"precision.regime": regime})
-    batch_size = cfg.train.micro_batch_size or cfg.train.batch_size
     cfg.train.batch_size, cfg.train.micro_batch_size = batch_size, 0
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
     mesh = sharding.make_mesh(cfg.mesh)
@@ -68,6 +80,7 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float)
     t = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    step_memory = _planned_memory_gib(compiled)
     for _ in range(warmup):
         state, m = compiled(state, batch)
     jax.block_until_ready(m)
@@ -82,14 +95,26 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float)
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, peak_override)
     return {
         "regime": regime, "params": trainer.n_params, "batch": batch_size, "seq_len": cfg.train.seq_len,
+        "attention": trainer.attention, "remat": cfg.model.remat,
         "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tps,
         "tflops_per_device": tps * trainer.flops_per_token / jax.device_count() / 1e12,
         "mfu": telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak),
-        "peak_memory_gib": telemetry.device_memory_gib(), "final_loss": float(m[telemetry.LOSS]),
+        "step_memory_gib": step_memory, "peak_memory_gib": telemetry.device_memory_gib(),
+        "final_loss": float(m[telemetry.LOSS]),
     }
 
 
-def torch_baseline(cfg, steps: int, warmup: int) -> dict | None:
+def _planned_memory_gib(compiled) -> float | None:
+    """Device memory of one compiled step as XLA's buffer assignment planned it (per device)."""
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    except Exception:  # not every backend reports it
+        return None
+    return total / 2**30
+
+
+def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None:
     """HF GPT2LMHeadModel, same shape and batch; None if torch/transformers are not importable."""
     try:
         import torch
@@ -100,26 +125,18 @@ def torch_baseline(cfg, steps: int, warmup: int) -> dict | None:
     dev = "cuda" if cuda else "cpu"
     m = cfg.model
     vocab = m.vocab_size or cfg.data.vocab_size
-    batch_size = cfg.train.micro_batch_size or cfg.train.batch_size
     hf_cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
                                      n_head=m.n_head, embd_pdrop=m.embd_pdrop, attn_pdrop=m.attn_pdrop,
                                      resid_pdrop=m.resid_pdrop, bos_token_id=0, eos_token_id=0)
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.GPT2LMHeadModel(hf_cfg).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    step_fn = model
-    compiled = False
-    if cuda:
-        try:
-            step_fn = torch.compile(model)
-            compiled = True
-        except Exception:
-            step_fn = model
+    forward = torch.compile(model) if cuda else model
     x = torch.randint(0, vocab, (batch_size, cfg.train.seq_len + 1), device=dev)
 
     def step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-            loss = step_fn(x[:, :-1], labels=x[:, :-1]).loss
+            loss = forward(x[:, :-1], labels=x[:, :-1]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -127,8 +144,17 @@ def torch_baseline(cfg, steps: int, warmup: int) -> dict | None:
         return loss
 
     t = time.perf_counter()
-    step()
+    try:
+        step()  # torch.compile compiles here, at the first call
+    except Exception as e:  # where it does not work, the eager model is the baseline
+        if forward is model:
+            raise
+        print(f"  torch.compile failed ({type(e).__name__}: {str(e)[:200]}); timing the eager model", flush=True)
+        forward = model
+        opt.zero_grad(set_to_none=True)
+        step()
     first_s = time.perf_counter() - t
+    compiled = forward is not model
     for _ in range(warmup):
         step()
     if cuda:
@@ -147,21 +173,26 @@ def torch_baseline(cfg, steps: int, warmup: int) -> dict | None:
 
 
 def table(results: list[dict], baseline: dict | None, ceiling: float) -> str:
-    head = f"{'regime':<14}{'compile s':>10}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>9}{'MFU':>8}{'/ceiling':>9}{'mem GiB':>9}"
+    cols = [("regime", 14, "<"), ("attn", 10, "<"), ("compile s", 10, ">"), ("step ms", 10, ">"),
+            ("tokens/s", 12, ">"), ("TFLOP/s", 9, ">"), ("MFU", 8, ">"), ("/ceiling", 9, ">"),
+            ("step GiB", 9, ">"), ("peak GiB", 9, ">")]
     if baseline:
-        head += f"{'vs torch':>9}"
-    rows = [head]
+        cols.append(("vs torch", 9, ">"))
+    line = lambda cells: "".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols))
+    gib = lambda v: f"{v:.1f}" if v is not None else "n/a"
+    rows = [line([name for name, _, _ in cols])]
     for r in results:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        row = (f"{r['regime']:<14}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-               f"{r['tflops_per_device']:>9.2f}{mfu:>8}{r['tflops_per_device'] / ceiling:>9.1%}{mem:>9}")
+        cells = [r["regime"], r["attention"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
+                 f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.2f}",
+                 f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / ceiling:.1%}",
+                 gib(r["step_memory_gib"]), gib(r["peak_memory_gib"])]
         if baseline:
-            row += f"{r['tokens_per_s'] / baseline['tokens_per_s']:>8.2f}x"
-        rows.append(row)
+            cells.append(f"{r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
+        rows.append(line(cells))
     if baseline:
-        rows.append(f"{baseline['regime']:<14}{'':>10}{baseline['step_s'] * 1e3:>10.1f}{baseline['tokens_per_s']:>12,.0f}"
-                    f"   (HF GPT2LMHeadModel, SDPA{', torch.compile' if baseline['compiled'] else ''})")
+        rows.append(line([baseline["regime"], "sdpa", f"{baseline['first_step_s']:.1f}", f"{baseline['step_s'] * 1e3:.1f}",
+                          f"{baseline['tokens_per_s']:,.0f}"])
+                    + f"   HF GPT2LMHeadModel{', torch.compile' if baseline['compiled'] else ''}")
     return "\n".join(rows)
 
 
@@ -170,19 +201,28 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
     cfg = _CONFIG.value
-    config_lib.validate(cfg)
+    try:
+        config_lib.validate(cfg)
+        for regime in _REGIMES.value:  # a typo fails now, not after the first regimes ran
+            config_lib.policy(config_lib.with_overrides(cfg, {"precision.regime": regime}))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    xla_flags = config_lib.set_xla_flags(cfg)  # before the backend starts, as jaxlm.main does
     dev = jax.devices()[0]
     ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
+    batch = batch_size(cfg, _BATCH.value)
     print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
+    print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
+          f"{'on' if cfg.train.deterministic else 'off'}; XLA_FLAGS={xla_flags or '(none)'}", flush=True)
     results = []
     for regime in _REGIMES.value:
-        results.append(time_regime(cfg, regime, _STEPS.value, _WARMUP.value, _PEAK.value))
+        results.append(time_regime(cfg, regime, _STEPS.value, _WARMUP.value, _PEAK.value, batch))
         print(f"  {regime}: {results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
-    baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value) if _BASELINE.value else None
+    baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, batch) if _BASELINE.value else None
     print(table(results, baseline, ceiling))
     if _OUT.value:
         out = {"device_kind": dev.device_kind, "device_count": jax.device_count(), "matmul_ceiling_tflops": ceiling,
-               "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
+               "flops_formula": "6*N + 6*L*d*T per token", "xla_flags": xla_flags, "config": config_lib.to_dict(cfg),
                "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
         with open(_OUT.value, "w") as f:
             json.dump(telemetry.jsonable(out), f, indent=2)

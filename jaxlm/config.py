@@ -157,6 +157,19 @@ def policy(cfg: ml_collections.ConfigDict) -> precision.Policy:
     )
 
 
+def set_xla_flags(cfg: ml_collections.ConfigDict) -> str:
+    """Puts the XLA flags the config asks for into $XLA_FLAGS; returns them. Call it before JAX's
+    backend starts (XLA reads the variable once, at its first use): train.deterministic adds
+    --xla_gpu_deterministic_ops=true (no atomics in GPU reductions and scatters)."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if cfg.train.deterministic and "xla_gpu_deterministic_ops" not in flags:
+        flags = (flags + " --xla_gpu_deterministic_ops=true").strip()
+    os.environ["XLA_FLAGS"] = flags
+    return flags
+
+
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
     """A JSON-able plain dict of the resolved config (tuples become lists)."""
     return cfg.to_dict()

@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxlm import config as config_lib  # noqa: F401  (puts the repo root on sys.path for configs/)
+from jaxlm import config as config_lib  # also puts the repo root on sys.path for configs/
 from jaxlm.errors import CheckpointError, ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/gpt2_small.py.")
@@ -27,11 +27,8 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny")
     import logging
-    import os
 
-    if _CONFIG.value.train.deterministic and "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
-        # before the backend starts (jax reads XLA_FLAGS once, at its first use)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+    config_lib.set_xla_flags(_CONFIG.value)  # before the backend starts
 
     import jax
 

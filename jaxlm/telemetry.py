@@ -67,11 +67,13 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6.0 * n_params + 6.0 * n_layer * n_embd * seq_len
 
 
-# Dense peak TFLOP/s per chip by matmul input dtype. fp32 on GPUs is TF32 (XLA's default precision).
+# Dense peak TFLOP/s per chip by matmul operand dtype. float32 is true float32, as the fp32 regime
+# asks for (Precision.HIGHEST, see precision.Policy.matmul_precision): the CUDA cores' FP32 rate on
+# GPUs (not TF32's); on TPUs float32 runs as several bf16 passes, so it is measured against bf16's peak.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
-    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.5}),
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
     ("TPU v6", {"bfloat16": 918.0, "float16": 918.0, "float32": 918.0}),
     ("TPU v5p", {"bfloat16": 459.0, "float16": 459.0, "float32": 459.0}),
     ("TPU v5 lite", {"bfloat16": 197.0, "float16": 197.0, "float32": 197.0}),

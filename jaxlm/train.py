@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxlm import attention as attn_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, precision, sharding, telemetry
@@ -58,6 +59,10 @@ class Trainer:
                 f"size mesh.data×mesh.fsdp={dp}; make it a multiple of {dp}"
             )
         self.dropout = any(getattr(self.model_cfg, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
+        m = self.model_cfg
+        self.attention = attn_lib.resolve_implementation(  # what the training step's attention runs
+            m.attention_impl, self.policy, head_dim=m.head_dim, dropout=m.attn_pdrop > 0,
+            query_key_layer_scaling=m.query_key_layer_scaling)
 
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.abstract_state = jax.eval_shape(self._init, jnp.zeros((), jnp.uint32))
@@ -255,7 +260,7 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
     vocab = cache.manifest["vocab_size"]
     trainer = Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
     say(f"model: GPT-2 {trainer.n_params:,} parameters ({trainer.model_cfg.n_layer} layers, d={trainer.model_cfg.n_embd}); "
-        f"precision {trainer.policy.describe()}; mesh {dict(mesh.shape)} on {jax.device_count()} "
+        f"precision {trainer.policy.describe()}; attention {trainer.attention}, remat {cfg.model.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} "
         f"{jax.devices()[0].device_kind} device(s)")
     ent = cache.manifest["splits"]["train"].get("unigram_entropy")
     if ent is not None:
@@ -266,7 +271,7 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
         "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
         "jaxlm_commit": telemetry.git_commit(config_lib.REPO_ROOT), "environment": telemetry.environment(mesh),
         "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
-        "flops_per_token": trainer.flops_per_token,
+        "flops_per_token": trainer.flops_per_token, "attention_impl": trainer.attention,
         "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path), "vocab_size": vocab,
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},

@@ -129,7 +129,7 @@ def test_mfu_formula_and_peak_table():
     assert telemetry.flops_per_token(124_439_808, 12, 768, 1024) == 6 * 124_439_808 + 6 * 12 * 768 * 1024
     bf16, fp32 = precision.policy("bf16"), precision.policy("fp32")
     assert telemetry.peak_tflops("NVIDIA H100 80GB HBM3", bf16) == 989.0
-    assert telemetry.peak_tflops("NVIDIA A100-SXM4-40GB", fp32) == 156.0
+    assert telemetry.peak_tflops("NVIDIA A100-SXM4-40GB", fp32) == 19.5  # true fp32, not TF32
     assert telemetry.peak_tflops("TPU v5 lite", bf16) == 197.0
     assert telemetry.peak_tflops("cpu", bf16) is None
     assert telemetry.peak_tflops("cpu", bf16, override=1.5) == 1.5

@@ -46,6 +46,7 @@ def main(argv):
     if _CONFIG.value is None or not _OUT.value:
         raise app.UsageError("--config and --out are required")
     cfg = _CONFIG.value
+    config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
     try:
         config_lib.validate(cfg)
         seeds = _SEEDS.value or list(cfg.train.seeds)
