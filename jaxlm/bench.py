@@ -104,6 +104,24 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
     }
 
 
+def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int) -> list[dict]:
+    """time_regime for each regime; one that runs out of device memory is reported, not fatal."""
+    results = []
+    for regime in regimes:
+        try:
+            results.append(time_regime(cfg, regime, steps, warmup, peak_override, batch_size))
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            results.append({"regime": regime, "batch": batch_size, "seq_len": cfg.train.seq_len,
+                            "error": f"out of memory at batch {batch_size}: {str(e).splitlines()[0][:300]}"})
+            print(f"  {regime}: out of memory (try a smaller --batch_per_device or --config.model.remat=dots)",
+                  flush=True)
+            continue
+        print(f"  {regime}: {results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    return results
+
+
 def _planned_memory_gib(compiled) -> float | None:
     """Device memory of one compiled step as XLA's buffer assignment planned it (per device)."""
     try:
@@ -182,6 +200,9 @@ def table(results: list[dict], baseline: dict | None, ceiling: float) -> str:
     gib = lambda v: f"{v:.1f}" if v is not None else "n/a"
     rows = [line([name for name, _, _ in cols])]
     for r in results:
+        if "error" in r:
+            rows.append(f"{r['regime']:<14}{r['error'][:100]}")
+            continue
         cells = [r["regime"], r["attention"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
                  f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.2f}",
                  f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / ceiling:.1%}",
@@ -214,10 +235,7 @@ def main(argv):
     print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
     print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
           f"{'on' if cfg.train.deterministic else 'off'}; XLA_FLAGS={xla_flags or '(none)'}", flush=True)
-    results = []
-    for regime in _REGIMES.value:
-        results.append(time_regime(cfg, regime, _STEPS.value, _WARMUP.value, _PEAK.value, batch))
-        print(f"  {regime}: {results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    results = time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch)
     baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, batch) if _BASELINE.value else None
     print(table(results, baseline, ceiling))
     if _OUT.value:

@@ -42,3 +42,22 @@ def test_bench_rejects_an_unknown_regime_before_timing_anything():
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert res.returncode == 1 and "error: precision.regime: unknown regime 'fp8'" in res.stderr
     assert "Traceback" not in res.stderr and "bf16:" not in res.stdout
+
+
+def test_a_regime_out_of_memory_is_reported_and_the_others_still_run(monkeypatch):
+    import jax
+
+    from jaxlm import bench, config
+
+    cfg = config.load(ROOT / "configs" / "tiny.py")
+
+    def fake(cfg, regime, steps, warmup, peak, batch):
+        if regime == "fp32":
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB.")
+        return {"regime": regime, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "time_regime", fake)
+    res = bench.time_regimes(cfg, ["fp32", "bf16"], 1, 0, 0.0, 64)
+    assert res[0]["regime"] == "fp32" and res[0]["error"].startswith("out of memory at batch 64: RESOURCE_EXHAUSTED")
+    assert res[1] == {"regime": "bf16", "tokens_per_s": 1.0}
+    assert "fp32          out of memory at batch 64" in bench.table(res[:1], None, 1.0)

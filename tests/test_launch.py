@@ -23,7 +23,7 @@ def _commands(stdout):
     return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
 
 
-@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sh", "slurm.sbatch", "gke.sh"])
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sh", "slurm.sbatch", "gke.sh", "bench_gpu.sh"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
 
@@ -111,3 +111,17 @@ def test_distributed_detection(monkeypatch):
     monkeypatch.setenv("JAXLM_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     with pytest.raises(ValueError, match="needs --num_processes and --process_id"):
         distributed.initialize()
+
+
+def test_gpu_bench_suite_dry_run():
+    cmds = _commands(_dry("bench_gpu.sh", "--sizes", "small medium", "--batch", "8", "/tmp/out dir", "--", "--steps=5"))
+    assert len(cmds) == 6
+    for c in cmds:
+        assert c[1:3] == ["-m", "jaxlm.bench"] and "--steps=5" in c
+    fast, mistral, remat = cmds[:3]
+    assert "--config=configs/gpt2_small.py" in fast and "--config=configs/gpt2_medium.py" in cmds[3]
+    assert "--regimes=bf16,bf16_upcast,fp16_upcast,fp16,fp32" in fast and "--batch_per_device=8" in fast
+    assert "--config.model.attn_pdrop=0.0" in fast and "--config.train.deterministic=False" in fast
+    assert "--out=/tmp/out dir/small-fast.json" in fast
+    assert not any(a.startswith("--config.") for a in mistral) and "--nobaseline" in mistral
+    assert "--config.model.remat=dots" in remat and "--batch_per_device=16" in remat
