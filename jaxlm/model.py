@@ -212,9 +212,10 @@ class GPT2(nnx.Module):
         x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
         stats = []
         remat = REMAT_POLICIES[cfg.remat] is not None and cache is None and not collect_stats
+        remat_block = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat]) if remat else None
         for i, block in enumerate(self.h):
-            if remat:
-                x_BTD, s = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])(block, x_BTD, keys[i])
+            if remat_block is not None:  # training and plain evaluation; never with stats or a KV cache
+                x_BTD, _ = remat_block(block, x_BTD, keys[i])
                 continue
             kv = cache.layer(i) if cache is not None else None
             mask = cache.mask_TS(T) if cache is not None else None
