@@ -169,3 +169,13 @@ def test_tiny_quickstart_learns_and_logs_every_metric(tmp_path):
     assert records[1][telemetry.LOSS] > unigram  # it started above: it really learned
     assert run["config"]["model"]["n_embd"] == 64 and run["versions"]["jax"]
     assert (tmp_path / "wandb").is_dir()  # offline wandb run, no network needed
+
+
+def test_the_step_donates_its_state():
+    """The old state's buffers are reused by the new one: parameters and optimizer state are never
+    held twice on the device."""
+    tr = _trainer(_cfg())
+    state = tr.init(np.uint32(0))
+    new, _ = tr.train_step(state, jax.device_put(_batch(tr.cfg), tr.batch_sharding))
+    assert all(x.is_deleted() for x in jax.tree.leaves(state))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new))
