@@ -62,7 +62,7 @@ def matmul_ceiling_tflops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def batch_size(cfg, per_device: int) -> int:
+def global_batch(cfg, per_device: int) -> int:
     """The benchmark's global batch: per_device × devices, or the config's micro-batch (or batch)."""
     return per_device * jax.device_count() if per_device else cfg.train.micro_batch_size or cfg.train.batch_size
 
@@ -231,7 +231,7 @@ def main(argv):
     xla_flags = config_lib.set_xla_flags(cfg)  # before the backend starts, as jaxlm.main does
     dev = jax.devices()[0]
     ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
-    batch = batch_size(cfg, _BATCH.value)
+    batch = global_batch(cfg, _BATCH.value)
     print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
     print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
           f"{'on' if cfg.train.deterministic else 'off'}; XLA_FLAGS={xla_flags or '(none)'}", flush=True)
@@ -239,8 +239,8 @@ def main(argv):
     baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, batch) if _BASELINE.value else None
     print(table(results, baseline, ceiling))
     if _OUT.value:
-        out = {"device_kind": dev.device_kind, "device_count": jax.device_count(), "matmul_ceiling_tflops": ceiling,
-               "flops_formula": "6*N + 6*L*d*T per token", "xla_flags": xla_flags, "config": config_lib.to_dict(cfg),
+        out = {"environment": telemetry.environment(), "matmul_ceiling_tflops": ceiling,
+               "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
                "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
         with open(_OUT.value, "w") as f:
             json.dump(telemetry.jsonable(out), f, indent=2)

@@ -211,8 +211,9 @@ class GPT2(nnx.Module):
         x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
         x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
         stats = []
-        remat = REMAT_POLICIES[cfg.remat] is not None and cache is None and not collect_stats
-        remat_block = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat]) if remat else None
+        remat_policy = REMAT_POLICIES[cfg.remat]
+        remat_block = (nnx.remat(_run_block, policy=remat_policy)
+                       if remat_policy is not None and cache is None and not collect_stats else None)
         for i, block in enumerate(self.h):
             if remat_block is not None:  # training and plain evaluation; never with stats or a KV cache
                 x_BTD, _ = remat_block(block, x_BTD, keys[i])

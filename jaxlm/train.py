@@ -58,8 +58,8 @@ class Trainer:
                 f"train.batch_size={self.batch_size} (micro-batch {self.micro}) is not divisible by the data-parallel "
                 f"size mesh.data×mesh.fsdp={dp}; make it a multiple of {dp}"
             )
-        self.dropout = any(getattr(self.model_cfg, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
         m = self.model_cfg
+        self.dropout = any(getattr(m, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
         self.attention = attn_lib.resolve_implementation(  # what the training step's attention runs
             m.attention_impl, self.policy, head_dim=m.head_dim, dropout=m.attn_pdrop > 0,
             query_key_layer_scaling=m.query_key_layer_scaling)

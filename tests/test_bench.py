@@ -21,7 +21,7 @@ def test_bench_writes_a_table_and_json(tmp_path):
         assert col in header
     assert "batch 4 x 32 tokens; remat dots; deterministic ops on" in res.stdout
     d = json.loads(out.read_text())
-    assert "--xla_gpu_deterministic_ops=true" in d["xla_flags"]  # tiny.py keeps train.deterministic
+    assert "--xla_gpu_deterministic_ops=true" in d["environment"]["xla_flags"]  # tiny.py keeps train.deterministic
     assert d["flops_formula"] == "6*N + 6*L*d*T per token" and d["matmul_ceiling_tflops"] > 0
     assert [r["regime"] for r in d["results"]] == ["fp32", "fp16_upcast"]
     for r in d["results"]:
