@@ -45,6 +45,9 @@ _PER_LAYER = {
     "mlp.c_fc.kernel": "mlp.c_fc.weight", "mlp.c_fc.bias": "mlp.c_fc.bias",
     "mlp.c_proj.kernel": "mlp.c_proj.weight", "mlp.c_proj.bias": "mlp.c_proj.bias",
 }
+# HF's fused QKV output is one flat axis of 3·n_embd (q | k | v, heads in order within each);
+# jaxlm keeps it as (3, n_head, head_dim) so tensor parallelism can shard heads. Same numbers, reshaped.
+_FLAT_OUTPUT = ("attn.c_attn.kernel", "attn.c_attn.bias")
 # HF buffers that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -55,6 +58,13 @@ def name_map(n_layer: int) -> dict[str, str]:
     for i in range(n_layer):
         out.update({f"h.{i}.{k}": f"h.{i}.{v}" for k, v in _PER_LAYER.items()})
     return out
+
+
+def hf_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape HF stores jaxlm's parameter `ours` (of `shape`) in."""
+    if ours.endswith(_FLAT_OUTPUT):
+        return (shape[0], int(np.prod(shape[1:]))) if ours.endswith("kernel") else (int(np.prod(shape)),)
+    return tuple(shape)
 
 
 def _flat(params) -> dict[str, Any]:
@@ -177,12 +187,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
             unknown.append(name)
             continue
         ours = ours_by_hf[short]
-        if tuple(arr.shape) != tuple(want[ours].shape):
+        expected = hf_shape(ours, want[ours].shape)
+        if tuple(arr.shape) != expected:
             raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(arr.shape)}, the config implies "
-                f"{tuple(want[ours].shape)} (jaxlm {ours})"
+                f"{source}: tensor {name} has shape {tuple(arr.shape)}, the config implies {expected} (jaxlm {ours})"
             )
-        found[ours] = arr
+        found[ours] = arr.reshape(want[ours].shape)
     if unknown:
         raise CheckpointError(f"{source}: tensors jaxlm's GPT-2 does not have: {', '.join(sorted(unknown)[:10])}")
     missing = [f"{name_map(cfg.n_layer)[k]} (jaxlm {k})" for k in want if k not in found]
@@ -216,10 +226,10 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, polic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = _flat(params)
-    tensors = {
-        "transformer." + hf_name: np.ascontiguousarray(np.asarray(jax.device_get(flat[ours]), np.float32))
-        for ours, hf_name in name_map(cfg.n_layer).items()
-    }
+    tensors = {}
+    for ours, hf_name in name_map(cfg.n_layer).items():
+        arr = np.asarray(jax.device_get(flat[ours]), np.float32)
+        tensors["transformer." + hf_name] = np.ascontiguousarray(arr.reshape(hf_shape(ours, arr.shape)))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, policy, eos_token_id), indent=2))
     return out

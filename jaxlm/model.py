@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxlm import attention as attn_lib
 from jaxlm import precision
+from jaxlm import sharding
 from jaxlm.errors import ConfigError
 
 
@@ -113,19 +114,22 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
         self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
         d = cfg.n_embd
-        self.c_attn = _linear(d, 3 * d, cfg.initializer_range, policy, rngs)
+        # One fused QKV projection whose output is laid out (3, n_head, head_dim): HF's (d, 3d)
+        # Conv1D weight reshaped. The head axis is its own dim so tensor parallelism shards whole
+        # heads of q, k and v alike (jaxlm/sharding.py); a flat 3d axis split over devices would
+        # cut across q|k|v and cost a reshuffle of activations in every layer.
+        self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs)
         self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
 
     def __call__(self, x_BTD, *, keys=(None, None), collect_stats=False, kv=None, mask_TS=None):
         cfg = self.cfg
         B, T, D = x_BTD.shape
-        H, K = cfg.n_head, cfg.head_dim
-        qkv = self.c_attn(x_BTD)
-        q_BTHK, k_BTHK, v_BTHK = (t.reshape(B, T, H, K) for t in jnp.split(qkv, 3, axis=-1))
+        qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), "qkv")
+        q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
         if kv is not None:  # a KV cache: kv(k, v) stores the new entries and returns all keys/values
             k_BTHK, v_BTHK = kv(k_BTHK, v_BTHK)
         impl = attn_lib.resolve_implementation(
-            cfg.attention_impl, self.policy, head_dim=K,
+            cfg.attention_impl, self.policy, head_dim=cfg.head_dim,
             dropout=cfg.attn_pdrop > 0 and keys[0] is not None,
             query_key_layer_scaling=cfg.query_key_layer_scaling,
         )
@@ -149,7 +153,7 @@ class MLP(nnx.Module):
         self.resid_pdrop = cfg.resid_pdrop
 
     def __call__(self, x_BTD, *, key=None):
-        h_BTF = jax.nn.gelu(self.c_fc(x_BTD), approximate=True)  # HF "gelu_new"
+        h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
         return _Dropout(self.resid_pdrop, key)(self.c_proj(h_BTF))
 
 
@@ -164,8 +168,8 @@ class Block(nnx.Module):
         keys = tuple(jax.random.split(key, 3)) if key is not None else (None, None, None)
         a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
                              kv=kv, mask_TS=mask_TS)
-        x_BTD = x_BTD + a
-        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2])
+        x_BTD = sharding.constrain(x_BTD + a, "residual")
+        x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2]), "residual")
         return x_BTD, stats
 
 
@@ -208,7 +212,11 @@ class GPT2(nnx.Module):
             positions_BT = jnp.arange(T)[None, :]
         keys = (list(jax.random.split(dropout_key, cfg.n_layer + 1)) if dropout_key is not None
                 else [None] * (cfg.n_layer + 1))
-        x_BTD = self.wte(tokens_BT) + self.wpe(positions_BT)
+        # The token embedding is also the head: lay it out once for both uses (sharding.ACTIVATIONS).
+        wte_VD = sharding.constrain(self.wte.embedding[...], "vocab_table")
+        compute = self.policy.compute_dtype
+        x_BTD = sharding.constrain(jnp.take(wte_VD.astype(compute), tokens_BT, axis=0) + self.wpe(positions_BT),
+                                   "residual")
         x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
         stats = []
         remat_policy = REMAT_POLICIES[cfg.remat]
@@ -224,9 +232,9 @@ class GPT2(nnx.Module):
             if collect_stats:
                 stats.append((_rms(x_BTD), s))
         x_BTD = self.ln_f(x_BTD)
-        embedding = self.wte.embedding[...].astype(self.policy.compute_dtype)
-        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(self.policy.compute_dtype), embedding,
+        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
                                       out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
+        logits_BTV = sharding.constrain(logits_BTV, "logits")
         if not collect_stats:
             return logits_BTV
         return logits_BTV, {
@@ -242,7 +250,8 @@ def _run_block(block, x_BTD, key):
 
 
 def _linear(d_in, d_out, std, policy, rngs):
-    return nnx.Linear(
+    """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape."""
+    return nnx.LinearGeneral(
         d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
         precision=policy.matmul_precision, rngs=rngs,

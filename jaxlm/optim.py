@@ -12,6 +12,7 @@ import jax
 import optax
 
 from jaxlm.errors import ConfigError
+from jaxlm.model import param_name
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -32,8 +33,10 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for parameters that get weight decay: matrices, not biases or LayerNorm scales."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """True for parameters that get weight decay: kernels and embeddings, by name (the fused QKV
+    bias is 3-d, so rank cannot tell a weight from a bias)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: param_name(path).endswith((".kernel", ".embedding")), params)
 
 
 def make(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

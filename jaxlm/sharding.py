@@ -6,9 +6,10 @@ config means "the rest of the devices". The batch is split over (data, fsdp).
 
 Axis types: we build the mesh with ``AxisType.Auto`` (``jax.make_mesh`` now defaults to
 Explicit). jaxlm states shardings at the jit boundary (``in_shardings``/``out_shardings`` of the
-train step, from the table below) and lets the compiler propagate them through the model; the
-Explicit mode would make every einsum in the model declare its output sharding, which couples the
-model to the mesh for no gain at GPT-2 scale.
+train step, from the table below) and at the model's few large activations (``constrain``, by
+name), and lets the compiler propagate them in between; the Explicit mode would make every einsum
+in the model declare its output sharding, which couples the model to the mesh for no gain at
+GPT-2 scale.
 
 Rules (first match wins; dims not divisible by their axis size are replicated, with a note):
 
@@ -17,11 +18,20 @@ parameter                spec                why
 =======================  ==================  ======================================
 wte.embedding (V, D)     (tensor, fsdp)      vocab-parallel embedding and tied head
 wpe.embedding (P, D)     (None, fsdp)
-c_attn / c_fc kernel     (fsdp, tensor)      column-parallel
-c_attn / c_fc bias       (tensor,)
+c_attn kernel (D,3,H,K)  (fsdp,·,tensor,·)   column-parallel by whole heads of q, k, v
+c_attn bias (3, H, K)    (·, tensor, ·)
+c_fc kernel              (fsdp, tensor)      column-parallel
+c_fc bias                (tensor,)
 c_proj kernel            (tensor, fsdp)      row-parallel
 c_proj bias, LayerNorm   replicated
 =======================  ==================  ======================================
+
+Activations get the same treatment (``constrain``): the model names each large activation
+(``residual`` stream, ``qkv``, ``mlp`` hidden, ``logits``) and ACTIVATIONS says how it is laid
+out: batch over (data, fsdp), heads / hidden / vocab over tensor -- Megatron's layout. Without
+these the compiler is free to meet an FSDP-sharded weight by resharding the *activations* to the
+weight's contraction dim and all-reducing partial sums of the whole global batch, which it does.
+The model stays mesh-agnostic: outside a mesh context (``use_mesh``) ``constrain`` is the identity.
 """
 
 from __future__ import annotations
@@ -35,20 +45,36 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.errors import ConfigError
-from jaxlm.model import param_name
+from jaxlm import model as model_lib
 
 AXES = ("data", "fsdp", "tensor")
-BATCH = P(("data", "fsdp"))
+BATCH_AXES = ("data", "fsdp")
+BATCH = P(BATCH_AXES)
 _NOTED: set[str] = set()
 
 RULES: tuple[tuple[str, P], ...] = (
     (r"wte\.embedding$", P("tensor", "fsdp")),
     (r"wpe\.embedding$", P(None, "fsdp")),
-    (r"(c_attn|c_fc)\.kernel$", P("fsdp", "tensor")),
-    (r"(c_attn|c_fc)\.bias$", P("tensor")),
+    (r"c_attn\.kernel$", P("fsdp", None, "tensor", None)),
+    (r"c_attn\.bias$", P(None, "tensor", None)),
+    (r"c_fc\.kernel$", P("fsdp", "tensor")),
+    (r"c_fc\.bias$", P("tensor")),
     (r"c_proj\.kernel$", P("tensor", "fsdp")),
     (r"(c_proj\.bias|ln_\d\.(scale|bias)|ln_f\.(scale|bias))$", P()),
 )
+
+
+# Activation layouts, by the names the model gives them (jaxlm/model.py).
+ACTIVATIONS: dict[str, P] = {
+    "residual": P(BATCH_AXES, None, None),  # (B, T, D): replicated over tensor, as in Megatron
+    "qkv": P(BATCH_AXES, None, None, "tensor", None),  # (B, T, 3, H, K): whole heads per tensor shard
+    "mlp": P(BATCH_AXES, None, "tensor"),  # (B, T, 4D)
+    "logits": P(BATCH_AXES, None, "tensor"),  # (B, T, V): vocab-parallel
+    # the tied embedding as the forward uses it: gathered over fsdp once per step for both the
+    # lookup and the head, vocab-parallel over tensor (a lookup then costs one all-reduce of the
+    # local batch's embeddings, not of the global batch's)
+    "vocab_table": P("tensor", None),  # (V, D)
+}
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
@@ -79,22 +105,40 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def _fit(spec: P, shape: tuple[int, ...], mesh, what: str) -> P:
+    """`spec` with every dim its mesh axes do not divide replicated instead (noted once)."""
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))) if axis else 1
+        if dim % size:
+            note = f"sharding: dim {dim} of {what} is not divisible by mesh.{axis}={size}; that dim is replicated"
+            if note not in _NOTED:
+                _NOTED.add(note)
+                warnings.warn(note, stacklevel=4)
+            axis = None
+        fitted.append(axis)
+    return P(*fitted)
+
+
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The partition spec of one parameter; dims its axis does not divide stay replicated."""
     for pattern, spec in RULES:
         if re.search(pattern, name):
-            fitted = []
-            for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-                if axis is not None and dim % mesh.shape[axis]:
-                    note = f"sharding: dim {dim} of {re.sub(r'^.*?(?=(wte|wpe|h|ln_f)[.])', '', name)} is not divisible by " \
-                           f"mesh.{axis}={mesh.shape[axis]}; that dim is replicated"
-                    if note not in _NOTED:
-                        _NOTED.add(note)
-                        warnings.warn(note, stacklevel=3)
-                    axis = None
-                fitted.append(axis)
-            return P(*fitted)
+            return _fit(spec, shape, mesh, re.sub(r"^.*?(?=(wte|wpe|h|ln_f)[.])", "", name))
     raise ConfigError(f"sharding: no partition rule matches parameter {name!r}; add one to jaxlm/sharding.py RULES")
+
+
+def use_mesh(mesh: Mesh):
+    """Context in which the model's ``constrain`` calls apply (enter it inside the jitted function)."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """Lays activation `x` out as ACTIVATIONS[kind] on the context mesh; the identity without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit(ACTIVATIONS[kind], x.shape, mesh, f"the {kind} activation"))
 
 
 def param_shardings(params, mesh: Mesh):
@@ -102,7 +146,7 @@ def param_shardings(params, mesh: Mesh):
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-        return NamedSharding(mesh, spec_for(param_name(path), shape, mesh))
+        return NamedSharding(mesh, spec_for(model_lib.param_name(path), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -112,7 +156,7 @@ def state_shardings(abstract_state, mesh: Mesh):
     names end like the parameter's), every scalar and everything else replicated."""
 
     def one(path, leaf):
-        name = param_name(path)
+        name = model_lib.param_name(path)
         shape = tuple(leaf.shape)
         if shape and name.startswith(("params.", "opt_state.")):
             return NamedSharding(mesh, spec_for(name, shape, mesh))

@@ -94,7 +94,8 @@ class Trainer:
 
     def _loss(self, params, batch_BT1, key, scale):
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
+        with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.ACTIVATIONS)
+            logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return loss * scale, loss
 
@@ -152,7 +153,8 @@ class Trainer:
         return self._loss(params, batch, None, 1.0)[1]
 
     def _stats_step(self, params, batch):
-        _, stats = model_lib.apply(self.graphdef, params, batch[:, :-1], collect_stats=True)
+        with sharding.use_mesh(self.mesh):
+            _, stats = model_lib.apply(self.graphdef, params, batch[:, :-1], collect_stats=True)
         return stats
 
 

@@ -79,9 +79,8 @@ def _overflow_model(regime):
                            embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     gd, params = model.create(cfg, precision.policy(regime), seed=0)
     c_attn = params["h"][0]["attn"]["c_attn"]
-    D = cfg.n_embd
-    c_attn["kernel"] = c_attn["kernel"].at[:, : 2 * D].set(0.0)
-    c_attn["bias"] = c_attn["bias"].at[: 2 * D].set(40.0)
+    c_attn["kernel"] = c_attn["kernel"].at[:, :2].set(0.0)  # output (3, H, K): q and k are [:2]
+    c_attn["bias"] = c_attn["bias"].at[:2].set(40.0)
     return gd, params
 
 

@@ -49,11 +49,20 @@ def test_sharded_steps_equal_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["reference"]["params_moved"] > 1e-3  # the steps really changed the parameters
-    expected_shards = {"DP=8": [64, 192], "FSDP=8": [8, 192], "TP=2xDP=4": [64, 96], "FSDP=2xTP=4": [32, 48]}
+    # c_attn kernel (D, 3, H, K) = (64, 3, 4, 16): fsdp splits D, tensor splits whole heads
+    expected_shards = {"DP=8": [64, 3, 4, 16], "FSDP=8": [8, 3, 4, 16], "TP=2xDP=4": [64, 3, 2, 16],
+                       "FSDP=2xTP=4": [32, 3, 1, 16]}
     for name, shard in expected_shards.items():
         r = res[name]
         assert r["loss_diff"] <= 1e-5 and r["param_diff"] <= 1e-5, (name, r)
         assert r["shard_shapes"]["c_attn"] == shard, (name, r["shard_shapes"])
+        # Megatron + ZeRO-3 communication only: weights gathered, partial sums and gradients reduced.
+        # No activation is resharded (all-to-all, permute) and none is computed for the global batch
+        # and then reduced -- what the compiler did before jaxlm constrained activation layouts.
+        counts = r["collectives"]["counts"]
+        assert "all-to-all" not in counts and "collective-permute" not in counts, (name, counts)
+        assert r["collectives"]["global_batch"] == [], (name, r["collectives"])
+    assert res["DP=8"]["collectives"]["counts"] == {"all-reduce": 1}  # one fused gradient all-reduce
     assert "not divisible by the data-parallel size mesh.data×mesh.fsdp=8" in res["indivisible_batch_error"]
 
 

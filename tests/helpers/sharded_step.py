@@ -15,7 +15,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+import collections  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,6 +38,7 @@ def one_step(cfg, devices):
     trainer = train.Trainer(cfg, mesh, vocab_size=cfg.data.vocab_size)
     batch = np.random.RandomState(0).randint(0, cfg.data.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
     state = trainer.init(np.uint32(cfg.train.seed))
+    hlo = trainer.train_step.lower(state, data.to_global(batch.astype(np.int32), trainer.batch_sharding)).compile().as_text()
     init = jax.tree.map(np.asarray, jax.device_get(state.params))
     losses = []
     for _ in range(2):
@@ -47,7 +50,18 @@ def one_step(cfg, devices):
         "c_attn": list(state.params["h"][0]["attn"]["c_attn"]["kernel"].addressable_shards[0].data.shape),
         "wte": list(state.params["wte"]["embedding"].addressable_shards[0].data.shape),
     }
-    return losses, params, moved, shard_shapes
+    return losses, params, moved, shard_shapes, census(hlo, cfg)
+
+
+def census(hlo: str, cfg) -> dict:
+    """The compiled step's collectives: how many of each kind, and the floating-point arrays among
+    them that span the whole global batch (activations computed unsharded, then reduced)."""
+    kinds = r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+    counts = collections.Counter(re.findall(rf"\b{kinds}(?:-start)?\(", hlo))
+    lines = [line for line in hlo.splitlines() if re.search(rf"= .* {kinds}(?:-start)?\(", line)]
+    whole = rf"\b(?:f32|bf16|f16)\[{cfg.train.batch_size},{cfg.train.seq_len}[,\]]"
+    return {"counts": dict(counts),
+            "global_batch": sorted({m for line in lines for m in re.findall(whole, line.split(" = ")[1].split("(")[0] + "(")})}
 
 
 def main():
@@ -56,14 +70,14 @@ def main():
                       {"train.batch_size": 16, "train.seq_len": 32, "model.n_positions": 64,
                        "optim.warmup_steps": 0, "optim.eps": 1e-3})
     cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    ref_losses, ref_params, moved, _ = one_step(cfg, jax.devices()[:1])
+    ref_losses, ref_params, moved, _, _ = one_step(cfg, jax.devices()[:1])
     out = {"reference": {"losses": ref_losses, "params_moved": moved}}
     for name, m in MESHES.items():
         cfg.mesh.update(m)
-        losses, params, _, shapes = one_step(cfg, jax.devices())
+        losses, params, _, shapes, collectives = one_step(cfg, jax.devices())
         diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
         out[name] = {"losses": losses, "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
-                     "param_diff": diff, "shard_shapes": shapes}
+                     "param_diff": diff, "shard_shapes": shapes, "collectives": collectives}
     # the batch must split over the data-parallel devices
     cfg.mesh.update(dict(data=8, fsdp=1, tensor=1))
     cfg.train.batch_size = 12
