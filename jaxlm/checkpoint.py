@@ -183,10 +183,7 @@ class Checkpointer:
                         "\nUse a new --workdir, revert these fields, or pass "
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
             if meta.get("state_signature") not in (None, self.signature):
-                raise CheckpointError(
-                    f"checkpoint {self.directory / str(step)} holds a train state of another structure or shape "
-                    f"than the current config builds ({'; '.join(diffs) or 'same config: a different jaxlm version?'}); "
-                    "it cannot be restored into this run. Use a new --workdir")
+                raise CheckpointError(_other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
             try:
                 return self.restore(step)
             except Exception as e:  # same structure, yet unreadable: corrupt
@@ -231,6 +228,22 @@ class Checkpointer:
         self._old_handlers.clear()
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _other_layout(path, meta: dict, diffs: list[str]) -> str:
+    """Why a checkpoint whose train state has other shapes cannot be restored, and what to do."""
+    from jaxlm import config as config_lib
+    from jaxlm import telemetry
+
+    written, this = meta.get("jaxlm_commit", "unknown"), telemetry.git_commit(config_lib.REPO_ROOT)
+    why = [f"config differences: {'; '.join(diffs)}"] if diffs else []
+    if written != this or written.endswith("+dirty"):
+        why.append(f"it was written by jaxlm {written}, this is {this} (+dirty: uncommitted changes): if the "
+                   "parameter layout changed between "
+                   "them, read it with the jaxlm that wrote it (`python -m jaxlm.export` turns it into the Hugging "
+                   "Face format, which every jaxlm reads)")
+    return (f"checkpoint {path} holds a train state of another structure or shape than this run builds "
+            f"({'; '.join(why) or 'same config and jaxlm commit'}).")
 
 
 def _reader(workdir) -> "Checkpointer":
@@ -284,6 +297,9 @@ def load_run(workdir, step: int | None = None, mesh=None):
         mesh = sharding_lib.make_mesh(cfg.mesh)
     trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
     ckpt = Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
+    if meta.get("state_signature") not in (None, ckpt.signature):
+        ckpt.manager.close()
+        raise CheckpointError(_other_layout(reader.directory / str(step), meta, []))
     try:
         state, _, meta, step = ckpt.restore(step)
     finally:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxlm import checkpoint, telemetry
+from jaxlm.errors import CheckpointError
 
 from conftest import ROOT, write_word_corpus
 
@@ -177,6 +178,28 @@ def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_p
     assert out.returncode != 0
     assert "model.n_embd: 64 -> 96" in out.stderr and "precision.regime: 'fp32' -> 'bf16'" in out.stderr
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "5"]  # nothing set aside
+
+
+def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(reference, corpus, tmp_path):
+    """A checkpoint whose recorded train-state signature differs (as one from a jaxlm with another
+    parameter layout does) is refused up front with the writing commit, never set aside as corrupt."""
+    import shutil
+
+    ref_dir, _ = reference
+    work = tmp_path / "other"
+    shutil.copytree(ref_dir, work)
+    for step_dir in (work / "checkpoints").iterdir():
+        meta_file = step_dir / "meta" / "metadata"
+        meta = json.loads(meta_file.read_text())
+        meta.update(state_signature="0" * 16, jaxlm_commit="1234abc")
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"written by jaxlm 1234abc.*python -m jaxlm\.export"):
+        checkpoint.load_run(work)
+    out = _run(_args(work, corpus, ref_dir.parent / "cache", **{"train.steps": 2 * STEPS,
+                                                                 "checkpoint.allow_config_change": True}))
+    assert out.returncode != 0
+    assert f"train.steps: {STEPS} -> {2 * STEPS}" in out.stderr and "written by jaxlm 1234abc" in out.stderr, out.stderr[-2000:]
+    assert not list((work / "checkpoints").glob("*.corrupt-*"))
 
 
 def test_export_to_hugging_face(reference, tmp_path):
