@@ -145,6 +145,22 @@ def test_mfu_formula_and_peak_table():
     assert telemetry.mfu(1e6, 1e9, 2, 1000.0) == pytest.approx(0.5)
 
 
+def test_indivisible_dims_are_replicated_with_a_note_that_says_how_to_fix_the_vocab(monkeypatch):
+    from types import SimpleNamespace
+
+    from jax.sharding import PartitionSpec as P
+
+    monkeypatch.setattr(sharding, "_NOTED", set())
+    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 4})  # all spec_for reads
+    with pytest.warns(UserWarning, match=r"dim 50257 of wte\.embedding is not divisible by mesh\.tensor=4.*"
+                                         r"data\.vocab_size=50432 would divide"):
+        assert sharding.spec_for("wte.embedding", (50257, 768), mesh) == P(None, "fsdp")
+    with pytest.warns(UserWarning, match=r"dim 6 of h\.0\.attn\.c_attn\.kernel is not divisible by mesh\.tensor=4"):
+        assert sharding.spec_for("params.h.0.attn.c_attn.kernel", (64, 3, 6, 16), mesh) == P("fsdp", None, None, None)
+    x = jnp.ones((3, 5, 7))
+    assert sharding.constrain(x, "residual") is x  # outside a mesh context the model's layouts are no-ops
+
+
 def test_mesh_and_tpu_checks():
     with pytest.raises(ConfigError, match=r"mesh: data×fsdp×tensor = 2×2×1 = 4 but there are 8 devices"):
         sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
