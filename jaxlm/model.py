@@ -5,7 +5,10 @@
 
 Parameter names follow Hugging Face (wte, wpe, h[i].ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and Linear kernels are (in, out) like HF's Conv1D, so weights move
-both ways without transposes (see ``jaxlm.hf``). Every dtype comes from the precision policy.
+both ways without transposes (see ``jaxlm.hf``); c_attn's output axis is kept as (3, n_head,
+head_dim), HF's 3·n_embd reshaped. Every dtype comes from the precision policy. The large
+activations are named for ``sharding.constrain`` (residual, qkv, mlp, logits, vocab_table),
+which lays them out on the mesh in a train step and does nothing outside one.
 
 Use it functionally (Flax's fast pattern): ``graphdef, params = create(cfg, policy, seed)`` once,
 then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
