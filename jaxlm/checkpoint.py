@@ -237,9 +237,8 @@ def _other_layout(path, meta: dict, diffs: list[str]) -> str:
 
     written, this = meta.get("jaxlm_commit", "unknown"), telemetry.git_commit(config_lib.REPO_ROOT)
     why = [f"config differences: {'; '.join(diffs)}"] if diffs else []
-    if written != this or written.endswith("+dirty"):
-        why.append(f"it was written by jaxlm {written}, this is {this} (+dirty: uncommitted changes): if the "
-                   "parameter layout changed between "
+    if written != this or written.endswith("+dirty"):  # +dirty: uncommitted changes, so maybe another layout
+        why.append(f"it was written by jaxlm {written}, this is {this}: if the parameter layout changed between "
                    "them, read it with the jaxlm that wrote it (`python -m jaxlm.export` turns it into the Hugging "
                    "Face format, which every jaxlm reads)")
     return (f"checkpoint {path} holds a train state of another structure or shape than this run builds "

@@ -44,8 +44,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxlm import model as model_lib  # a module import: model imports this module too (constrain)
 from jaxlm.errors import ConfigError
-from jaxlm import model as model_lib
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

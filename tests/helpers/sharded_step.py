@@ -56,12 +56,12 @@ def one_step(cfg, devices):
 def census(hlo: str, cfg) -> dict:
     """The compiled step's collectives: how many of each kind, and the floating-point arrays among
     them that span the whole global batch (activations computed unsharded, then reduced)."""
-    kinds = r"(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-    counts = collections.Counter(re.findall(rf"\b{kinds}(?:-start)?\(", hlo))
-    lines = [line for line in hlo.splitlines() if re.search(rf"= .* {kinds}(?:-start)?\(", line)]
+    # one instruction: "%name = <result type, maybe a tuple> <kind>[-start](operands...)"
+    op = re.compile(r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
+    ops = [m.groups() for m in map(op.search, hlo.splitlines()) if m]
     whole = rf"\b(?:f32|bf16|f16)\[{cfg.train.batch_size},{cfg.train.seq_len}[,\]]"
-    return {"counts": dict(counts),
-            "global_batch": sorted({m for line in lines for m in re.findall(whole, line.split(" = ")[1].split("(")[0] + "(")})}
+    return {"counts": dict(collections.Counter(kind for _, kind in ops)),
+            "global_batch": sorted({m for result, _ in ops for m in re.findall(whole, result)})}
 
 
 def main():
