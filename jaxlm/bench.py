@@ -12,16 +12,19 @@ fraction of a measured matmul ceiling (one large bf16 matmul timed in the same p
 is the training step exactly (``train.Trainer``: the config's attention, remat, dropout and
 ``train.deterministic``, whose XLA flag is set as ``jaxlm.main`` sets it) on one micro-batch of
 --batch_per_device sequences per device; batches are synthetic tokens (the input pipeline has its
-own benchmark: ``python -m jaxlm.data.bench``).
+own benchmark: ``python -m jaxlm.data.bench``). Each regime's row is printed, and --out rewritten,
+as soon as it is measured, so a run cut short keeps what it measured.
 
-When torch and transformers import, the same shape and batch run as HF ``GPT2LMHeadModel``
-(SDPA attention, AdamW; on CUDA bf16 autocast, fused AdamW and torch.compile), and the table
-gives jaxlm/baseline tokens/s.
+When torch and transformers import, the same shape and per-device batch run first, on one device,
+as HF ``GPT2LMHeadModel`` (SDPA attention, AdamW; on CUDA bf16 autocast, fused AdamW and
+torch.compile), and the table gives jaxlm/baseline tokens/s per device.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -104,8 +107,11 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
     }
 
 
-def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int) -> list[dict]:
-    """time_regime for each regime; one that runs out of device memory is reported, not fatal."""
+def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int,
+                 on_result=None) -> list[dict]:
+    """time_regime for each regime; one that runs out of device memory is reported, not fatal.
+    `on_result(results)` is called after each regime (the table row and the JSON are written as
+    they come, so a run cut short keeps what it measured)."""
     results = []
     for regime in regimes:
         try:
@@ -117,8 +123,8 @@ def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, ba
                             "error": f"out of memory at batch {batch_size}: {str(e).splitlines()[0][:300]}"})
             print(f"  {regime}: out of memory (try a smaller --batch_per_device or --config.model.remat=dots)",
                   flush=True)
-            continue
-        print(f"  {regime}: {results[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
+        if on_result is not None:
+            on_result(results)
     return results
 
 
@@ -185,36 +191,56 @@ def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    del model, opt, forward
+    if cuda:  # hand the memory back before JAX starts: JAX takes 75% of the GPU when its backend starts
+        gc.collect()
+        torch.cuda.empty_cache()
     return {"regime": "torch " + ("bf16 autocast" if cuda else "fp32"), "compiled": compiled,
             "first_step_s": first_s, "step_s": step_s, "tokens_per_s": batch_size * cfg.train.seq_len / step_s,
-            "torch": torch.__version__, "transformers": transformers.__version__}
+            "peak_memory_gib": peak_gib, "vocab_size": vocab, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def table(results: list[dict], baseline: dict | None, ceiling: float) -> str:
+def table(results: list[dict], baseline: dict | None, ceiling: float, n_devices: int = 1) -> str:
+    """The header, a row per result and the baseline's row."""
+    return "\n".join([_header(baseline)] + [_row(r, baseline, ceiling, n_devices) for r in results]
+                     + ([_baseline_row(baseline)] if baseline else []))
+
+
+def _columns(baseline):
     cols = [("regime", 14, "<"), ("attn", 10, "<"), ("compile s", 10, ">"), ("step ms", 10, ">"),
             ("tokens/s", 12, ">"), ("TFLOP/s", 9, ">"), ("MFU", 8, ">"), ("/ceiling", 9, ">"),
             ("step GiB", 9, ">"), ("peak GiB", 9, ">")]
     if baseline:
         cols.append(("vs torch", 9, ">"))
-    line = lambda cells: "".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols))
+    return cols
+
+
+def _line(cells, baseline) -> str:
+    return "".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, _columns(baseline)))
+
+
+def _header(baseline) -> str:
+    return _line([name for name, _, _ in _columns(baseline)], baseline)
+
+
+def _row(r: dict, baseline: dict | None, ceiling: float, n_devices: int) -> str:
+    if "error" in r:
+        return f"{r['regime']:<14}{r['error'][:100]}"
     gib = lambda v: f"{v:.1f}" if v is not None else "n/a"
-    rows = [line([name for name, _, _ in cols])]
-    for r in results:
-        if "error" in r:
-            rows.append(f"{r['regime']:<14}{r['error'][:100]}")
-            continue
-        cells = [r["regime"], r["attention"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
-                 f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.2f}",
-                 f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / ceiling:.1%}",
-                 gib(r["step_memory_gib"]), gib(r["peak_memory_gib"])]
-        if baseline:
-            cells.append(f"{r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
-        rows.append(line(cells))
+    cells = [r["regime"], r["attention"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
+             f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.2f}",
+             f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / ceiling:.1%}",
+             gib(r["step_memory_gib"]), gib(r["peak_memory_gib"])]
     if baseline:
-        rows.append(line([baseline["regime"], "sdpa", f"{baseline['first_step_s']:.1f}", f"{baseline['step_s'] * 1e3:.1f}",
-                          f"{baseline['tokens_per_s']:,.0f}"])
-                    + f"   HF GPT2LMHeadModel{', torch.compile' if baseline['compiled'] else ''}")
-    return "\n".join(rows)
+        cells.append(f"{r['tokens_per_s'] / n_devices / baseline['tokens_per_s']:.2f}x")  # per device
+    return _line(cells, baseline)
+
+
+def _baseline_row(baseline: dict) -> str:
+    return (_line([baseline["regime"], "sdpa", f"{baseline['first_step_s']:.1f}", f"{baseline['step_s'] * 1e3:.1f}",
+                   f"{baseline['tokens_per_s']:,.0f}"], baseline)
+            + f"   HF GPT2LMHeadModel, vocab {baseline['vocab_size']}{', torch.compile' if baseline['compiled'] else ''}")
 
 
 def main(argv):
@@ -229,21 +255,35 @@ def main(argv):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     xla_flags = config_lib.set_xla_flags(cfg)  # before the backend starts, as jaxlm.main does
+    # The baseline runs first, on one device: JAX preallocates most of the GPU when its backend
+    # starts, which would leave torch a quarter of it.
+    baseline = None
+    if _BASELINE.value:
+        baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, _BATCH.value or global_batch(cfg, 0))
+    if baseline:
+        print(f"  {baseline['regime']} (HF baseline, one device): {baseline['tokens_per_s']:,.0f} tokens/s", flush=True)
     dev = jax.devices()[0]
-    ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
     batch = global_batch(cfg, _BATCH.value)
+    ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
     print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
     print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
           f"{'on' if cfg.train.deterministic else 'off'}; XLA_FLAGS={xla_flags or '(none)'}", flush=True)
-    results = time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch)
-    baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, batch) if _BASELINE.value else None
-    print(table(results, baseline, ceiling))
-    if _OUT.value:
-        out = {"environment": telemetry.environment(), "matmul_ceiling_tflops": ceiling,
-               "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
-               "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
-        with open(_OUT.value, "w") as f:
-            json.dump(telemetry.jsonable(out), f, indent=2)
+    print(_header(baseline), flush=True)
+
+    def on_result(results):  # the table's rows and the JSON as they come: a run cut short keeps them
+        print(_row(results[-1], baseline, ceiling, jax.device_count()), flush=True)
+        if _OUT.value:
+            out = {"environment": telemetry.environment(), "matmul_ceiling_tflops": ceiling,
+                   "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
+                   "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
+            tmp = _OUT.value + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(telemetry.jsonable(out), f, indent=2)
+            os.replace(tmp, _OUT.value)
+
+    time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch, on_result)
+    if baseline:
+        print(_baseline_row(baseline))
 
 
 if __name__ == "__main__":

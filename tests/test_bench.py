@@ -35,6 +35,7 @@ def test_bench_writes_a_table_and_json(tmp_path):
         assert d["baseline"] is None
     else:
         assert d["baseline"]["tokens_per_s"] > 0 and "vs torch" in header
+        assert "HF GPT2LMHeadModel, vocab 1024" in res.stdout
 
 
 def test_bench_rejects_an_unknown_regime_before_timing_anything():
