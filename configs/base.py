@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.query_key_layer_scaling = False  # Megatron: function-preserving overflow guard
     c.model.attention_impl = "auto"  # auto | reference | cudnn
     c.model.remat = "none"  # none | dots | full: activation recomputation (memory for compute)
+    # Token-table rows rounded up to a multiple of this; the padding is zero and masked, so the model's
+    # function is unchanged. 128: GPT-2's 50257 becomes 50304, +14% tokens/s on an H100 (PERFORMANCE.md).
+    c.model.vocab_multiple = 128
 
     # --- precision: a regime preset; explicit dtypes ('' = the regime's) win --------------
     c.precision = ml_collections.ConfigDict()

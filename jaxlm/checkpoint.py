@@ -41,6 +41,8 @@ NEUTRAL_FIELDS = (
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "train.deterministic",
 )
+# Fields added after checkpoints were first written, with the value that older configs meant.
+ADDED_FIELDS = {"model.vocab_multiple": 1}
 
 
 def on_schedule(step: int, stages, total_steps: int) -> bool:
@@ -85,7 +87,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for k in sorted(set(a) | set(b)):
         if k.startswith(NEUTRAL_FIELDS):
             continue
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        va, vb = a.get(k, ADDED_FIELDS.get(k, "<absent>")), b.get(k, ADDED_FIELDS.get(k, "<absent>"))
         if _norm(va) != _norm(vb):
             diffs.append(f"{k}: {va!r} -> {vb!r}")
     return diffs

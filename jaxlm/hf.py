@@ -30,6 +30,7 @@ from jaxlm import model as model_lib
 from jaxlm import precision
 from jaxlm.errors import CheckpointError
 
+TOKEN_TABLE = "wte.embedding"  # (padded_vocab_size, D) here, (vocab_size, D) in HF
 # jaxlm flat name -> HF name (after the "transformer." prefix); {i} is the layer.
 _GLOBAL = {
     "wte.embedding": "wte.weight",
@@ -187,12 +188,15 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
             unknown.append(name)
             continue
         ours = ours_by_hf[short]
-        expected = hf_shape(ours, want[ours].shape)
+        shape = want[ours].shape
+        if ours == TOKEN_TABLE:  # HF's table has vocab_size rows; ours may have padding rows (zero)
+            shape = (cfg.vocab_size, *shape[1:])
+        expected = hf_shape(ours, shape)
         if tuple(arr.shape) != expected:
             raise CheckpointError(
                 f"{source}: tensor {name} has shape {tuple(arr.shape)}, the config implies {expected} (jaxlm {ours})"
             )
-        found[ours] = arr.reshape(want[ours].shape)
+        found[ours] = np.pad(arr.reshape(shape), [(0, w - h) for w, h in zip(want[ours].shape, shape)])
     if unknown:
         raise CheckpointError(f"{source}: tensors jaxlm's GPT-2 does not have: {', '.join(sorted(unknown)[:10])}")
     missing = [f"{name_map(cfg.n_layer)[k]} (jaxlm {k})" for k in want if k not in found]
@@ -229,6 +233,8 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, polic
     tensors = {}
     for ours, hf_name in name_map(cfg.n_layer).items():
         arr = np.asarray(jax.device_get(flat[ours]), np.float32)
+        if ours == TOKEN_TABLE:
+            arr = arr[: cfg.vocab_size]  # without the padding rows (GPT2Config.vocab_multiple)
         tensors["transformer." + hf_name] = np.ascontiguousarray(arr.reshape(hf_shape(ours, arr.shape)))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, policy, eos_token_id), indent=2))

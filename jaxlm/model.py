@@ -48,9 +48,13 @@ class GPT2Config:
     query_key_layer_scaling: bool = False
     attention_impl: str = "auto"
     remat: str = "none"  # see REMAT_POLICIES
+    # The token table has vocab_size rows rounded up to a multiple of this; the extra rows start
+    # at zero and their logits are masked, so the function is the unpadded model's (1 = no padding;
+    # 128 makes GPT-2's 50257 an aligned 50304 for the tensor cores and for tensor parallelism).
+    vocab_multiple: int = 1
 
     def __post_init__(self):
-        for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"model.{f}: must be a positive integer, got {v!r}")
@@ -75,6 +79,11 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token table (and columns of the logits): vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def replace(self, **kw) -> "GPT2Config":
         return dataclasses.replace(self, **kw)
@@ -177,13 +186,17 @@ class Block(nnx.Module):
 
 
 class GPT2(nnx.Module):
-    """GPT2LMHeadModel. Call with int tokens (B, T); returns float32 logits (B, T, vocab)."""
+    """GPT2LMHeadModel. Call with int tokens (B, T); returns float32 logits (B, T, padded_vocab_size).
+
+    Logits past ``vocab_size`` (the table's padding, ``GPT2Config.vocab_multiple``) hold the float32
+    minimum: no softmax, loss or sampler gives them weight. ``logits()`` returns (B, T, vocab_size).
+    """
 
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
         init = nnx.initializers.normal(cfg.initializer_range)
         emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, embedding_init=init, rngs=rngs)
-        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, **emb)
+        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, **{**emb, "embedding_init": _zero_padded(init, cfg.vocab_size)})
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, **emb)
         self.h = nnx.List([Block(cfg, policy, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layernorm(cfg, policy, rngs)
@@ -238,6 +251,9 @@ class GPT2(nnx.Module):
         logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
                                       out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
         logits_BTV = sharding.constrain(logits_BTV, "logits")
+        if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
+            real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
         if not collect_stats:
             return logits_BTV
         return logits_BTV, {
@@ -246,6 +262,15 @@ class GPT2(nnx.Module):
             "attn_min": jnp.stack([s.min for _, s in stats]),
             "nonfinite": jnp.stack([s.nonfinite | ~jnp.isfinite(r) for r, s in stats]),
         }
+
+
+def _zero_padded(init, rows: int):
+    """`init` for the first `rows` rows, zeros below: the same draw whatever the padding."""
+
+    def f(key, shape, dtype):
+        return jnp.pad(init(key, (rows, *shape[1:]), dtype), ((0, shape[0] - rows), (0, 0)))
+
+    return f
 
 
 def _run_block(block, x_BTD, key):
@@ -301,12 +326,14 @@ def param_name(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+def count_params(params, cfg: GPT2Config | None = None) -> int:
+    """Parameters of `params`; given its config, without the token table's padding rows."""
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd if cfg is not None else 0
+    return sum(int(x.size) for x in jax.tree.leaves(params)) - padding
 
 
 def logits(graphdef, params, tokens_BT) -> jax.Array:
-    """Float32 logits of an int array of tokens (B, T) or (T,), jit-compiled; no dropout."""
+    """Float32 logits (B, T, vocab_size) of int tokens (B, T) or (T,), jit-compiled; no dropout."""
     tokens = jnp.asarray(tokens_BT, jnp.int32)
     squeeze = tokens.ndim == 1
     out = _jit_logits(graphdef, params, tokens[None] if squeeze else tokens)
@@ -315,4 +342,5 @@ def logits(graphdef, params, tokens_BT) -> jax.Array:
 
 @jax.jit(static_argnums=0)
 def _jit_logits(graphdef, params, tokens):
-    return apply(graphdef, params, tokens)
+    model = nnx.merge(graphdef, params)
+    return model(tokens)[..., : model.cfg.vocab_size]

@@ -113,8 +113,8 @@ def _fit(spec: P, shape: tuple[int, ...], mesh, what: str) -> P:
         if dim % size:
             note = f"sharding: dim {dim} of {what} is not divisible by mesh.{axis}={size}; that dim is replicated"
             if axis == "tensor" and what.startswith(("wte", "the logits", "the vocab_table")):
-                note += (f" (the head then runs whole on every tensor shard; a tokenizer trained by jaxlm can have "
-                         f"any size: data.vocab_size={-(-dim // (64 * size)) * 64 * size} would divide)")
+                note += (f" (the head then runs whole on every tensor shard; model.vocab_multiple="
+                         f"{math.lcm(128, size)} pads the token table to a size that divides)")
             if note not in _NOTED:
                 _NOTED.add(note)
                 warnings.warn(note, stacklevel=4)

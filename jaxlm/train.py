@@ -48,7 +48,7 @@ class Trainer:
         self.ls_cfg = precision.loss_scale_config(cfg, self.policy)
         self.tx, self.schedule = optim.make(cfg.optim, cfg.train.steps)
         self.graphdef, abstract_params = model_lib.abstract(self.model_cfg, self.policy)
-        self.n_params = model_lib.count_params(abstract_params)
+        self.n_params = model_lib.count_params(abstract_params, self.model_cfg)  # the padding rows not counted
         self.seq_len = cfg.train.seq_len
         self.batch_size = cfg.train.batch_size
         self.micro = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -261,7 +261,9 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult
     cache = data.prepare(cfg, workdir, log=say)
     vocab = cache.manifest["vocab_size"]
     trainer = Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
-    say(f"model: GPT-2 {trainer.n_params:,} parameters ({trainer.model_cfg.n_layer} layers, d={trainer.model_cfg.n_embd}); "
+    mc = trainer.model_cfg
+    padded = f", token table padded to {mc.padded_vocab_size} rows" if mc.padded_vocab_size != mc.vocab_size else ""
+    say(f"model: GPT-2 {trainer.n_params:,} parameters ({mc.n_layer} layers, d={mc.n_embd}, vocab {mc.vocab_size}{padded}); "
         f"precision {trainer.policy.describe()}; attention {trainer.attention}, remat {cfg.model.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} "
         f"{jax.devices()[0].device_kind} device(s)")
     ent = cache.manifest["splits"]["train"].get("unigram_entropy")

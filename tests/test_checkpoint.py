@@ -241,3 +241,12 @@ def test_keep_the_last_n_plus_every_mth(reference, corpus, tmp_path):
         "train.steps": 12, "checkpoint.stages": "((1, 1000),)", "checkpoint.keep": 2, "checkpoint.keep_every": 5}))
     assert out.returncode == 0, out.stderr[-2000:]
     assert checkpoint.saved_steps(tmp_path / "w") == [0, 5, 10, 11, 12]
+
+
+def test_a_field_added_later_reads_as_what_older_configs_meant():
+    """Configs saved before model.vocab_multiple existed had no padding: resuming one with
+    vocab_multiple=1 is no change, with the default 128 a named one (the table's shape differs)."""
+    old = {"model": {"n_embd": 64}}
+    assert checkpoint.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 1}}) == []
+    assert checkpoint.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 128}}) == [
+        "model.vocab_multiple: 1 -> 128"]

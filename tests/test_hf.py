@@ -114,3 +114,18 @@ def test_mismatched_tensors_are_named(tmp_path):
     save_file(bad, str(f), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"does not have: transformer.h.0.attn.q_attn.weight"):
         hf.load_pretrained(tmp_path)
+
+
+def test_a_padded_token_table_imports_and_exports_as_hf_shapes(tmp_path):
+    m = _hf_model(SHAPES[0], inv=True, reorder=False)  # vocab 101
+    m.save_pretrained(tmp_path / "hf")
+    tokens = np.random.RandomState(3).randint(0, 101, (2, 29))
+    cfg, policy, _, _ = hf.load_pretrained(tmp_path / "hf")
+    padded = cfg.replace(vocab_multiple=64)
+    gd, params = hf.params_from_hf(hf._read_tensors(tmp_path / "hf"), padded, policy)
+    assert params["wte"]["embedding"].shape == (128, 48) and not np.asarray(params["wte"]["embedding"][101:]).any()
+    ours = np.asarray(model.logits(gd, params, tokens))
+    assert ours.shape == (2, 29, 101) and np.abs(ours - _hf_logits(m, tokens)).max() <= 1e-4
+    hf.save_pretrained(tmp_path / "back", padded, policy, params)
+    m2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    assert m2.config.vocab_size == 101 and np.abs(_hf_logits(m2, tokens) - ours).max() <= 1e-4

@@ -127,3 +127,27 @@ def test_remat_keeps_loss_and_gradients_and_saves_fewer_activations():
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert results["full"][2] < results["dots"][2] < 0.5 * saved0
+
+
+def test_a_padded_token_table_is_the_same_model_and_its_padding_stays_zero():
+    """vocab_multiple only pads the table: same draw for the real rows, zero padding rows whose
+    logits are masked, the same loss, and a zero gradient for the padding (so it stays zero)."""
+    plain = model.GPT2Config(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    padded = plain.replace(vocab_multiple=64)
+    assert padded.padded_vocab_size == 128 and plain.padded_vocab_size == 97
+    pol = precision.policy("fp32")
+    (gd0, p0), (gd1, p1) = model.create(plain, pol, 5), model.create(padded, pol, 5)
+    np.testing.assert_array_equal(p1["wte"]["embedding"][:97], p0["wte"]["embedding"])
+    assert model.count_params(p1, padded) == model.count_params(p0) == model.count_params(p1) - 31 * 64
+    toks = jax.random.randint(jax.random.key(1), (2, 17), 0, 97)
+    full = model.apply(gd1, p1, toks[:, :-1])
+    assert full.shape == (2, 16, 128) and float(full[..., 97:].max()) == float(jnp.finfo(jnp.float32).min)
+    np.testing.assert_allclose(model.logits(gd1, p1, toks[:, :-1]), model.logits(gd0, p0, toks[:, :-1]), atol=1e-5)
+
+    def loss(gd, p):
+        logits = model.apply(gd, p, toks[:, :-1])
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1).mean()
+
+    assert abs(float(loss(gd1, p1)) - float(loss(gd0, p0))) <= 1e-6
+    grad = jax.grad(loss, argnums=1)(gd1, p1)["wte"]["embedding"]
+    assert not np.asarray(grad[97:]).any() and np.asarray(grad[:97]).any()

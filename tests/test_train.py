@@ -153,7 +153,7 @@ def test_indivisible_dims_are_replicated_with_a_note_that_says_how_to_fix_the_vo
     monkeypatch.setattr(sharding, "_NOTED", set())
     mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 4})  # all spec_for reads
     with pytest.warns(UserWarning, match=r"dim 50257 of wte\.embedding is not divisible by mesh\.tensor=4.*"
-                                         r"data\.vocab_size=50432 would divide"):
+                                         r"model\.vocab_multiple=128 pads the token table"):
         assert sharding.spec_for("wte.embedding", (50257, 768), mesh) == P(None, "fsdp")
     with pytest.warns(UserWarning, match=r"dim 6 of h\.0\.attn\.c_attn\.kernel is not divisible by mesh\.tensor=4"):
         assert sharding.spec_for("params.h.0.attn.c_attn.kernel", (64, 3, 6, 16), mesh) == P("fsdp", None, None, None)
