@@ -145,14 +145,15 @@ class Attention(nnx.Module):
             dropout=cfg.attn_pdrop > 0 and keys[0] is not None,
             query_key_layer_scaling=cfg.query_key_layer_scaling,
         )
-        out_BTHK, stats = attn_lib.attention(
-            q_BTHK, k_BTHK, v_BTHK, policy=self.policy, layer_idx=self.layer_idx,
-            inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
-            query_key_layer_scaling=cfg.query_key_layer_scaling,
-            implementation=impl, mask_TS=mask_TS,
-            probs_dropout=_Dropout(cfg.attn_pdrop, keys[0]) if keys[0] is not None else None,
-            collect_stats=collect_stats,
-        )
+        with jax.named_scope("core"):  # QK^T, softmax, PV: the part cuDNN fuses
+            out_BTHK, stats = attn_lib.attention(
+                q_BTHK, k_BTHK, v_BTHK, policy=self.policy, layer_idx=self.layer_idx,
+                inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+                query_key_layer_scaling=cfg.query_key_layer_scaling,
+                implementation=impl, mask_TS=mask_TS,
+                probs_dropout=_Dropout(cfg.attn_pdrop, keys[0]) if keys[0] is not None else None,
+                collect_stats=collect_stats,
+            )
         y = self.c_proj(out_BTHK.reshape(B, T, D))
         return _Dropout(cfg.resid_pdrop, keys[1])(y), stats
 
@@ -178,10 +179,13 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, *, key=None, collect_stats=False, kv=None, mask_TS=None):
         keys = tuple(jax.random.split(key, 3)) if key is not None else (None, None, None)
-        a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
-                             kv=kv, mask_TS=mask_TS)
-        x_BTD = sharding.constrain(x_BTD + a, "residual")
-        x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2]), "residual")
+        # named scopes ("attn", "attn/core", "mlp", ...) label the compiled ops: jaxlm.profiling sums by them
+        with jax.named_scope("attn"):
+            a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
+                                 kv=kv, mask_TS=mask_TS)
+            x_BTD = sharding.constrain(x_BTD + a, "residual")
+        with jax.named_scope("mlp"):
+            x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2]), "residual")
         return x_BTD, stats
 
 
@@ -231,9 +235,10 @@ class GPT2(nnx.Module):
         # The token embedding is also the head: lay it out once for both uses (sharding.ACTIVATIONS).
         wte_VD = sharding.constrain(self.wte.embedding[...], "vocab_table")
         compute = self.policy.compute_dtype
-        x_BTD = sharding.constrain(jnp.take(wte_VD.astype(compute), tokens_BT, axis=0) + self.wpe(positions_BT),
-                                   "residual")
-        x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
+        with jax.named_scope("embed"):
+            x_BTD = sharding.constrain(jnp.take(wte_VD.astype(compute), tokens_BT, axis=0) + self.wpe(positions_BT),
+                                       "residual")
+            x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
         stats = []
         remat_policy = REMAT_POLICIES[cfg.remat]
         remat_block = (nnx.remat(_run_block, policy=remat_policy)
@@ -247,13 +252,14 @@ class GPT2(nnx.Module):
             x_BTD, s = block(x_BTD, key=keys[i], collect_stats=collect_stats, kv=kv, mask_TS=mask)
             if collect_stats:
                 stats.append((_rms(x_BTD), s))
-        x_BTD = self.ln_f(x_BTD)
-        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
-                                      out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
-        logits_BTV = sharding.constrain(logits_BTV, "logits")
-        if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
-            real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-            logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
+        with jax.named_scope("head"):
+            x_BTD = self.ln_f(x_BTD)
+            logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
+                                          out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
+            logits_BTV = sharding.constrain(logits_BTV, "logits")
+            if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
+                real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+                logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
         if not collect_stats:
             return logits_BTV
         return logits_BTV, {

@@ -96,7 +96,8 @@ class Trainer:
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
         with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.ACTIVATIONS)
             logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        with jax.named_scope("loss"):
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return loss * scale, loss
 
     def _grads(self, params, batch, key, scale):
@@ -124,29 +125,31 @@ class Trainer:
         scale = state.loss_scale["scale"]
         key = jax.random.fold_in(state.rng, state.step)
         loss, grads = self._grads(state.params, batch, key, scale)
-        grads = jax.tree.map(lambda g: (g / scale).astype(precision.FP32), grads)
-        finite = precision.all_finite(grads) & jnp.isfinite(loss)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        with jax.named_scope("optimizer"):  # unscaling, the finite check, clipping, AdamW, the skip
+            grads = jax.tree.map(lambda g: (g / scale).astype(precision.FP32), grads)
+            finite = precision.all_finite(grads) & jnp.isfinite(loss)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new = TrainState(
+                step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                rng=state.rng, loss_scale=precision.loss_scale_update(state.loss_scale, finite, self.ls_cfg),
+                nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+            )
         clip = float(self.cfg.optim.clip_norm)
-        new = TrainState(
-            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-            rng=state.rng, loss_scale=precision.loss_scale_update(state.loss_scale, finite, self.ls_cfg),
-            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
-        )
-        metrics = {
-            telemetry.LOSS: loss,
-            telemetry.LR: self.schedule(state.step),
-            telemetry.GRAD_NORM: grad_norm,
-            telemetry.GRAD_NORM_CLIPPED: jnp.minimum(grad_norm, clip) if clip > 0 else grad_norm,
-            telemetry.PARAM_NORM: optax.tree.norm(new.params),
-            telemetry.UPDATE_NORM: jnp.where(finite, optax.tree.norm(updates), 0.0),
-            telemetry.LOSS_SCALE: scale,
-            telemetry.SKIPPED: new.loss_scale["skipped"],
-            "finite": finite,
-        }
+        with jax.named_scope("metrics"):  # the norms
+            metrics = {
+                telemetry.LOSS: loss,
+                telemetry.LR: self.schedule(state.step),
+                telemetry.GRAD_NORM: grad_norm,
+                telemetry.GRAD_NORM_CLIPPED: jnp.minimum(grad_norm, clip) if clip > 0 else grad_norm,
+                telemetry.PARAM_NORM: optax.tree.norm(new.params),
+                telemetry.UPDATE_NORM: jnp.where(finite, optax.tree.norm(updates), 0.0),
+                telemetry.LOSS_SCALE: scale,
+                telemetry.SKIPPED: new.loss_scale["skipped"],
+                "finite": finite,
+            }
         return new, metrics
 
     def _eval_step(self, params, batch):
