@@ -13,7 +13,8 @@ is the training step exactly (``train.Trainer``: the config's attention, remat, 
 ``train.deterministic``, whose XLA flag is set as ``jaxlm.main`` sets it) on one micro-batch of
 --batch_per_device sequences per device; batches are synthetic tokens (the input pipeline has its
 own benchmark: ``python -m jaxlm.data.bench``). Each regime's row is printed, and --out rewritten,
-as soon as it is measured, so a run cut short keeps what it measured.
+as soon as it is measured, so a run cut short keeps what it measured. --profile=DIR also traces
+3 steps per regime and prints where the device time goes, by model part and by op (``jaxlm.profiling``).
 
 When torch and transformers import, the same shape and per-device batch run first, on one device,
 as HF ``GPT2LMHeadModel`` (SDPA attention, AdamW; on CUDA bf16 autocast, fused AdamW and
@@ -28,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import sharding, telemetry, train
+from jaxlm import profiling, sharding, telemetry, train
 from jaxlm.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file.")
@@ -46,6 +48,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also time the PyTorch/HF baseline when importable.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
+_PROFILE = flags.DEFINE_string("profile", None, "Also trace 3 steps per regime into DIR/<regime> (jax.profiler) "
+                                "and print where the device time goes (jaxlm.profiling); DIR/<regime>.txt.")
 _BATCH = flags.DEFINE_integer("batch_per_device", 16, "Sequences per device per step (no accumulation); "
                               "0 = the config's train.micro_batch_size, else train.batch_size.")
 
@@ -70,7 +74,8 @@ def global_batch(cfg, per_device: int) -> int:
     return per_device * jax.device_count() if per_device else cfg.train.micro_batch_size or cfg.train.batch_size
 
 
-def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float, batch_size: int) -> dict:
+def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float, batch_size: int,
+                profile_dir: str | None = None) -> dict:
     cfg = config_lib.with_overrides(cfg, {"precision.regime": regime})
     cfg.train.batch_size, cfg.train.micro_batch_size = batch_size, 0
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
@@ -96,6 +101,13 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
     step_s = statistics.median(times)
     tps = batch_size * cfg.train.seq_len / step_s
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, peak_override)
+    profile = None
+    if profile_dir:
+        summary, state = profiling.profile_step(compiled, state, batch, steps=3, trace_dir=Path(profile_dir) / regime)
+        text = f"{regime}: " + profiling.report(summary, step_s * 1e3)
+        print(text, flush=True)
+        (Path(profile_dir) / f"{regime}.txt").write_text(text + "\n")
+        profile = {"busy_ms": summary["busy_ms"], "parts": summary["parts"], "top_ops": summary["ops"][:20]}
     return {
         "regime": regime, "params": trainer.n_params, "batch": batch_size, "seq_len": cfg.train.seq_len,
         "attention": trainer.attention, "remat": cfg.model.remat,
@@ -103,19 +115,19 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
         "tflops_per_device": tps * trainer.flops_per_token / jax.device_count() / 1e12,
         "mfu": telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak),
         "step_memory_gib": step_memory, "peak_memory_gib": telemetry.device_memory_gib(),
-        "final_loss": float(m[telemetry.LOSS]),
+        "final_loss": float(m[telemetry.LOSS]), "profile": profile,
     }
 
 
 def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int,
-                 on_result=None) -> list[dict]:
+                 on_result=None, profile_dir: str | None = None) -> list[dict]:
     """time_regime for each regime; one that runs out of device memory is reported, not fatal.
     `on_result(results)` is called after each regime (the table row and the JSON are written as
     they come, so a run cut short keeps what it measured)."""
     results = []
     for regime in regimes:
         try:
-            results.append(time_regime(cfg, regime, steps, warmup, peak_override, batch_size))
+            results.append(time_regime(cfg, regime, steps, warmup, peak_override, batch_size, profile_dir))
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -281,7 +293,7 @@ def main(argv):
                 json.dump(telemetry.jsonable(out), f, indent=2)
             os.replace(tmp, _OUT.value)
 
-    time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch, on_result)
+    time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch, on_result, _PROFILE.value)
     if baseline:
         print(_baseline_row(baseline))
 
