@@ -103,7 +103,7 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, peak_override)
     profile = None
     if profile_dir:
-        summary, state = profiling.profile_step(compiled, state, batch, steps=3, trace_dir=Path(profile_dir) / regime)
+        summary = profiling.profile_step(compiled, state, batch, steps=3, trace_dir=Path(profile_dir) / regime)
         text = f"{regime}: " + profiling.report(summary, step_s * 1e3)
         print(text, flush=True)
         (Path(profile_dir) / f"{regime}.txt").write_text(text + "\n")

@@ -21,6 +21,7 @@ last N plus every M-th; always the newest.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 import warnings
@@ -31,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from jaxlm import model as model_lib
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
@@ -41,8 +43,7 @@ NEUTRAL_FIELDS = (
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "train.deterministic",
 )
-# Fields added after checkpoints were first written, with the value that older configs meant.
-ADDED_FIELDS = {"model.vocab_multiple": 1}
+
 
 
 def on_schedule(step: int, stages, total_steps: int) -> bool:
@@ -83,11 +84,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every result-changing field that differs."""
     a, b = _flatten(saved), _flatten(current)
+    # A model field a saved config lacks (it was added later) meant GPT2Config's default then, which
+    # is what config.model_config builds from that config today.
+    implied = {f"model.{f.name}": f.default for f in dataclasses.fields(model_lib.GPT2Config)}
     diffs = []
     for k in sorted(set(a) | set(b)):
         if k.startswith(NEUTRAL_FIELDS):
             continue
-        va, vb = a.get(k, ADDED_FIELDS.get(k, "<absent>")), b.get(k, ADDED_FIELDS.get(k, "<absent>"))
+        absent = implied.get(k, "<absent>")
+        va, vb = a.get(k, absent), b.get(k, absent)
         if _norm(va) != _norm(vb):
             diffs.append(f"{k}: {va!r} -> {vb!r}")
     return diffs

@@ -1,6 +1,6 @@
 """Where a compiled step's device time goes: a JAX profiler trace, summed by model part and by op.
 
-    summary = profiling.profile_step(compiled, state, batch, steps=3, trace_dir="prof/bf16")
+    summary = profiling.profile_step(compiled, state, batch, steps=3, trace_dir="prof/bf16")  # consumes state
     print(profiling.report(summary))
 
 ``jax.profiler.trace`` writes a Chrome-format ``*.trace.json.gz`` next to its xplane. Every op the
@@ -100,16 +100,16 @@ def summarize(trace_dir, hlo_text: str, steps: int) -> dict:
             "ops": sorted(ops, key=lambda o: -o["ms"])}
 
 
-def profile_step(compiled, state, batch, *, steps: int, trace_dir) -> tuple[dict, object]:
-    """Traces `steps` calls of a compiled train step (after one untraced call); returns the
-    summary and the final state (the step donates its input state)."""
+def profile_step(compiled, state, batch, *, steps: int, trace_dir) -> dict:
+    """Traces `steps` calls of a compiled train step (after one untraced call); returns the summary.
+    The step donates its input state: `state` is consumed."""
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     with jax.profiler.trace(str(trace_dir)):
         for _ in range(steps):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
-    return summarize(trace_dir, compiled.as_text(), steps), state
+    return summarize(trace_dir, compiled.as_text(), steps)
 
 
 def report(summary: dict, step_ms: float | None = None, top: int = 15) -> str:
