@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import model as model_lib
+from jaxlm import naming
 from jaxlm import precision
 from jaxlm.errors import CheckpointError
 
@@ -66,12 +67,6 @@ def hf_shape(ours: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if ours.endswith(_FLAT_OUTPUT):
         return (shape[0], int(np.prod(shape[1:]))) if ours.endswith("kernel") else (int(np.prod(shape)),)
     return tuple(shape)
-
-
-def _flat(params) -> dict[str, Any]:
-    """{'h.0.attn.c_attn.kernel': array, ...} of a params dict."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {model_lib.param_name(path): v for path, v in leaves}
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -170,7 +165,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
                    source: str = "checkpoint"):
     """(graphdef, params) of jaxlm from HF tensors; fails naming any missing/unknown/mis-shaped tensor."""
     graphdef, abstract = model_lib.abstract(cfg, policy)
-    want = _flat(abstract)
+    want = naming.flat(abstract)
     ours_by_hf = {v: k for k, v in name_map(cfg.n_layer).items()}
     found: dict[str, np.ndarray] = {}
     unknown = []
@@ -204,7 +199,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
         raise CheckpointError(f"{source}: missing tensors: {', '.join(missing[:10])}")
 
     def fill(path, leaf):
-        return jnp.asarray(found[model_lib.param_name(path)], dtype=leaf.dtype)
+        return jnp.asarray(found[naming.param_name(path)], dtype=leaf.dtype)
 
     return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
 
@@ -229,7 +224,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, polic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flat = _flat(params)
+    flat = naming.flat(params)
     tensors = {}
     for ours, hf_name in name_map(cfg.n_layer).items():
         arr = np.asarray(jax.device_get(flat[ours]), np.float32)

@@ -327,11 +327,6 @@ def apply(graphdef, params, tokens_BT, **kwargs):
     return nnx.merge(graphdef, params)(tokens_BT, **kwargs)
 
 
-def param_name(path) -> str:
-    """'h.0.attn.c_attn.kernel' for a pytree key path into params (or into anything holding them)."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def count_params(params, cfg: GPT2Config | None = None) -> int:
     """Parameters of `params`; given its config, without the token table's padding rows."""
     padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd if cfg is not None else 0

@@ -12,7 +12,7 @@ import jax
 import optax
 
 from jaxlm.errors import ConfigError
-from jaxlm.model import param_name
+from jaxlm.naming import param_name
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm import model as model_lib  # a module import: model imports this module too (constrain)
+from jaxlm import naming
 from jaxlm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
@@ -149,7 +149,7 @@ def param_shardings(params, mesh: Mesh):
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-        return NamedSharding(mesh, spec_for(model_lib.param_name(path), shape, mesh))
+        return NamedSharding(mesh, spec_for(naming.param_name(path), shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -159,7 +159,7 @@ def state_shardings(abstract_state, mesh: Mesh):
     names end like the parameter's), every scalar and everything else replicated."""
 
     def one(path, leaf):
-        name = model_lib.param_name(path)
+        name = naming.param_name(path)
         shape = tuple(leaf.shape)
         if shape and name.startswith(("params.", "opt_state.")):
             return NamedSharding(mesh, spec_for(name, shape, mesh))
