@@ -6,11 +6,13 @@ checkpoints on Mistral's dense early schedule.
 """
 
 from configs import base
+from jaxlm.model import SIZES
 
 
-def recipe(size: dict, lr: float):
+def recipe(size: str, lr: float):
+    """Mistral's recipe for GPT-2 `size` (a key of jaxlm.model.SIZES) at peak learning rate `lr`."""
     c = base.get_config()
-    c.model.update(size)
+    c.model.update(SIZES[size])
     c.model.n_positions = 1024
     c.data.vocab_size = 50257  # GPT-2's vocabulary size, so parameter counts match the paper's
     c.data.source = "tfds:c4/en:train"  # set your corpus: --config.data.source=...

@@ -1,35 +1,26 @@
 """The config schema: every key jaxlm knows, with its default. Other configs start from this.
 
+The model section is ``jaxlm.model.GPT2Config``'s fields and defaults, so the two cannot disagree.
+
 Values only; ``jaxlm/config.py`` validates them (unknown keys, wrong types, impossible
 combinations) before anything is compiled. Override any key from the command line with
 ``--config.section.key=value``.
 """
 
+import dataclasses
+
 import ml_collections
+
+from jaxlm.model import GPT2Config
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # --- model: GPT-2 shape (names as Hugging Face's GPT2Config) --------------------------
-    c.model = ml_collections.ConfigDict()
+    # --- model: GPT-2 shape and behaviour; every field and default is jaxlm.model.GPT2Config's
+    # (names as Hugging Face's GPT2Config; see its comments) ------------------------------------
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(GPT2Config()))
     c.model.vocab_size = 0  # 0 = the tokenizer's vocabulary size
-    c.model.n_positions = 1024
-    c.model.n_embd = 768
-    c.model.n_layer = 12
-    c.model.n_head = 12
-    c.model.embd_pdrop = 0.1
-    c.model.attn_pdrop = 0.1
-    c.model.resid_pdrop = 0.1
-    c.model.layer_norm_epsilon = 1e-5
-    c.model.initializer_range = 0.02
-    c.model.scale_attn_by_inverse_layer_idx = False  # HF/Mistral: changes the function
-    c.model.query_key_layer_scaling = False  # Megatron: function-preserving overflow guard
-    c.model.attention_impl = "auto"  # auto | reference | cudnn
-    c.model.remat = "none"  # none | dots | full: activation recomputation (memory for compute)
-    # Token-table rows rounded up to a multiple of this; the padding is zero and masked, so the model's
-    # function is unchanged. 128: GPT-2's 50257 becomes 50304, +14% tokens/s on an H100 (PERFORMANCE.md).
-    c.model.vocab_multiple = 128
 
     # --- precision: a regime preset; explicit dtypes ('' = the regime's) win --------------
     c.precision = ml_collections.ConfigDict()
@@ -74,7 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # '' = WORKDIR/data; a shared directory is fine
     c.data.max_docs = 0  # 0 = all documents (a cap for quick experiments)
     c.data.prefetch = 2  # batches buffered ahead by the loader
-    c.data.workers = 0  # grain worker processes (0 = in the main process)
 
     # --- optim ---------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()

@@ -4,4 +4,4 @@ from configs import _gpt2
 
 
 def get_config():
-    return _gpt2.recipe(dict(n_embd=1280, n_layer=36, n_head=20), lr=2.5e-4)
+    return _gpt2.recipe("large", lr=2.5e-4)

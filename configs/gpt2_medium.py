@@ -4,4 +4,4 @@ from configs import _gpt2
 
 
 def get_config():
-    return _gpt2.recipe(dict(n_embd=1024, n_layer=24, n_head=16), lr=1.5e-4)
+    return _gpt2.recipe("medium", lr=1.5e-4)

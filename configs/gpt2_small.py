@@ -4,4 +4,4 @@ from configs import _gpt2
 
 
 def get_config():
-    return _gpt2.recipe(dict(n_embd=768, n_layer=12, n_head=12), lr=6e-4)
+    return _gpt2.recipe("small", lr=6e-4)

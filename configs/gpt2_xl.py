@@ -4,4 +4,4 @@ from configs import _gpt2
 
 
 def get_config():
-    return _gpt2.recipe(dict(n_embd=1600, n_layer=48, n_head=25), lr=2.0e-4)
+    return _gpt2.recipe("xl", lr=2.0e-4)

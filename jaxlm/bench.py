@@ -34,24 +34,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from jaxlm import cli, profiling, sharding, telemetry, train
 from jaxlm import config as config_lib
-from jaxlm import profiling, sharding, telemetry, train
-from jaxlm.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file.")
-_REGIMES = flags.DEFINE_list("regimes", ["bf16", "fp16_upcast", "fp16", "fp32"], "Precision regimes to time.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per regime.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-_BASELINE = flags.DEFINE_bool("baseline", True, "Also time the PyTorch/HF baseline when importable.")
-_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
-_PROFILE = flags.DEFINE_string("profile", None, "Also trace 3 steps per regime into DIR/<regime> (jax.profiler) "
-                                "and print where the device time goes (jaxlm.profiling); DIR/<regime>.txt.")
-_BATCH = flags.DEFINE_integer("batch_per_device", 16, "Sequences per device per step (no accumulation); "
-                              "0 = the config's train.micro_batch_size, else train.batch_size.")
+def define_flags():
+    cli.define_config("config", "A config file, e.g. configs/gpt2_small.py.")
+    flags.DEFINE_list("regimes", ["bf16", "fp16_upcast", "fp16", "fp32"], "Precision regimes to time.")
+    flags.DEFINE_integer("steps", 20, "Timed steps per regime.")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_string("out", None, "Write the results as JSON here.")
+    flags.DEFINE_bool("baseline", True, "Also time the PyTorch/HF baseline when importable.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
+    flags.DEFINE_string("profile", None, "Also trace 3 steps per regime into DIR/<regime> (jax.profiler) "
+                        "and print where the device time goes (jaxlm.profiling); DIR/<regime>.txt.")
+    flags.DEFINE_integer("batch_per_device", 16, "Sequences per device per step (no accumulation); "
+                         "0 = the config's train.micro_batch_size, else train.batch_size.")
 
 
 def matmul_ceiling_tflops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 10) -> float:
@@ -204,7 +203,7 @@ def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    del model, opt, forward
+    model = opt = forward = None  # freed before JAX starts
     if cuda:  # hand the memory back before JAX starts: JAX takes 75% of the GPU when its backend starts
         gc.collect()
         torch.cuda.empty_cache()
@@ -256,26 +255,22 @@ def _baseline_row(baseline: dict) -> str:
 
 
 def main(argv):
-    del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    cfg = _CONFIG.value
-    try:
-        config_lib.validate(cfg)
-        for regime in _REGIMES.value:  # a typo fails now, not after the first regimes ran
-            config_lib.policy(config_lib.with_overrides(cfg, {"precision.regime": regime}))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    F = cli.FLAGS
+    cli.require(config=F.config)
+    cfg = F.config
+    config_lib.validate(cfg)
+    for regime in F.regimes:  # a typo fails now, not after the first regimes ran
+        config_lib.policy(config_lib.with_overrides(cfg, {"precision.regime": regime}))
     xla_flags = config_lib.set_xla_flags(cfg)  # before the backend starts, as jaxlm.main does
     # The baseline runs first, on one device: JAX preallocates most of the GPU when its backend
     # starts, which would leave torch a quarter of it.
     baseline = None
-    if _BASELINE.value:
-        baseline = torch_baseline(cfg, _STEPS.value, _WARMUP.value, _BATCH.value or global_batch(cfg, 0))
+    if F.baseline:
+        baseline = torch_baseline(cfg, F.steps, F.warmup, F.batch_per_device or global_batch(cfg, 0))
     if baseline:
         print(f"  {baseline['regime']} (HF baseline, one device): {baseline['tokens_per_s']:,.0f} tokens/s", flush=True)
     dev = jax.devices()[0]
-    batch = global_batch(cfg, _BATCH.value)
+    batch = global_batch(cfg, F.batch_per_device)
     ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
     print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
     print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
@@ -284,19 +279,19 @@ def main(argv):
 
     def on_result(results):  # the table's rows and the JSON as they come: a run cut short keeps them
         print(_row(results[-1], baseline, ceiling, jax.device_count()), flush=True)
-        if _OUT.value:
+        if F.out:
             out = {"environment": telemetry.environment(), "matmul_ceiling_tflops": ceiling,
                    "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
                    "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
-            tmp = _OUT.value + ".tmp"
+            tmp = F.out + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(telemetry.jsonable(out), f, indent=2)
-            os.replace(tmp, _OUT.value)
+            os.replace(tmp, F.out)
 
-    time_regimes(cfg, _REGIMES.value, _STEPS.value, _WARMUP.value, _PEAK.value, batch, on_result, _PROFILE.value)
+    time_regimes(cfg, F.regimes, F.steps, F.warmup, F.peak_tflops, batch, on_result, F.profile)
     if baseline:
         print(_baseline_row(baseline))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

@@ -21,7 +21,7 @@ last N plus every M-th; always the newest.
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import signal
 import time
 import warnings
@@ -29,22 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from jaxlm import model as model_lib
+from jaxlm import config as config_lib
+from jaxlm import telemetry
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
-
-# Config fields that never change a run's results; everything else must match on resume.
-NEUTRAL_FIELDS = (
-    "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
-    "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
-    "model.attention_impl", "model.remat", "train.deterministic",
-)
-
-
 
 def on_schedule(step: int, stages, total_steps: int) -> bool:
     """Whether `step` is a scheduled checkpoint (step 0, the final step, or the stage rule)."""
@@ -64,44 +57,9 @@ def schedule(stages, total_steps: int) -> list[int]:
 
 def state_signature(abstract_state) -> str:
     """A hash of the train state's leaf paths, shapes and dtypes: equal signatures restore into each other."""
-    import hashlib
-
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     text = "\n".join(f"{jax.tree_util.keystr(p)} {tuple(x.shape)} {x.dtype}" for p, x in leaves)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'field: saved -> current' for every result-changing field that differs."""
-    a, b = _flatten(saved), _flatten(current)
-    # A model field a saved config lacks (it was added later) meant GPT2Config's default then, which
-    # is what config.model_config builds from that config today.
-    implied = {f"model.{f.name}": f.default for f in dataclasses.fields(model_lib.GPT2Config)}
-    diffs = []
-    for k in sorted(set(a) | set(b)):
-        if k.startswith(NEUTRAL_FIELDS):
-            continue
-        absent = implied.get(k, "<absent>")
-        va, vb = a.get(k, absent), b.get(k, absent)
-        if _norm(va) != _norm(vb):
-            diffs.append(f"{k}: {va!r} -> {vb!r}")
-    return diffs
-
-
-def _norm(v):
-    if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
-    return v
 
 
 class Checkpointer:
@@ -182,7 +140,7 @@ class Checkpointer:
                 continue
             diffs = []
             if current_config is not None:
-                diffs = config_differences(meta.get("config", {}), current_config)
+                diffs = config_lib.config_differences(meta.get("config", {}), current_config)
                 if diffs and not allow_config_change:
                     raise CheckpointError(
                         f"{self.directory}: the config differs from the one this run was started with, in ways "
@@ -190,7 +148,7 @@ class Checkpointer:
                         "\nUse a new --workdir, revert these fields, or pass "
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
             if meta.get("state_signature") not in (None, self.signature):
-                raise CheckpointError(_other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
+                raise CheckpointError(other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
             try:
                 return self.restore(step)
             except Exception as e:  # same structure, yet unreadable: corrupt
@@ -237,12 +195,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def _other_layout(path, meta: dict, diffs: list[str]) -> str:
+def other_layout(path, meta: dict, diffs: list[str]) -> str:
     """Why a checkpoint whose train state has other shapes cannot be restored, and what to do."""
-    from jaxlm import config as config_lib
-    from jaxlm import telemetry
-
-    written, this = meta.get("jaxlm_commit", "unknown"), telemetry.git_commit(config_lib.REPO_ROOT)
+    written, this = meta.get("jaxlm_commit", "unknown"), telemetry.git_commit(config_lib.SOURCE_ROOT)
     why = [f"config differences: {'; '.join(diffs)}"] if diffs else []
     if written != this or written.endswith("+dirty"):  # +dirty: uncommitted changes, so maybe another layout
         why.append(f"it was written by jaxlm {written}, this is {this}: if the parameter layout changed between "
@@ -254,8 +209,6 @@ def _other_layout(path, meta: dict, diffs: list[str]) -> str:
 
 def _reader(workdir) -> "Checkpointer":
     """A read-only Checkpointer of a run directory, for its steps and metadata (no config needed)."""
-    import ml_collections
-
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
@@ -273,41 +226,10 @@ def saved_steps(workdir) -> list[int]:
         reader.manager.close()
 
 
-def load_run(workdir, step: int | None = None, mesh=None):
-    """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
-    devices, one data-parallel axis), whatever mesh or process count wrote it.
-
-    Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
-    """
-    import ml_collections
-
-    from jaxlm import sharding as sharding_lib
-    from jaxlm import train
-
+def read_meta(workdir, step: int) -> dict:
+    """The ``meta`` item (config, commit, versions, state signature) of one checkpoint, read-only."""
     reader = _reader(workdir)
     try:
-        steps = reader.steps()
-        if not steps:
-            raise CheckpointError(f"{reader.directory}: no complete checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointError(f"{reader.directory}: no checkpoint for step {step}; available: {steps}")
-        meta = reader.read_meta(step)
+        return reader.read_meta(step)
     finally:
         reader.manager.close()
-    cfg = ml_collections.ConfigDict(meta["config"])
-    cfg.checkpoint.async_save = False
-    if mesh is None:
-        cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})
-        mesh = sharding_lib.make_mesh(cfg.mesh)
-    trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
-    ckpt = Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
-    if meta.get("state_signature") not in (None, ckpt.signature):
-        ckpt.manager.close()
-        raise CheckpointError(_other_layout(reader.directory / str(step), meta, []))
-    try:
-        state, _, meta, step = ckpt.restore(step)
-    finally:
-        ckpt.manager.close()
-    return cfg, trainer, state, meta, step

@@ -1,46 +1,76 @@
-"""Validating and interpreting configs (the values live in ``configs/``; the schema is ``configs/base.py``).
+"""Configs: loading, overriding and validating them (the values live in ``configs/``; the schema,
+every key with its default, is ``configs/base.py``).
 
-Everything here runs before JAX compiles anything, so a typo costs a second, not a queue slot.
-Each error names the field, what was found, and what would fix it.
+Configs are ``ml_collections.ConfigDict``s used as designed: locked (an unknown key is an error that
+suggests the nearest known one) and typed (a value of the wrong type is refused when it is set).
+``validate`` adds what types cannot say (ranges, combinations) and runs before JAX compiles
+anything, so a typo costs a second, not a queue slot. Each error names the field, what was found,
+and what would fix it.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-import sys
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+import configs
+from configs import base
 from jaxlm import model as model_lib
-from jaxlm import precision
+from jaxlm import precision, sharding
 from jaxlm.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The jaxlm source tree (its git commit is recorded with every run).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+# Where `configs/NAME.py` is found when it is not a path from the working directory.
+CONFIGS_DIR = Path(configs.__file__).resolve().parent
+
+# Config fields that never change a run's results; everything else must match on resume.
+NEUTRAL_FIELDS = (
+    "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
+    "train.stop_on_nonfinite", "data.prefetch", "data.cache_dir", "data.tfds_data_dir",
+    "model.attention_impl", "model.remat", "train.deterministic",
+)
+# What a field meant in configs saved before it existed, where that differs from its default.
+# Any other field absent from a saved config reads as its default (a new field's default must
+# reproduce the behaviour from before it existed, or be listed here).
+ABSENT_MEANS: dict[str, Any] = {
+    "model.vocab_multiple": 1,  # token tables were not padded
+}
 
 
-def _schema() -> ml_collections.ConfigDict:
-    if str(REPO_ROOT) not in sys.path:  # configs/ is importable from a source checkout anywhere
-        sys.path.insert(0, str(REPO_ROOT))
-    from configs import base
-
+def schema() -> ml_collections.ConfigDict:
+    """Every key jaxlm knows, with its default (``configs/base.py``), unlocked."""
     return base.get_config()
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """Loads a config file's get_config() and applies dotted overrides {'train.steps': 5}; validated."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"--config: no such file {path}")
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A config file: `path` itself, else the same relative path under the installed ``configs/``
+    (so ``--config=configs/tiny.py`` works from any directory)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and p.parts and p.parts[0] == CONFIGS_DIR.name:
+        packaged = CONFIGS_DIR.joinpath(*p.parts[1:])
+        if packaged.is_file():
+            return packaged
+    known = ", ".join(sorted(f"configs/{f.name}" for f in CONFIGS_DIR.glob("[!_]*.py")))
+    raise ConfigError(f"--config={path}: no such file (the packaged configs are {known})")
+
+
+def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()``, locked, with dotted overrides {'train.steps': 5}; validated."""
+    path = resolve_path(path)
     spec = importlib.util.spec_from_file_location(f"_jaxlm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
+    cfg.lock()
     for key, value in (overrides or {}).items():
         set_by_path(cfg, key, value)
     validate(cfg)
@@ -50,6 +80,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> ml_collec
 def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     """A validated copy of `cfg` with dotted overrides applied; `cfg` is untouched."""
     new = cfg.copy_and_resolve_references()
+    new.lock()
     for key, value in overrides.items():
         set_by_path(new, key, value)
     validate(new)
@@ -57,16 +88,39 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) ->
 
 
 def set_by_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """``cfg.<dotted> = value``, with ml_collections' key and type checks as ConfigErrors."""
     *parents, leaf = dotted.split(".")
     node = cfg
-    for p in parents:
-        if p not in node:
-            raise ConfigError(f"config.{dotted}: unknown section {p!r}{_did_you_mean(p, node.keys())}")
-        node = node[p]
-    if leaf not in node:
-        raise ConfigError(f"config.{dotted}: unknown key{_did_you_mean(leaf, node.keys())}")
-    with node.ignore_type():
-        node[leaf] = value
+    try:
+        for p in parents:
+            node = getattr(node, p)
+        if leaf not in node:  # a locked ConfigDict refuses it too; this names the whole path
+            raise AttributeError(f"unknown key{_did_you_mean(leaf, node.keys())}")
+        setattr(node, leaf, value)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"config.{dotted}={value!r}: {one_line(e)}") from None
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """The config a run saved (``config.to_dict``), over today's schema: fields it lacks read as
+    ``ABSENT_MEANS`` or their default; fields the schema no longer has are dropped."""
+    cfg = schema()
+    current = _flatten(cfg.to_dict())
+    values = {**{k: v for k, v in ABSENT_MEANS.items() if k in current}, **_flatten(saved)}
+    with cfg.ignore_type():  # JSON gives lists for tuples and ints for whole floats
+        for key, value in values.items():
+            if key in current:
+                *parents, leaf = key.split(".")
+                node = cfg
+                for p in parents:
+                    node = node[p]
+                node[leaf] = tuple(_tuples(value)) if isinstance(current[key], list) else value
+    cfg.lock()
+    return cfg
+
+
+def _tuples(v):
+    return [tuple(_tuples(x)) if isinstance(x, (list, tuple)) else x for x in v]
 
 
 def _did_you_mean(name, options) -> str:
@@ -74,30 +128,55 @@ def _did_you_mean(name, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(options))}"
 
 
-def _check_schema(cfg, schema, prefix=""):
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (ml_collections' messages are quoted, multi-line)."""
+    text = str(e.args[0]) if len(e.args) == 1 else str(e)
+    return " ".join(text.strip("'\"").replace("\\n", " ").split())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = _lists(v)
+    return out
+
+
+def _lists(v):
+    return [_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every result-changing field of `current` that differs from
+    `saved` (a field `saved` lacks reads as ``ABSENT_MEANS`` or today's default)."""
+    a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(schema().to_dict())
+    diffs = []
+    for k in sorted(b):
+        if k.startswith(NEUTRAL_FIELDS):
+            continue
+        va = a.get(k, ABSENT_MEANS.get(k, defaults.get(k, "<absent>")))
+        if va != b[k]:
+            diffs.append(f"{k}: {va!r} -> {b[k]!r}")
+    return diffs
+
+
+def _check_keys(cfg, schema_cfg, prefix=""):
+    """Unknown keys of a config not built from the schema (locked configs cannot have any)."""
     for key in cfg.keys():
-        field = f"{prefix}{key}"
-        if key not in schema:
-            raise ConfigError(f"config.{field}: unknown key{_did_you_mean(key, schema.keys())}")
-        value, want = cfg[key], schema[key]
-        if isinstance(want, ml_collections.ConfigDict):
-            if not isinstance(value, ml_collections.ConfigDict):
-                raise ConfigError(f"config.{field}: must be a section, got {value!r}")
-            _check_schema(value, want, field + ".")
-        elif isinstance(want, bool) != isinstance(value, bool) or (
-            isinstance(want, (int, float)) and not isinstance(value, (int, float))
-        ) or (isinstance(want, str) and not isinstance(value, str)):
-            raise ConfigError(
-                f"config.{field}: expected {type(want).__name__} (like the default {want!r}), got {value!r}"
-            )
-        elif isinstance(want, int) and not isinstance(want, bool) and isinstance(value, float):
-            if not float(value).is_integer():
-                raise ConfigError(f"config.{field}: expected an integer, got {value!r}")
+        if key not in schema_cfg:
+            raise ConfigError(f"config.{prefix}{key}: unknown key{_did_you_mean(key, schema_cfg.keys())}")
+        if isinstance(schema_cfg[key], ml_collections.ConfigDict):
+            if not isinstance(cfg[key], ml_collections.ConfigDict):
+                raise ConfigError(f"config.{prefix}{key}: must be a section, got {cfg[key]!r}")
+            _check_keys(cfg[key], schema_cfg[key], f"{prefix}{key}.")
 
 
 def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, vocab_size: int | None = None) -> None:
     """Raises ConfigError naming the field for anything that cannot work; warns for what is risky."""
-    _check_schema(cfg, _schema())
+    _check_keys(cfg, schema())
     model_config(cfg, vocab_size=vocab_size or cfg.model.vocab_size or cfg.data.vocab_size)
     pol = policy(cfg)
     t = cfg.train
@@ -113,16 +192,17 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}"
         )
-    for k in ("data", "fsdp", "tensor"):
+    for k in sharding.AXES:
         v = cfg.mesh[k]
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{k}: a positive size or -1 (the rest), got {v}")
-    if sum(cfg.mesh[k] == -1 for k in ("data", "fsdp", "tensor")) > 1:
-        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+    if sum(cfg.mesh[k] == -1 for k in sharding.AXES) > 1:
+        raise ConfigError(f"mesh: at most one of {'/'.join(sharding.AXES)} may be -1")
     if cfg.optim.schedule not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optim.schedule: unknown {cfg.optim.schedule!r}; allowed: linear, cosine, constant")
     if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
+    _check_stages(cfg.checkpoint.stages)
     if cfg.log.wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"log.wandb_mode: unknown {cfg.log.wandb_mode!r}; allowed: disabled, offline, online")
     if cfg.log.every <= 0:
@@ -137,6 +217,20 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
             "bf16 is the TPU-native regime (run it anyway for the ablation if that is the point)",
             stacklevel=2,
         )
+
+
+def _check_stages(stages) -> None:
+    """checkpoint.stages: (every, until) pairs of positive integers, `until` increasing."""
+    example = "e.g. ((10, 100), (50, 2000)): every 10 steps until 100, then every 50 until 2000"
+    prev = 0
+    for stage in stages:
+        if (not isinstance(stage, (tuple, list)) or len(stage) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in stage)):
+            raise ConfigError(f"checkpoint.stages={tuple(stages)!r}: each stage is (every, until), two positive "
+                              f"integers; {example}")
+        if stage[1] <= prev:
+            raise ConfigError(f"checkpoint.stages={tuple(stages)!r}: the stages' `until` must increase; {example}")
+        prev = stage[1]
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int | None = None) -> model_lib.GPT2Config:
@@ -161,8 +255,6 @@ def set_xla_flags(cfg: ml_collections.ConfigDict) -> str:
     """Puts the XLA flags the config asks for into $XLA_FLAGS; returns them. Call it before JAX's
     backend starts (XLA reads the variable once, at its first use): train.deterministic adds
     --xla_gpu_deterministic_ops=true (no atomics in GPU reductions and scatters)."""
-    import os
-
     flags = os.environ.get("XLA_FLAGS", "")
     if cfg.train.deterministic and "xla_gpu_deterministic_ops" not in flags:
         flags = (flags + " --xla_gpu_deterministic_ops=true").strip()
@@ -173,3 +265,4 @@ def set_xla_flags(cfg: ml_collections.ConfigDict) -> str:
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
     """A JSON-able plain dict of the resolved config (tuples become lists)."""
     return cfg.to_dict()
+

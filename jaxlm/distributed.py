@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jax
 
+from jaxlm.errors import ConfigError
+
 
 def _env_int(name):
     v = os.environ.get(name)
@@ -42,7 +44,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     process_id = process_id if process_id is not None else _env_int("JAXLM_PROCESS_ID")
     if coordinator_address:
         if num_processes is None or process_id is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id too "
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id too "
                              "(or JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID)")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids)
@@ -57,8 +59,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def process_log(workdir) -> Path:
     """Every process appends its own log file, WORKDIR/logs/process-<i>.log (absl and Python logging)."""
     path = Path(workdir) / "logs" / f"process-{jax.process_index()}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot write {path} ({e.strerror}); give a writable directory") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()

@@ -11,16 +11,18 @@ per token). ``temperature=0`` is greedy. Prompt plus new tokens must fit in ``n_
 from __future__ import annotations
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxlm import attention as attn_lib
+from jaxlm import cli
 from jaxlm import model as model_lib
-from jaxlm.errors import CheckpointError, ConfigError
+from jaxlm import run as run_lib
+from jaxlm.data import tokenizer as tok_lib
+from jaxlm.errors import ConfigError
 
 
 @jax.tree_util.register_pytree_node_class
@@ -126,8 +128,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
     return out
 
 
-def _define_flags():
-    """CLI flags, defined only when run as a program (the module is a library too)."""
+def define_flags():
     flags.DEFINE_string("workdir", None, "The run directory.")
     flags.DEFINE_string("prompt", None, "Text to continue.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -139,24 +140,15 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
-    F = flags.FLAGS
-    if not F.workdir or F.prompt is None:
-        raise app.UsageError("--workdir and --prompt are required")
-    from jaxlm import checkpoint
-    from jaxlm.data import tokenizer as tok_lib
-
-    try:
-        _, trainer, state, meta, step = checkpoint.load_run(F.workdir, F.step)
-        tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
-        ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
-                       F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
-                       seed=F.seed, eos_id=tok.eos_id)
-    except (CheckpointError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+    F = cli.FLAGS
+    cli.require(workdir=F.workdir, prompt=F.prompt)
+    _, trainer, state, meta, step = run_lib.load_run(F.workdir, F.step)
+    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
+                   F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
+                   seed=F.seed, eos_id=tok.eos_id)
     print(F.prompt + tok.decode(i for i in ids if i != tok.eos_id))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    cli.run(main, define_flags)

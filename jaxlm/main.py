@@ -1,46 +1,40 @@
-"""Entry point: flags -> config -> (distributed init) -> run.
+"""Train (or resume) a run: flags -> config -> (distributed init) -> run.
 
     python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=100]
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+import jax
+from absl import flags
+from absl import logging as absl_logging
 
-from jaxlm import config as config_lib  # also puts the repo root on sys.path for configs/
-from jaxlm.errors import CheckpointError, ConfigError, DataError
+from jaxlm import cli, distributed
+from jaxlm import config as config_lib
+from jaxlm import run as run_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/gpt2_small.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: metrics, checkpoints, data cache.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "Multi-process: HOST:PORT of process 0 (automatic on TPU VMs and SLURM).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+
+def define_flags():
+    cli.define_config("config", "A config file, e.g. configs/gpt2_small.py (found from any directory).")
+    flags.DEFINE_string("workdir", None, "Run directory: metrics, checkpoints, data cache.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-process: HOST:PORT of process 0 (automatic on TPU VMs and SLURM).")
+    flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes in all.")
+    flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def main(argv):
-    del argv
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required, e.g. "
-                             "python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny")
-    import logging
+    F = cli.FLAGS
+    cli.require(config=F.config, workdir=F.workdir)
+    cfg = F.config
+    config_lib.validate(cfg)  # before anything starts or is written
+    config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)
 
-    config_lib.set_xla_flags(_CONFIG.value)  # before the backend starts
-
-    import jax
-
-    from jaxlm import distributed, train
-
-    try:
-        how = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    log_file = distributed.process_log(_WORKDIR.value)
-    from absl import logging as absl_logging
-
+    how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    log_file = distributed.process_log(F.workdir)
     absl_logging.set_verbosity(absl_logging.INFO)  # INFO reaches the per-process log file ...
     absl_logging.get_absl_handler().setLevel(logging.WARNING)  # ... the console shows warnings and up
     logger = logging.getLogger("jaxlm")
@@ -54,11 +48,8 @@ def main(argv):
             print(text, flush=True)
 
     try:
-        result = train.run(_CONFIG.value, _WORKDIR.value, log=say)
-    except (ConfigError, DataError, CheckpointError) as e:
-        logger.error("%s", e)
-        sys.exit(f"error: {e}")
-    except BaseException:
+        result = run_lib.run(cfg, F.workdir, log=say)
+    except Exception:
         logger.exception("the run failed; see %s", log_file)
         raise
     if result.stopped and not result.preempted:
@@ -66,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

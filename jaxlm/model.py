@@ -51,7 +51,7 @@ class GPT2Config:
     # The token table has vocab_size rows rounded up to a multiple of this; the extra rows start
     # at zero and their logits are masked, so the function is the unpadded model's (1 = no padding;
     # 128 makes GPT-2's 50257 an aligned 50304 for the tensor cores and for tensor parallelism).
-    vocab_multiple: int = 1
+    vocab_multiple: int = 128
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):

@@ -55,6 +55,11 @@ LAYER_METRICS = (RESID_RMS, ATTN_MAX, ATTN_MIN, LAYER_NONFINITE)
 EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean loss in nats/token); inf where that overflows a float."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
 # --- FLOPs and MFU --------------------------------------------------------------------------
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:

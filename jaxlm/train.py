@@ -1,4 +1,4 @@
-"""Train state, the train step (one jitted call), evaluation, and the training loop.
+"""Train state, the train step (one jitted call), periodic validation, and the training loop.
 
 The step, in order: micro-batches (a ``lax.scan`` when ``train.micro_batch_size`` is set) →
 fp32 loss × loss scale → gradients → unscale → finite check → clip + AdamW (optax) → the update
@@ -10,7 +10,6 @@ The state is donated; the host reads metrics only at log steps.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -169,17 +168,14 @@ class LoopResult:
     preempted: bool = False  # stopped by SIGTERM/SIGINT after saving: exit 0, resume later
 
 
-def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
-    """Mean loss over equally sized validation batches (global arrays)."""
+def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:
+    """The periodic validation during training: mean loss over equally sized batches (global arrays).
+    ``jaxlm.eval`` is the offline evaluation of saved checkpoints (sliding windows, bits per byte)."""
     losses = [trainer.eval_step(params, b) for b in batches]
     if not losses:
         return {}
     loss = float(np.mean(jax.device_get(losses)))
-    return {telemetry.EVAL_LOSS: loss, telemetry.EVAL_PERPLEXITY: _ppl(loss)}
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
+    return {telemetry.EVAL_LOSS: loss, telemetry.EVAL_PERPLEXITY: telemetry.perplexity(loss)}
 
 
 def loop(
@@ -217,7 +213,7 @@ def loop(
             record = {k: float(v) for k, v in last.items() if k != "finite"}
             record[telemetry.LOSS] = float(np.mean(losses))
             record[telemetry.STEP_LOSSES] = losses
-            record[telemetry.PERPLEXITY] = _ppl(record[telemetry.LOSS])
+            record[telemetry.PERPLEXITY] = telemetry.perplexity(record[telemetry.LOSS])
             record[telemetry.NONFINITE] = int(sum(not m["finite"] for m in host))
             record[telemetry.STEP_TIME] = elapsed / len(window)
             tps = tokens_per_step * len(window) / elapsed
@@ -230,7 +226,7 @@ def loop(
             record.update({telemetry.RESID_RMS: s["resid_rms"], telemetry.ATTN_MAX: s["attn_max"],
                            telemetry.ATTN_MIN: s["attn_min"], telemetry.LAYER_NONFINITE: s["nonfinite"]})
         if eval_batches is not None and eval_every and (step % eval_every == 0 or step == total):
-            record.update(evaluate(trainer, state.params, eval_batches()))
+            record.update(validation_metrics(trainer, state.params, eval_batches()))
         if record:
             tele.log(step, record)
         if not window:
@@ -247,103 +243,7 @@ def loop(
     return LoopResult(state, step, None)
 
 
-# --- a whole run ------------------------------------------------------------------------------
-
-def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> LoopResult:
-    """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains."""
-    from pathlib import Path
-
-    from jaxlm import checkpoint, data
-    from jaxlm.errors import CheckpointError, DataError
-
-    workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    say = log or (lambda s: print(s, flush=True) if is_main else None)
-    config_lib.validate(cfg, backend=jax.default_backend())
-    mesh = sharding.make_mesh(cfg.mesh)
-    cache = data.prepare(cfg, workdir, log=say)
-    vocab = cache.manifest["vocab_size"]
-    trainer = Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
-    mc = trainer.model_cfg
-    padded = f", token table padded to {mc.padded_vocab_size} rows" if mc.padded_vocab_size != mc.vocab_size else ""
-    say(f"model: GPT-2 {trainer.n_params:,} parameters ({mc.n_layer} layers, d={mc.n_embd}, vocab {mc.vocab_size}{padded}); "
-        f"precision {trainer.policy.describe()}; attention {trainer.attention}, remat {cfg.model.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} "
-        f"{jax.devices()[0].device_kind} device(s)")
-    ent = cache.manifest["splits"]["train"].get("unigram_entropy")
-    if ent is not None:
-        say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
-            "(a model that ignores context cannot go below it)")
-
-    meta = {
-        "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
-        "jaxlm_commit": telemetry.git_commit(config_lib.REPO_ROOT), "environment": telemetry.environment(mesh),
-        "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
-        "flops_per_token": trainer.flops_per_token, "attention_impl": trainer.attention,
-        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path), "vocab_size": vocab,
-                 "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
-                 "splits": cache.manifest["splits"]},
-    }
-    meta = telemetry.jsonable(meta)
-    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=abstract_state(trainer), meta=meta)
-    restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
-                                   current_config=meta["config"])
-    loader = data.train_loader(cache, cfg)
-    epoch_len = len(loader.rows)
-    data_state = lambda step: {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
-    if restored is not None:
-        state, saved_data, _, start = restored
-        if int(saved_data["next_index"]) != start:
-            raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
-        say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
-    else:
-        state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
-        start = 0
-        ckpt.save(0, state, data_state(0))
-    loader.set_state(data_state(start))  # batch k is the one step k consumes
-    batches = data.device_prefetch(loader, trainer.batch_sharding)
-
-    eval_fn = None
-    if cfg.train.eval_every:
-        try:
-            val = data.eval_loader(cache, cfg, batch_size=trainer.micro)
-            n_eval = min(cfg.train.eval_batches, len(val))
-            eval_fn = lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
-        except DataError as e:
-            say(f"warning: periodic evaluation is off: {e}")
-
-    tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
-    ckpt.install_signal_handlers()
-    try:
-        result = LoopResult(state, start)
-        if start < cfg.train.steps:
-            t0 = time.perf_counter()
-            first = next(batches)
-            trainer.train_step.lower(state, first).compile()
-            tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
-            batches = _chain([first], batches)
-            result = loop(trainer, state, batches, tele, eval_batches=eval_fn,
-                          on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
-        result.preempted = ckpt.preempted is not None
-        if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
-            import json
-
-            (workdir / "done.json").write_text(json.dumps({"step": result.step, "stopped": result.stopped}))
-        if result.stopped:
-            tele.message(f"stopped: {result.stopped}")
-        else:
-            tele.message(f"done: step {result.step} of {cfg.train.steps}; run directory {workdir}")
-    finally:
-        tele.close()
-        ckpt.close()
-    return result
-
-
 def abstract_state(trainer: Trainer):
     """The train state as ShapeDtypeStructs carrying the current mesh's shardings (restore target)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         trainer.abstract_state, trainer.state_sharding)
-
-
-def _chain(head, tail):
-    yield from head
-    yield from tail

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, evaluate, generate, model, telemetry
+from jaxlm import checkpoint, generate, model, telemetry
+from jaxlm import eval as eval_lib
+from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 
 from conftest import ROOT
@@ -97,8 +99,8 @@ def test_report_from_two_machines(grid, tmp_path):
 def test_eval_perplexity_equals_exp_mean_token_loss(grid):
     out, _ = grid
     run = out / "cells" / "fp16_upcast-lson-s21"
-    cfg, trainer, state, meta, step = checkpoint.load_run(run)
-    text = evaluate.load_text(cfg, meta, max_docs=3)
+    cfg, trainer, state, meta, step = run_lib.load_run(run)
+    text = eval_lib.load_text(cfg, meta, max_docs=3)
     # independently: non-overlapping windows, log-softmax in numpy
     ctx = cfg.train.seq_len
     toks = text.tokens
@@ -110,14 +112,14 @@ def test_eval_perplexity_equals_exp_mean_token_loss(grid):
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         nll.extend(-logp[np.arange(len(x) - 1), x[1:]])
     expect = math.exp(np.mean(nll))
-    r = evaluate.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx)
+    r = eval_lib.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx)
     assert r["tokens"] == len(toks) - 1 == len(nll)
     assert r["perplexity"] == pytest.approx(expect, rel=1e-4)
     docs_bytes = sum(len(d.encode("utf-8")) for d in _val_docs(cfg, 3))
     assert r["bytes"] == docs_bytes
     assert r["bits_per_byte"] == pytest.approx(np.sum(nll) / math.log(2) / docs_bytes, rel=1e-4)
     # a sliding window scores every token exactly once, with more context: lower or equal loss
-    slid = evaluate.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx // 4)
+    slid = eval_lib.evaluate(trainer.graphdef, state.params, text, context=ctx, stride=ctx // 4)
     assert slid["tokens"] == r["tokens"] and slid["loss"] < r["loss"] + 1e-3
 
 
@@ -143,7 +145,7 @@ def test_eval_cli_all_steps_writes_csv_and_plot(grid):
 
 def test_generation_with_kv_cache_equals_without(grid):
     out, _ = grid
-    _, trainer, state, meta, _ = checkpoint.load_run(out / "cells" / "fp16_upcast-lson-s21")
+    _, trainer, state, meta, _ = run_lib.load_run(out / "cells" / "fp16_upcast-lson-s21")
     tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
     prompt = tok.encode(["def __init__(self"])[0]
     args = (trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, prompt, 24)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, telemetry
+from jaxlm import checkpoint, config, telemetry
+from jaxlm import run as run_lib
 from jaxlm.errors import CheckpointError
 
 from conftest import ROOT, write_word_corpus
@@ -69,7 +70,7 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _final_params(workdir, step=STEPS):
-    _, _, state, _, _ = checkpoint.load_run(workdir, step)
+    _, _, state, _, _ = run_lib.load_run(workdir, step)
     return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
@@ -194,7 +195,7 @@ def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(re
         meta.update(state_signature="0" * 16, jaxlm_commit="1234abc")
         meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"written by jaxlm 1234abc.*python -m jaxlm\.export"):
-        checkpoint.load_run(work)
+        run_lib.load_run(work)
     out = _run(_args(work, corpus, ref_dir.parent / "cache", **{"train.steps": 2 * STEPS,
                                                                  "checkpoint.allow_config_change": True}))
     assert out.returncode != 0
@@ -211,7 +212,7 @@ def test_export_to_hugging_face(reference, tmp_path):
     out = export.export(ref_dir, tmp_path / "hf")
     assert (out / "tokenizer.model").exists()
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
-    _, trainer, state, _, _ = checkpoint.load_run(ref_dir)
+    _, trainer, state, _, _ = run_lib.load_run(ref_dir)
     tokens = np.random.RandomState(0).randint(0, 300, (2, 16))
     ours = np.asarray(model.logits(trainer.graphdef, state.params, tokens))
     with torch.no_grad():
@@ -247,6 +248,6 @@ def test_a_field_added_later_reads_as_what_older_configs_meant():
     """Configs saved before model.vocab_multiple existed had no padding: resuming one with
     vocab_multiple=1 is no change, with the default 128 a named one (the table's shape differs)."""
     old = {"model": {"n_embd": 64}}
-    assert checkpoint.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 1}}) == []
-    assert checkpoint.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 128}}) == [
+    assert config.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 1}}) == []
+    assert config.config_differences(old, {"model": {"n_embd": 64, "vocab_multiple": 128}}) == [
         "model.vocab_multiple: 1 -> 128"]

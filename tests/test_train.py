@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config, precision, sharding, telemetry, train
+from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 
 from conftest import ROOT
@@ -127,7 +128,7 @@ def test_nonfinite_loss_outside_fp16_stops_the_run(tmp_path):
     cfg = _cfg(**{"model.initializer_range": 1e20, "train.steps": 20, "log.every": 5,
                   "log.wandb_mode": "disabled", "train.eval_every": 0, "data.max_docs": 40,
                   "data.tokenizer_max_docs": 40, "data.vocab_size": 512})
-    result = train.run(cfg, tmp_path, log=lambda s: None)
+    result = run_lib.run(cfg, tmp_path, log=lambda s: None)
     assert result.stopped and "non-finite loss or gradients at step 5" in result.stopped
     assert "train.stop_on_nonfinite=False" in result.stopped
     assert result.step == 5

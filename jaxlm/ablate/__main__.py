@@ -13,56 +13,53 @@ Build a report from run directories, also from several machines:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from jaxlm import cli
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, ConfigError, DataError
+from jaxlm.ablate import grid, report
+from jaxlm.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config of every cell.")
-_REGIMES = flags.DEFINE_list("regimes", ["fp32", "bf16", "fp16", "fp16_upcast"], "Precision regimes.")
-_LAYER_SCALING = flags.DEFINE_list("layer_scaling", ["off", "on"], "scale_attn_by_inverse_layer_idx values.")
-_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
-_STEPS = flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
-_OUT = flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
+
+def define_flags():
+    cli.define_config("config", "Base config of every cell, e.g. configs/stress_fp16.py.")
+    flags.DEFINE_list("regimes", ["fp32", "bf16", "fp16", "fp16_upcast"], "Precision regimes.")
+    flags.DEFINE_list("layer_scaling", ["off", "on"], "scale_attn_by_inverse_layer_idx values.")
+    flags.DEFINE_alias("layer-scaling", "layer_scaling")
+    flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
+    flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
+    flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
 
 
 def main(argv):
-    from jaxlm.ablate import grid, report
-
+    F = cli.FLAGS
     args = argv[1:]
     if args and args[0] == "report":
-        if len(args) < 2 or not _OUT.value:
-            raise app.UsageError("usage: python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT")
-        try:
-            path = report.build(args[1:], _OUT.value)
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
+        if len(args) < 2:
+            raise ConfigError("usage: python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT")
+        cli.require(out=F.out)
+        path = report.build(args[1:], F.out)
         print(f"wrote {path} and {path.with_suffix('.html')}")
         return
     if args:
-        raise app.UsageError(f"unexpected arguments {args}; did you mean 'report'?")
-    if _CONFIG.value is None or not _OUT.value:
-        raise app.UsageError("--config and --out are required")
-    cfg = _CONFIG.value
+        raise ConfigError(f"unexpected arguments {args}; did you mean 'report'?")
+    cli.require(config=F.config, out=F.out)
+    cfg = F.config
+    config_lib.validate(cfg)
     config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
-    try:
-        config_lib.validate(cfg)
-        seeds = _SEEDS.value or list(cfg.train.seeds)
-        cells = grid.cells(_REGIMES.value, grid.parse_switch(_LAYER_SCALING.value), seeds)
-        for c in cells:  # fail on a bad regime before the first cell trains
-            grid.cell_config(cfg, c, __import__("pathlib").Path(_OUT.value), _STEPS.value)
-        status = grid.run_grid(cfg, cells, _OUT.value, _STEPS.value, log=lambda s: print(s, file=sys.stderr))
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    seeds = F.seeds or list(cfg.train.seeds)
+    cells = grid.cells(F.regimes, grid.parse_switch(F.layer_scaling), seeds)
+    for c in cells:  # fail on a bad regime before the first cell trains
+        grid.cell_config(cfg, c, Path(F.out), F.steps)
+    status = grid.run_grid(cfg, cells, F.out, F.steps, log=lambda s: print(s, file=sys.stderr))
     for cell, s in status:
         print(f"{cell.name:<28} {s}")
     if len(status) == len(cells) and all(s != "interrupted" for _, s in status):
-        path = report.build([_OUT.value + "/cells"], _OUT.value + "/report")
+        path = report.build([Path(F.out) / "cells"], Path(F.out) / "report")
         print(f"report: {path}")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_alias("layer-scaling", "layer_scaling")
-    app.run(main)
+    cli.run(main, define_flags)

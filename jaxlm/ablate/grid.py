@@ -13,7 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from jaxlm import config as config_lib
+from jaxlm import run as run_lib
+from jaxlm.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +40,7 @@ def parse_switch(values) -> list[bool]:
     for v in values:
         v = str(v).lower()
         if v not in ("on", "off", "true", "false"):
-            raise ValueError(f"--layer-scaling: expected on/off, got {v!r}")
+            raise ConfigError(f"--layer-scaling: expected on/off, got {v!r}")
         out.append(v in ("on", "true"))
     return out
 
@@ -59,10 +63,6 @@ def is_done(workdir: Path, steps: int) -> bool:
 
 def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) -> list[tuple[Cell, str]]:
     """Runs every cell not yet done; returns (cell, status) for all. Stops at a preemption."""
-    from tqdm import tqdm
-
-    from jaxlm import train
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     status = []
@@ -76,7 +76,7 @@ def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) ->
             continue
         log(f"[{i + 1}/{len(grid)}] {cell.name}: {c.train.steps} steps in {workdir}")
         bar.set_postfix(cell=cell.name)
-        result = train.run(c, workdir, log=lambda s: None)
+        result = run_lib.run(c, workdir, log=lambda s: None)
         if result.preempted:
             status.append((cell, "interrupted"))
             log(f"interrupted in {cell.name} at step {result.step}; run the same command again to resume the grid")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxlm import telemetry as T
+from jaxlm.errors import DataError
 
 
 @dataclass
@@ -301,11 +302,15 @@ def _plots(by_group, out: Path) -> None:
 
 
 def build(dirs, out) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Writes OUT/report.md, OUT/report.html and the plots for the runs found under `dirs`."""
+    missing = [str(d) for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise DataError(f"no such directory: {', '.join(missing)}")
     runs = find_runs(dirs)
     if not runs:
-        raise FileNotFoundError(f"no run directories (run.json + metrics.jsonl) under {', '.join(map(str, dirs))}")
+        raise DataError(f"no run directories (run.json + metrics.jsonl) under {', '.join(map(str, dirs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     by_group: dict = defaultdict(list)
     for r in sorted(runs, key=lambda r: (r.device, r.regime, r.layer_scaling, r.seed)):
         by_group[r.group].append(r)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from jaxlm import cli, data
 from jaxlm import config as config_lib
-from jaxlm import data
-from jaxlm.errors import ConfigError, DataError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/tiny.py.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/data", "Where the cache goes (unless data.cache_dir is set).")
+
+def define_flags():
+    cli.define_config("config", "A config file, e.g. configs/tiny.py.")
+    flags.DEFINE_string("workdir", "runs/data", "Where the cache goes (unless data.cache_dir is set).")
 
 
 def stats(cache: data.TokenCache) -> str:
@@ -40,16 +40,12 @@ def stats(cache: data.TokenCache) -> str:
 
 
 def main(argv):
-    del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-    try:
-        config_lib.validate(_CONFIG.value)
-        cache = data.prepare(_CONFIG.value, _WORKDIR.value, log=lambda s: print(s, file=sys.stderr))
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
+    F = cli.FLAGS
+    cli.require(config=F.config)
+    config_lib.validate(F.config)
+    cache = data.prepare(F.config, F.workdir, log=lambda s: print(s, file=sys.stderr))
     print(stats(cache))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, define_flags)

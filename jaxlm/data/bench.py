@@ -1,37 +1,37 @@
 """Input-pipeline throughput (a benchmark, not a test): tokenization and loader tokens/s.
 
-    python -m jaxlm.data.bench [--source=stdlib] [--seq_len=1024] [--batch=32] [--batches=2000]
+    python -m jaxlm.data.bench [--source=stdlib] [--vocab_size=8192] [--seq_len=1024] [--batch=32] [--batches=2000]
 
 GPT-2 small on one H100 consumes roughly 0.5M tokens/s; the loader must be far faster.
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
 import jax
 import numpy as np
+from absl import flags
 
-from jaxlm import config, data
+from jaxlm import cli, config, data
 from jaxlm.data import sources
 from jaxlm.sharding import batch_sharding, make_mesh
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default="stdlib")
-    ap.add_argument("--vocab_size", type=int, default=8192)
-    ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--batches", type=int, default=2000)
-    args = ap.parse_args()
+def define_flags():
+    flags.DEFINE_string("source", "stdlib", "A data.source spec.")
+    flags.DEFINE_integer("vocab_size", 8192, "Tokenizer vocabulary size.")
+    flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
+    flags.DEFINE_integer("batch", 32, "Sequences per batch.")
+    flags.DEFINE_integer("batches", 2000, "Batches timed.")
 
-    cfg = config.load(config.REPO_ROOT / "configs" / "tiny.py")
-    cfg.data.source, cfg.data.vocab_size = args.source, args.vocab_size
-    cfg.model.n_positions = cfg.train.seq_len = args.seq_len
-    cfg.train.batch_size = args.batch
+
+def main(argv):
+    args = cli.FLAGS
+    cfg = config.load("configs/tiny.py", {
+        "data.source": args.source, "data.vocab_size": args.vocab_size, "model.n_positions": args.seq_len,
+        "train.seq_len": args.seq_len, "train.batch_size": args.batch})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         cache = data.prepare(cfg, tmp, log=lambda s: None)
@@ -67,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, define_flags)

@@ -9,11 +9,9 @@ checks the sharded computation rather than Adam's amplification of rounding.
 """
 
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import collections  # noqa: E402
 import json  # noqa: E402

@@ -1,0 +1,104 @@
+"""The one convention of jaxlm's command-line tools (``python -m jaxlm.X``).
+
+Every tool defines absl flags (a config file is an ml_collections config flag, overridable with
+``--config.section.key=value``) in a ``define_flags()`` and its work in ``main(argv)``, and ends with
+
+    if __name__ == "__main__":
+        cli.run(main, define_flags)
+
+Flags are defined only when the module runs as a program, so every tool's module is importable as a
+library too. ``run`` then gives each tool the same behaviour:
+
+* ``--help`` lists every flag of the tool;
+* a bad flag (unknown, malformed, a config key that does not exist or a value of the wrong type, a
+  config file that is not there), and any :class:`jaxlm.errors.JaxlmError` raised while working,
+  end as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback;
+* library INFO logs (absl, Orbax, JAX) stay off the console; warnings and errors still show.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, NoReturn
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxlm import config as config_lib
+from jaxlm.errors import ConfigError, JaxlmError
+
+FLAGS = flags.FLAGS
+
+
+def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None] | None = None) -> None:
+    """Defines the tool's flags, parses them and runs `main` under jaxlm's error convention."""
+    if define_flags is not None:
+        define_flags()
+
+    def guarded(argv):
+        quiet_library_logs()
+        try:
+            return main(argv)
+        except JaxlmError as e:
+            fail(e)
+
+    app.run(guarded, flags_parser=parse_flags)
+
+
+def define_config(name: str = "config", help_text: str = "A config file, e.g. configs/tiny.py.") -> flags.FlagHolder:
+    """An ml_collections config-file flag (locked, typed; ``--config.train.steps=5`` overrides)."""
+    return config_flags.DEFINE_config_file(name, None, help_text, lock_config=True)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with every error turned into one ``error:`` line (exit status 2)."""
+    argv = [_resolve_config_arg(a) for a in argv]
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{config_lib.one_line(e)} (see --help)", status=2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.* override ml_collections refused
+        fail(f"{_override_arg(argv, e)}: {config_lib.one_line(e)}", status=2)
+
+
+def fail(message, status: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def require(**values) -> None:
+    """Fails naming every flag that is missing (None or '')."""
+    missing = [f"--{k}" for k, v in values.items() if v is None or v == ""]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (see --help)")
+
+
+def quiet_library_logs() -> None:
+    """Only warnings and errors from absl and Python logging reach the console."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _resolve_config_arg(arg: str) -> str:
+    """``--config=configs/tiny.py`` found from any directory (``config.resolve_path``)."""
+    for prefix in ("--config=", "-config="):
+        if arg.startswith(prefix):
+            try:
+                return prefix + str(config_lib.resolve_path(arg[len(prefix):]))
+            except ConfigError as e:
+                fail(e, status=2)
+    return arg
+
+
+def _override_arg(argv: list[str], error: BaseException) -> str:
+    """The ``--config.*`` argument an ml_collections error is about (best effort)."""
+    text = str(error)
+    for a in argv:
+        key = a.lstrip("-").split("=", 1)[0]
+        if key.startswith("config.") and key.rsplit(".", 1)[-1] in text:
+            return a
+    return "a --config override"
+

@@ -1,0 +1,157 @@
+"""A whole run, and a finished run read back: the one place that wires data, trainer, checkpoints
+and telemetry together.
+
+    result = run.run(cfg, workdir)                                  # train (or resume) to train.steps
+    cfg, trainer, state, meta, step = run.load_run(workdir, step)   # a checkpoint, read-only
+
+``run`` validates the config, builds the mesh, prepares the token cache, builds the
+:class:`~jaxlm.train.Trainer`, restores the newest checkpoint or initialises and saves step 0, then
+runs :func:`jaxlm.train.loop` with checkpointing and preemption on every step. ``load_run``
+restores any saved step of a run directory onto this machine's devices, whatever mesh or process
+count wrote it (eval, generate and export use it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm import checkpoint, data, sharding, telemetry, train
+from jaxlm import config as config_lib
+from jaxlm.errors import CheckpointError, DataError
+
+
+def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.LoopResult:
+    """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains."""
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    say = log or (lambda s: print(s, flush=True) if is_main else None)
+    config_lib.validate(cfg, backend=jax.default_backend())
+    mesh = sharding.make_mesh(cfg.mesh)
+    cache = data.prepare(cfg, workdir, log=say)
+    vocab = cache.manifest["vocab_size"]
+    trainer = train.Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
+    say(_describe(trainer, mesh))
+    ent = cache.manifest["splits"]["train"].get("unigram_entropy")
+    if ent is not None:
+        say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
+            "(a model that ignores context cannot go below it)")
+
+    meta = telemetry.jsonable({
+        "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
+        "jaxlm_commit": telemetry.git_commit(config_lib.SOURCE_ROOT), "environment": telemetry.environment(mesh),
+        "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
+        "flops_per_token": trainer.flops_per_token, "attention_impl": trainer.attention,
+        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path), "vocab_size": vocab,
+                 "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
+                 "splits": cache.manifest["splits"]},
+    })
+    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta)
+    restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
+                                   current_config=meta["config"])
+    loader = data.train_loader(cache, cfg)
+    epoch_len = len(loader.rows)
+
+    def data_state(step):
+        return {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
+
+    if restored is not None:
+        state, saved_data, _, start = restored
+        if int(saved_data["next_index"]) != start:
+            raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
+        say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    else:
+        state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
+        start = 0
+        ckpt.save(0, state, data_state(0))
+    loader.set_state(data_state(start))  # batch k is the one step k consumes
+    batches = data.device_prefetch(loader, trainer.batch_sharding)
+    eval_fn = _validation_batches(cache, cfg, trainer, say)
+
+    tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
+    ckpt.install_signal_handlers()
+    try:
+        result = train.LoopResult(state, start)
+        if start < cfg.train.steps:
+            t0 = time.perf_counter()
+            first = next(batches)
+            trainer.train_step.lower(state, first).compile()
+            tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
+            batches = _chain([first], batches)
+            result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,
+                                on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
+        result.preempted = ckpt.preempted is not None
+        if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
+            (workdir / "done.json").write_text(json.dumps({"step": result.step, "stopped": result.stopped}))
+        if result.stopped:
+            tele.message(f"stopped: {result.stopped}")
+        else:
+            tele.message(f"done: step {result.step} of {cfg.train.steps}; run directory {workdir}")
+    finally:
+        tele.close()
+        ckpt.close()
+    return result
+
+
+def _describe(trainer: train.Trainer, mesh) -> str:
+    """The startup line: model size, precision, attention, remat, mesh and devices."""
+    mc = trainer.model_cfg
+    padded = f", token table padded to {mc.padded_vocab_size} rows" if mc.padded_vocab_size != mc.vocab_size else ""
+    return (f"model: GPT-2 {trainer.n_params:,} parameters ({mc.n_layer} layers, d={mc.n_embd}, vocab "
+            f"{mc.vocab_size}{padded}); precision {trainer.policy.describe()}; attention {trainer.attention}, "
+            f"remat {mc.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
+            "device(s)")
+
+
+def _validation_batches(cache, cfg, trainer, say):
+    """A function giving the periodic evaluation's batches (None when evaluation is off)."""
+    if not cfg.train.eval_every:
+        return None
+    try:
+        val = data.eval_loader(cache, cfg, batch_size=trainer.micro)
+    except DataError as e:
+        say(f"warning: periodic evaluation is off: {e}")
+        return None
+    n_eval = min(cfg.train.eval_batches, len(val))
+    return lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
+
+
+def _chain(head, tail):
+    yield from head
+    yield from tail
+
+
+def load_run(workdir, step: int | None = None, mesh=None):
+    """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
+    devices, one data-parallel axis), whatever mesh or process count wrote it.
+
+    Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
+    """
+    steps = checkpoint.saved_steps(workdir)
+    directory = Path(workdir) / "checkpoints"
+    if not steps:
+        raise CheckpointError(f"{directory}: no complete checkpoint; train the run first (python -m jaxlm.main)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
+    meta = checkpoint.read_meta(workdir, step)
+    cfg = config_lib.from_dict(meta["config"])
+    cfg.checkpoint.async_save = False
+    if mesh is None:
+        cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})
+        mesh = sharding.make_mesh(cfg.mesh)
+    trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
+    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
+    try:
+        if meta.get("state_signature") not in (None, ckpt.signature):
+            raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
+        state, _, meta, step = ckpt.restore(step)
+    finally:
+        ckpt.manager.close()
+    return cfg, trainer, state, meta, step
