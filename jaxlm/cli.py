@@ -57,9 +57,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = [_resolve_config_arg(a) for a in argv]
     try:
         return FLAGS(argv)
+    except SystemExit:  # absl's --help printed the flags and exits 1; asking for help is no error
+        if any(a.split("=")[0] in ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         fail(f"{config_lib.one_line(e)} (see --help)", status=2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.* override ml_collections refused
+    except (AttributeError, KeyError) as e:  # a --config override of a key the schema does not have
+        fail(f"{_override_arg(argv, e)}: unknown config key {config_lib.one_line(e)}", status=2)
+    except (TypeError, ValueError) as e:  # a --config override ml_collections refused
         fail(f"{_override_arg(argv, e)}: {config_lib.one_line(e)}", status=2)
 
 

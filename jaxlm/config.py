@@ -129,9 +129,11 @@ def _did_you_mean(name, options) -> str:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception's message on one line (ml_collections' messages are quoted, multi-line)."""
+    """An exception's message on one line (ml_collections' and KeyError's messages are quoted reprs)."""
     text = str(e.args[0]) if len(e.args) == 1 else str(e)
-    return " ".join(text.strip("'\"").replace("\\n", " ").split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

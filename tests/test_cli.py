@@ -1,0 +1,134 @@
+"""Every CLI answers a bad input of its own kind with one `error:` line and a non-zero exit, never a
+traceback; `--help` lists the tool's flags."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxlm import config
+from jaxlm import run as run_lib
+
+from conftest import ROOT, write_word_corpus
+
+pytestmark = pytest.mark.slow  # each case starts a python process
+
+
+def _cli(args, cwd=ROOT, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _assert_one_error(res, *fragments):
+    err = res.stderr
+    assert res.returncode != 0, res.stdout + err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A two-step tiny run with a checkpoint at step 2."""
+    tmp = tmp_path_factory.mktemp("cli")
+    corpus = write_word_corpus(tmp / "corpus", 30)
+    cfg = config.load(ROOT / "configs" / "tiny.py", {
+        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2, "train.eval_every": 0,
+        "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),)})
+    run_lib.run(cfg, tmp / "run", log=lambda s: None)
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config=configs/tiny.py", "--workdir=W", "--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["--config=configs/tiny.py"], "--workdir is required"),
+    (["--config=configs/tiny.py", "--workdir=W", "--config.train.stepz=5"], 'Did you mean "steps"'),
+    (["--config=configs/tiny.py", "--workdir=W", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
+    (["--config=configs/nope.py", "--workdir=W"], "no such file"),
+    (["--config=configs/tiny.py", "--workdir=W", "--config.checkpoint.stages=((0, 100),)"], "checkpoint.stages"),
+])
+def test_main_bad_flags_and_config(tmp_path, args, fragment):
+    res = _cli(["jaxlm.main", *[a.replace("=W", f"={tmp_path / 'w'}") for a in args]])
+    _assert_one_error(res, fragment)
+    assert not (tmp_path / "w").exists()  # nothing written for a run that never started
+
+
+def test_main_finds_packaged_configs_from_another_directory(tmp_path):
+    res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--config.train.stepz=1"],
+               cwd=tmp_path)
+    _assert_one_error(res, "stepz")  # the config file was found (the override is what failed)
+
+
+def test_main_workdir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'file'}"])
+    _assert_one_error(res, "--workdir")
+
+
+def test_eval_missing_workdir(tmp_path):
+    _assert_one_error(_cli(["jaxlm.eval", f"--workdir={tmp_path / 'none'}"]), "no checkpoints directory")
+
+
+def test_eval_bad_stride(run_dir):
+    _assert_one_error(_cli(["jaxlm.eval", f"--workdir={run_dir}", "--context=16", "--stride=99"]), "--stride")
+
+
+def test_export_corrupt_checkpoint(run_dir, tmp_path):
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    newest = max((p for p in (bad / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    biggest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    res = _cli(["jaxlm.export", f"--workdir={bad}", f"--to-hf={tmp_path / 'hf'}"])
+    _assert_one_error(res, "cannot be read", str(newest))
+
+
+def test_export_unknown_step(run_dir, tmp_path):
+    res = _cli(["jaxlm.export", f"--workdir={run_dir}", "--step=7", f"--to-hf={tmp_path / 'hf'}"])
+    _assert_one_error(res, "no checkpoint for step 7")
+
+
+def test_generate_bad_tokenizer_file(run_dir, tmp_path):
+    tok = next((run_dir / "data" / "tokens").glob("*/tokenizer.model"))
+    saved = tok.read_bytes()
+    try:
+        tok.write_bytes(b"not a sentencepiece model")
+        res = _cli(["jaxlm.generate", f"--workdir={run_dir}", "--prompt=abc", "--max_new_tokens=2"])
+    finally:
+        tok.write_bytes(saved)
+    _assert_one_error(res, "not a SentencePiece model")
+
+
+def test_data_bad_source(tmp_path):
+    res = _cli(["jaxlm.data", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                f"--config.data.source=files:{tmp_path}/none/*.txt"])
+    _assert_one_error(res, "data.source")
+
+
+def test_data_bench_unknown_flag():
+    _assert_one_error(_cli(["jaxlm.data.bench", "--batchez=3"]), "batchez")
+
+
+def test_bench_bad_flag_value():
+    _assert_one_error(_cli(["jaxlm.bench", "--config=configs/tiny.py", "--steps=many"]), "--steps")
+
+
+def test_ablate_report_of_a_missing_directory(run_dir, tmp_path):
+    res = _cli(["jaxlm.ablate", "report", str(run_dir), str(tmp_path / "none"), f"--out={tmp_path / 'rep'}"])
+    _assert_one_error(res, "no such directory")
+
+
+@pytest.mark.parametrize("tool, flag", [("jaxlm.main", "--workdir"), ("jaxlm.eval", "--all_steps"),
+                                        ("jaxlm.generate", "--top_p"), ("jaxlm.export", "--to_hf"),
+                                        ("jaxlm.bench", "--batch_per_device"), ("jaxlm.ablate", "--layer_scaling"),
+                                        ("jaxlm.data", "--workdir"), ("jaxlm.data.bench", "--batches")])
+def test_help_lists_the_flags(tool, flag):
+    res = _cli([tool, "--help"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert flag in res.stdout + res.stderr
