@@ -8,7 +8,7 @@ For each regime: compile time, steady-state step time (median of --steps synchro
 ``telemetry.PEAK_TFLOPS`` or --peak_tflops), the step's device memory as XLA planned it (arguments,
 outputs and temporaries of the compiled step, per regime), the process's peak device memory where
 JAX reports it (a high-water mark: regimes run in the order given), and the throughput as a
-fraction of a measured matmul ceiling (one large bf16 matmul timed in the same process). The step
+fraction of a measured matmul ceiling (one large matmul in the regime's compute dtype, timed in the same process). The step
 is the training step exactly (``train.Trainer``: the config's attention, remat, dropout and
 ``train.deterministic``, whose XLA flag is set as ``jaxlm.main`` sets it) on one micro-batch of
 --batch_per_device sequences per device; batches are synthetic tokens (the input pipeline has its
@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from absl import flags
 
 from jaxlm import cli, profiling, sharding, telemetry, train
 from jaxlm import config as config_lib
+
 
 def define_flags():
     cli.define_config("config", "A config file, e.g. configs/gpt2_small.py.")
@@ -53,12 +53,13 @@ def define_flags():
                          "0 = the config's train.micro_batch_size, else train.batch_size.")
 
 
-def matmul_ceiling_tflops(dtype=jnp.bfloat16, n: int | None = None, reps: int = 10) -> float:
-    """TFLOP/s of one large square matmul on device 0: what this chip really delivers."""
+def matmul_ceiling_tflops(policy, n: int | None = None, reps: int = 10) -> float:
+    """TFLOP/s of one large square matmul on device 0 in `policy`'s compute dtype and matmul precision:
+    what this chip really delivers for that regime's matmuls."""
     if n is None:
         n = 8192 if jax.default_backend() != "cpu" else 1024
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    a = jax.random.normal(jax.random.key(0), (n, n), policy.compute_dtype)
+    f = jax.jit(lambda x: jnp.matmul(x, x, precision=policy.matmul_precision))
     f(a).block_until_ready()
     times = []
     for _ in range(reps):
@@ -115,6 +116,8 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
         "mfu": telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak),
         "step_memory_gib": step_memory, "peak_memory_gib": telemetry.device_memory_gib(),
         "final_loss": float(m[telemetry.LOSS]), "profile": profile,
+        # one large matmul in the regime's compute dtype: what this chip delivers for that dtype
+        "matmul_ceiling_tflops": matmul_ceiling_tflops(trainer.policy),
     }
 
 
@@ -152,8 +155,8 @@ def _planned_memory_gib(compiled) -> float | None:
 def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None:
     """HF GPT2LMHeadModel, same shape and batch; None if torch/transformers are not importable."""
     try:
-        import torch
-        import transformers
+        import torch  # test-only and optional: the baseline runs where it is installed
+        import transformers  # likewise
     except ImportError:
         return None
     cuda = torch.cuda.is_available()
@@ -212,9 +215,9 @@ def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None
             "peak_memory_gib": peak_gib, "vocab_size": vocab, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def table(results: list[dict], baseline: dict | None, ceiling: float, n_devices: int = 1) -> str:
+def table(results: list[dict], baseline: dict | None, n_devices: int = 1) -> str:
     """The header, a row per result and the baseline's row."""
-    return "\n".join([_header(baseline)] + [_row(r, baseline, ceiling, n_devices) for r in results]
+    return "\n".join([_header(baseline)] + [_row(r, baseline, n_devices) for r in results]
                      + ([_baseline_row(baseline)] if baseline else []))
 
 
@@ -235,13 +238,13 @@ def _header(baseline) -> str:
     return _line([name for name, _, _ in _columns(baseline)], baseline)
 
 
-def _row(r: dict, baseline: dict | None, ceiling: float, n_devices: int) -> str:
+def _row(r: dict, baseline: dict | None, n_devices: int) -> str:
     if "error" in r:
         return f"{r['regime']:<14}{r['error'][:100]}"
     gib = lambda v: f"{v:.1f}" if v is not None else "n/a"
     cells = [r["regime"], r["attention"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
              f"{r['tokens_per_s']:,.0f}", f"{r['tflops_per_device']:.2f}",
-             f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / ceiling:.1%}",
+             f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a", f"{r['tflops_per_device'] / r['matmul_ceiling_tflops']:.1%}",
              gib(r["step_memory_gib"]), gib(r["peak_memory_gib"])]
     if baseline:
         cells.append(f"{r['tokens_per_s'] / n_devices / baseline['tokens_per_s']:.2f}x")  # per device
@@ -271,16 +274,15 @@ def main(argv):
         print(f"  {baseline['regime']} (HF baseline, one device): {baseline['tokens_per_s']:,.0f} tokens/s", flush=True)
     dev = jax.devices()[0]
     batch = global_batch(cfg, F.batch_per_device)
-    ceiling = matmul_ceiling_tflops(jnp.bfloat16 if dev.platform != "cpu" else jnp.float32)
-    print(f"device: {jax.device_count()} x {dev.device_kind}; measured matmul ceiling {ceiling:.1f} TFLOP/s per device")
+    print(f"device: {jax.device_count()} x {dev.device_kind}")
     print(f"batch {batch} x {cfg.train.seq_len} tokens; remat {cfg.model.remat}; deterministic ops "
           f"{'on' if cfg.train.deterministic else 'off'}; XLA_FLAGS={xla_flags or '(none)'}", flush=True)
     print(_header(baseline), flush=True)
 
     def on_result(results):  # the table's rows and the JSON as they come: a run cut short keeps them
-        print(_row(results[-1], baseline, ceiling, jax.device_count()), flush=True)
+        print(_row(results[-1], baseline, jax.device_count()), flush=True)
         if F.out:
-            out = {"environment": telemetry.environment(), "matmul_ceiling_tflops": ceiling,
+            out = {"environment": telemetry.environment(),
                    "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
                    "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
             tmp = F.out + ".tmp"

@@ -26,7 +26,6 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections

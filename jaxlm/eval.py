@@ -142,7 +142,7 @@ def write_curve(rows: list[dict], out_dir: Path) -> None:
     import matplotlib  # heavy, and only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [max(r["step"], 1) for r in rows]

@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxlm import model as model_lib
-from jaxlm import naming
-from jaxlm import precision
+from jaxlm import naming, precision
 from jaxlm.errors import CheckpointError
 
 TOKEN_TABLE = "wte.embedding"  # (padded_vocab_size, D) here, (vocab_size, D) in HF
@@ -129,8 +130,8 @@ def config_to_hf(cfg: model_lib.GPT2Config, policy: precision.Policy,
 
 def policy_for(hf: dict[str, Any], regime: str = "fp32", **overrides) -> precision.Policy:
     """The policy for `regime`, upcast to fp32 scores if the HF model asks for reorder_and_upcast_attn."""
-    if hf.get("reorder_and_upcast_attn") and regime in ("fp16", "bf16") and not overrides.get("attn_dtype"):
-        regime += "_upcast"
+    if hf.get("reorder_and_upcast_attn") and not overrides.get("attn_dtype"):
+        regime = precision.upcast_regime(regime)
     return precision.policy(regime, **overrides)
 
 
@@ -139,8 +140,6 @@ def policy_for(hf: dict[str, Any], regime: str = "fp32", **overrides) -> precisi
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     st = sorted(path.glob("model*.safetensors"))
     if st:
-        from safetensors import safe_open
-
         out = {}
         for f in st:
             with safe_open(str(f), framework="flax") as fh:
@@ -150,7 +149,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     pt = path / "pytorch_model.bin"
     if pt.exists():
         try:
-            import torch
+            import torch  # optional: only pytorch_model.bin files need it
         except ImportError as e:
             raise CheckpointError(
                 f"{pt}: reading a PyTorch checkpoint needs torch (pip install torch), or convert it to "
@@ -220,8 +219,6 @@ def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_over
 def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, policy: precision.Policy,
                     params, eos_token_id: int | None = None) -> Path:
     """Writes config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = naming.flat(params)

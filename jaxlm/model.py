@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import attention as attn_lib
-from jaxlm import precision
-from jaxlm import sharding
+from jaxlm import precision, sharding
 from jaxlm.errors import ConfigError
 
 

@@ -22,7 +22,7 @@ The regimes follow Mistral's study of GPT-2 training stability:
                  (Hugging Face ``reorder_and_upcast_attn=True``; Mistral's fix).
 
 Other modules never write ``jnp.float16`` and friends; they ask a policy (or use the
-constants below).
+constants below). ``tests/test_architecture.py`` enforces it.
 """
 
 from __future__ import annotations
@@ -101,6 +101,16 @@ class Policy:
         return jax.lax.Precision.HIGHEST if self.compute_dtype == FP32 else None
 
     @property
+    def computes_in_16bit(self) -> bool:
+        """Matmul inputs and activations are fp16 or bf16 (what fused 16-bit kernels take)."""
+        return np.dtype(self.compute_dtype).itemsize == 2
+
+    @property
+    def grad_dtype(self) -> Any:
+        """Gradients are unscaled, clipped and applied in the master parameters' dtype."""
+        return self.param_dtype
+
+    @property
     def is_fp16(self) -> bool:
         """fp16 anywhere in the forward pass means the gradients need dynamic loss scaling."""
         return jnp.float16 in (self.compute_dtype, self.attn_dtype, self.param_dtype)
@@ -150,6 +160,12 @@ def policy(
         attn_dtype=a if attn_dtype is None else attn_dtype,
         name=regime + ("+custom" if overridden else ""),
     )
+
+
+def upcast_regime(regime: str) -> str:
+    """The regime with the same compute dtype and float32 attention scores (``bf16`` -> ``bf16_upcast``)."""
+    up = regime if regime.endswith("_upcast") else f"{regime}_upcast"
+    return up if up in REGIMES else regime
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, *, out_dtype: Any, precision: Any = None) -> jax.Array:

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from jaxlm import precision
 
@@ -127,8 +129,6 @@ def git_commit(repo: Path) -> str:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece",
               "ml-collections", "tensorflow-datasets", "wandb"):
@@ -191,8 +191,6 @@ class Telemetry:
             (self.workdir / "run.json").write_text(json.dumps(jsonable(run_metadata), indent=2, sort_keys=True))
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None, desc=f"train {Path(workdir).name}")
         self._t0, self._step0 = time.time(), start_step
@@ -256,7 +254,7 @@ class Telemetry:
 
 def _start_wandb(workdir: Path, cfg, meta):
     os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
+    import wandb  # heavy (starts a service); only when a run logs to it
 
     run_id_file = workdir / "wandb_id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]

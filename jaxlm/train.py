@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxlm import attention as attn_lib
 from jaxlm import config as config_lib
@@ -117,7 +118,7 @@ class Trainer:
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n)))
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.LOGITS_DTYPE)), (micro, jnp.arange(n)))
         return loss / n, jax.tree.map(lambda g: g / n, grads)
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -125,7 +126,7 @@ class Trainer:
         key = jax.random.fold_in(state.rng, state.step)
         loss, grads = self._grads(state.params, batch, key, scale)
         with jax.named_scope("optimizer"):  # unscaling, the finite check, clipping, AdamW, the skip
-            grads = jax.tree.map(lambda g: (g / scale).astype(precision.FP32), grads)
+            grads = jax.tree.map(lambda g: (g / scale).astype(self.policy.grad_dtype), grads)
             finite = precision.all_finite(grads) & jnp.isfinite(loss)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

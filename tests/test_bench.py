@@ -22,7 +22,8 @@ def test_bench_writes_a_table_and_json(tmp_path):
     assert "batch 4 x 32 tokens; remat dots; deterministic ops on" in res.stdout
     d = json.loads(out.read_text())
     assert "--xla_gpu_deterministic_ops=true" in d["environment"]["xla_flags"]  # tiny.py keeps train.deterministic
-    assert d["flops_formula"] == "6*N + 6*L*d*T per token" and d["matmul_ceiling_tflops"] > 0
+    assert d["flops_formula"] == "6*N + 6*L*d*T per token"
+    assert all(r["matmul_ceiling_tflops"] > 0 for r in d["results"])
     assert [r["regime"] for r in d["results"]] == ["fp32", "fp16_upcast"]
     for r in d["results"]:
         assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["batch"] == 4 and r["seq_len"] == 32
@@ -67,7 +68,7 @@ def test_a_regime_out_of_memory_is_reported_and_the_others_still_run(monkeypatch
     res = bench.time_regimes(cfg, ["fp32", "bf16"], 1, 0, 0.0, 64)
     assert res[0]["regime"] == "fp32" and res[0]["error"].startswith("out of memory at batch 64: RESOURCE_EXHAUSTED")
     assert res[1] == {"regime": "bf16", "tokens_per_s": 1.0}
-    assert "fp32          out of memory at batch 64" in bench.table(res[:1], None, 1.0)
+    assert "fp32          out of memory at batch 64" in bench.table(res[:1], None)
 
 
 def test_profile_parts_follow_the_named_scopes():

@@ -162,10 +162,10 @@ def _fmt(values, digits=3) -> str:
 # --- plots ------------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy, and only for the plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     return plt
 
@@ -222,7 +222,7 @@ def plot_over_steps(by_group, key, path, ylabel, title, log_y=False, band=True, 
 
 def plot_layer_heatmaps(by_group, key, path, title, log_color=True):
     plt = _plt()
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # matplotlib: lazy, as above
 
     groups = [(g, runs[0]) for g, runs in by_group.items() if len(runs[0].layers(key)[0])]
     if not groups:

@@ -184,7 +184,7 @@ class JsonlSource(Source):
 class TfdsSource(Source):
     def __init__(self, spec, data_cfg, name, split):
         super().__init__(spec, data_cfg)
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy; only tfds: sources need it
 
         self.name, self.split = name, split or "train"
         data_dir = data_cfg.tfds_data_dir or None

@@ -1,0 +1,168 @@
+"""The architecture holds: imports go one way through documented layers, no cycles, no imports hidden
+inside functions (except heavy optional dependencies), and dtypes are decided only in precision.py."""
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "jaxlm"
+
+# A module may import only modules of its own layer or lower ones (and never in a cycle). The README's
+# layout table describes the same order.
+LAYERS = [
+    ["jaxlm", "jaxlm.errors"],
+    ["jaxlm.naming", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
+    ["jaxlm.attention"],
+    ["jaxlm.model"],
+    ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",
+     "configs.stress_fp16", "configs.gpt2_small", "configs.gpt2_medium", "configs.gpt2_large", "configs.gpt2_xl"],
+    ["jaxlm.config"],
+    ["jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
+     "jaxlm.optim", "jaxlm.telemetry"],
+    ["jaxlm.train"],
+    ["jaxlm.checkpoint"],
+    ["jaxlm.run"],
+    ["jaxlm.cli"],
+    ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.ablate",
+     "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
+     "jaxlm.data.bench"],
+]
+LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
+# Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources():
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "configs").glob("*.py")]):
+        yield _module_name(path), path, ast.parse(path.read_text())
+
+
+def _imports(tree, package: str):
+    """(imported module, line, inside a function) for every import of a jaxlm/configs module."""
+    func_lines = {n.lineno for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            yield name, node.lineno, node.lineno in func_lines
+
+
+def _resolve(name: str) -> str | None:
+    """The jaxlm/configs module `name` refers to (a module, or the package holding an imported name)."""
+    while name:
+        if name in LAYER:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def test_every_module_has_a_layer():
+    assert sorted(m for m, _, _ in _sources() if m not in LAYER) == []
+
+
+def test_imports_go_one_way_and_none_hide_in_functions():
+    problems = []
+    graph = {}
+    for mod, path, tree in _sources():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for name, line, in_function in _imports(tree, package):
+            top = name.split(".")[0]
+            target = _resolve(name)
+            if in_function and top not in LAZY_OK:
+                problems.append(f"{mod}:{line} imports {name} inside a function")
+            if target is None or target == mod:
+                continue
+            deps.add(target)
+            if LAYER[target] > LAYER[mod]:
+                problems.append(f"{mod} (layer {LAYER[mod]}) imports {target} (layer {LAYER[target]})")
+        graph[mod] = deps
+    assert problems == []
+    # no cycles, also within a layer
+    state = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in graph.get(m, ()):
+            if state.get(d) == 1:
+                problems.append(" -> ".join(stack + [m, d]))
+            elif d not in state:
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
+    assert problems == []
+
+
+def test_lazy_imports_say_why():
+    """A function-level import of an optional dependency carries a comment on its line or the line before."""
+    missing = []
+    for mod, path, tree in _sources():
+        lines = path.read_text().splitlines()
+        for name, line, in_function in _imports(tree, mod):
+            if in_function and "#" not in lines[line - 1] + lines[line - 2]:
+                missing.append(f"{mod}:{line} ({name})")
+    assert sorted(set(missing)) == []
+
+
+# --- dtypes are decided in precision.py -------------------------------------------------------------
+
+FLOAT_DTYPES = {"float16", "bfloat16", "float32"}
+# Where a literal dtype is not a precision decision (file formats, the PyTorch baseline, a table keyed by
+# dtype name): (file, the literal as written).
+ALLOWED = {
+    ("jaxlm/hf.py", "np.float32"),  # HF checkpoints are read and written as float32 files
+    ("jaxlm/hf.py", "jnp.float32"),
+    ("jaxlm/hf.py", "torch.float32"),
+    ("jaxlm/hf.py", "'float32'"),  # config.json's torch_dtype
+    ("jaxlm/bench.py", "torch.bfloat16"),  # the PyTorch baseline's own autocast
+    ("jaxlm/telemetry.py", "'bfloat16'"),  # PEAK_TFLOPS is keyed by dtype name
+    ("jaxlm/telemetry.py", "'float16'"),
+    ("jaxlm/telemetry.py", "'float32'"),
+}
+
+
+def _dtype_literals(tree):
+    """(line, literal) for dtype attributes (jnp.float16, np.float32, ...) and dtype-name strings in code
+    (docstrings and messages mention dtypes freely; only a string that is exactly a dtype name counts)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in FLOAT_DTYPES:
+            yield node.lineno, ast.unparse(node)
+        elif isinstance(node, ast.Constant) and node.value in FLOAT_DTYPES:
+            yield node.lineno, repr(node.value)
+
+
+def test_no_dtype_literals_outside_precision():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel == "jaxlm/precision.py":
+            continue
+        for line, literal in _dtype_literals(ast.parse(path.read_text())):
+            if (rel, literal) not in ALLOWED:
+                found.append(f"{rel}:{line}: {literal}")
+    assert found == [], "decide dtypes in jaxlm/precision.py (or allow an I/O use in ALLOWED):\n" + "\n".join(found)
+
+
+def test_the_dtype_check_finds_literals():
+    code = 'import jax.numpy as jnp\nx = y.astype(jnp.bfloat16)\nz = jnp.zeros(3, "float16")\n"""a float32 docstring"""\n'
+    assert sorted(_dtype_literals(ast.parse(code))) == [(2, "jnp.bfloat16"), (3, "'float16'")]
