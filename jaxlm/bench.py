@@ -24,8 +24,6 @@ torch.compile), and the table gives jaxlm/baseline tokens/s per device.
 from __future__ import annotations
 
 import gc
-import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxlm import cli, profiling, sharding, telemetry, train
+from jaxlm import cli, files, profiling, sharding, telemetry, train
 from jaxlm import config as config_lib
 
 
@@ -212,7 +210,8 @@ def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None
         torch.cuda.empty_cache()
     return {"regime": "torch " + ("bf16 autocast" if cuda else "fp32"), "compiled": compiled,
             "first_step_s": first_s, "step_s": step_s, "tokens_per_s": batch_size * cfg.train.seq_len / step_s,
-            "peak_memory_gib": peak_gib, "vocab_size": vocab, "torch": torch.__version__, "transformers": transformers.__version__}
+            "peak_memory_gib": peak_gib, "vocab_size": vocab, "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def table(results: list[dict], baseline: dict | None, n_devices: int = 1) -> str:
@@ -285,10 +284,7 @@ def main(argv):
             out = {"environment": telemetry.environment(),
                    "flops_formula": "6*N + 6*L*d*T per token", "config": config_lib.to_dict(cfg),
                    "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
-            tmp = F.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(telemetry.jsonable(out), f, indent=2)
-            os.replace(tmp, F.out)
+            files.atomic_write_json(F.out, telemetry.jsonable(out), indent=2)
 
     time_regimes(cfg, F.regimes, F.steps, F.warmup, F.peak_tflops, batch, on_result, F.profile)
     if baseline:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 from absl import flags
 
-from jaxlm import checkpoint, cli, telemetry
+from jaxlm import checkpoint, cli, files, telemetry
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
@@ -135,10 +136,11 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
 
 
 def write_curve(rows: list[dict], out_dir: Path) -> None:
-    with open(out_dir / "eval.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    files.atomic_write(out_dir / "eval.csv", text.getvalue())
     import matplotlib  # heavy, and only for the plot
 
     matplotlib.use("Agg")

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as save_safetensors
 
+from jaxlm import files, naming, precision
 from jaxlm import model as model_lib
-from jaxlm import naming, precision
 from jaxlm.errors import CheckpointError
 
 TOKEN_TABLE = "wte.embedding"  # (padded_vocab_size, D) here, (vocab_size, D) in HF
@@ -228,6 +228,6 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, polic
         if ours == TOKEN_TABLE:
             arr = arr[: cfg.vocab_size]  # without the padding rows (GPT2Config.vocab_multiple)
         tensors["transformer." + hf_name] = np.ascontiguousarray(arr.reshape(hf_shape(ours, arr.shape)))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, policy, eos_token_id), indent=2))
+    files.atomic_write(out / "model.safetensors", save_safetensors(tensors, metadata={"format": "pt"}))
+    files.atomic_write_json(out / "config.json", config_to_hf(cfg, policy, eos_token_id), indent=2)
     return out

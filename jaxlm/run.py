@@ -13,7 +13,6 @@ count wrote it (eval, generate and export use it).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxlm import checkpoint, data, sharding, telemetry, train
+from jaxlm import checkpoint, data, files, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.errors import CheckpointError, DataError
 
@@ -87,7 +86,7 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
                                 on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
         result.preempted = ckpt.preempted is not None
         if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
-            (workdir / "done.json").write_text(json.dumps({"step": result.step, "stopped": result.stopped}))
+            files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped})
         if result.stopped:
             tele.message(f"stopped: {result.stopped}")
         else:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm import precision
+from jaxlm import files, precision
 
 # --- metric names -------------------------------------------------------------------------
 STEP = "step"
@@ -165,6 +165,28 @@ def jsonable(x):
     return x
 
 
+def read_metrics(path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl, and how many lines could not be read (a torn last line)."""
+    records, bad = [], 0
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    return records, bad
+
+
+def trim_metrics(path, last_step: int) -> int:
+    """Keeps the records up to `last_step` (a resumed run writes the later ones again), in one atomic
+    replace: a kill during it leaves the old file or the new one. Returns the unreadable lines dropped."""
+    records, bad = read_metrics(path)
+    keep = [r for r in records if isinstance(r, dict) and r.get(STEP, last_step + 1) <= last_step]
+    files.atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return bad
+
+
 # --- sinks ------------------------------------------------------------------------------------
 
 class Telemetry:
@@ -183,12 +205,13 @@ class Telemetry:
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics = self.workdir / "metrics.jsonl"
         if metrics.exists():  # resuming: records past the restored step will be written again
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)[STEP] <= start_step]
-            metrics.write_text("".join(line + "\n" for line in keep))
+            dropped = trim_metrics(metrics, start_step)
+            if dropped:
+                self.message(f"warning: {metrics}: dropped {dropped} unreadable line(s), the end of a write "
+                             "that a kill cut short")
         self._jsonl = open(metrics, "a")
         if run_metadata is not None and not (self.workdir / "run.json").exists():
-            (self.workdir / "run.json").write_text(json.dumps(jsonable(run_metadata), indent=2, sort_keys=True))
+            files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -258,7 +281,7 @@ def _start_wandb(workdir: Path, cfg, meta):
 
     run_id_file = workdir / "wandb_id"
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
-    run_id_file.write_text(run_id)
+    files.atomic_write(run_id_file, run_id)
     return wandb.init(project=cfg.log.wandb_project, dir=str(workdir), mode=cfg.log.wandb_mode, id=run_id,
                       resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
                       settings=wandb.Settings(console="off", x_disable_stats=True))

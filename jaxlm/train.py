@@ -112,10 +112,10 @@ class Trainer:
         micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, P(None, ("data", "fsdp"))))
 
         def body(carry, xs):
-            g_acc, l_acc = carry
+            g_acc, loss_acc = carry
             mb, i = xs
-            (_, l), g = grad_fn(params, mb, jax.random.fold_in(key, i), scale)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l), None
+            (_, loss_i), g = grad_fn(params, mb, jax.random.fold_in(key, i), scale)
+            return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_i), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.LOGITS_DTYPE)), (micro, jnp.arange(n)))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm import files
 from jaxlm import telemetry as T
 from jaxlm.errors import DataError
 
@@ -84,7 +85,7 @@ def find_runs(dirs) -> list[Run]:
             if not (run_dir / "metrics.jsonl").exists():
                 continue
             meta = json.loads(meta_file.read_text())
-            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            records, _ = T.read_metrics(run_dir / "metrics.jsonl")
             done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else None
             runs.append(Run(run_dir, meta["environment"]["device_kind"], meta["precision"]["name"],
                              bool(meta["config"]["model"]["scale_attn_by_inverse_layer_idx"]),
@@ -375,6 +376,6 @@ def build(dirs, out) -> Path:
     }
     for name in PLOTS:
         doc.img(name, captions[name])
-    (out / "report.md").write_text(doc.markdown())
-    (out / "report.html").write_text(doc.html("jaxlm precision ablation"))
+    files.atomic_write(out / "report.md", doc.markdown())
+    files.atomic_write(out / "report.html", doc.html("jaxlm precision ablation"))
     return out / "report.md"
