@@ -9,8 +9,10 @@
 
 Saves are asynchronous (training goes on while Orbax writes) and atomic: Orbax writes into a
 temporary directory and renames it when complete, so a save killed midway is never listed.
-A checkpoint that fails to restore (a truncated file) is renamed ``<step>.corrupt-<time>``
-with a warning, and the previous one is used.
+Each checkpoint's ``meta`` records a fingerprint of every array (its bit patterns summed modulo
+2**32), checked on restore. A checkpoint that fails to restore (a truncated file) or whose contents
+do not match its fingerprints (bytes flipped on disk) is renamed ``<step>.corrupt-<time>`` with a
+one-line warning naming the cause, and the previous one is used.
 
 When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and
 when ``step % every == 0`` for the first stage ``(every, until)`` with ``until >= step`` (past the
@@ -28,15 +30,34 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm import config as config_lib
-from jaxlm import telemetry
+from jaxlm import naming, telemetry
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """The sum of an array's bit patterns as unsigned integers, modulo 2**32: exact, and independent of
+    the order of summation (so of the sharding), and changed by any single damaged value."""
+    if x.dtype == jnp.bool_:
+        bits = x
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def fingerprints(state) -> dict[str, int]:
+    """{leaf name: checksum} of a train state: saved with each checkpoint, verified on restore."""
+    return {k: int(v) for k, v in naming.flat(jax.device_get(_checksums(state))).items()}
+
 
 def on_schedule(step: int, stages, total_steps: int) -> bool:
     """Whether `step` is a scheduled checkpoint (step 0, the final step, or the stage rule)."""
@@ -64,7 +85,8 @@ def state_signature(abstract_state) -> str:
 class Checkpointer:
     """Owns the Orbax manager of one run directory and the decisions of when to save."""
 
-    def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False):
+    def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False,
+                 signals: "Signals | None" = None):
         self.cfg, self.meta = cfg, meta or {}
         self.directory = Path(workdir).resolve() / "checkpoints"
         self.total = int(cfg.train.steps)
@@ -85,25 +107,26 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
         self._last_save_time = time.monotonic()
-        self.preempted: str | None = None
-        self._old_handlers: dict = {}
+        self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
 
     # --- saving --------------------------------------------------------------------------------
 
     def save(self, step: int, state, data_state: dict) -> None:
         if step in self.manager.all_steps():
             return
+        meta = dict(self.meta, step=step, state_signature=self.signature, fingerprints=fingerprints(state))
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(dict(self.meta, step=step, state_signature=self.signature))), force=True)
+            meta=ocp.args.JsonSave(meta)), force=True)
         self._last_save_time = time.monotonic()
 
     def on_step(self, step: int, state, data_state: dict) -> str | None:
         """Saves when due; on a pending SIGTERM/SIGINT saves, waits, and returns why to stop."""
-        if self.preempted or self._multihost_preemption(step):
+        asked = self.signals.received if self.signals is not None else None
+        if asked or self._multihost_preemption(step):
             self.save(step, state, data_state)
             self.manager.wait_until_finished()
-            return (f"preempted by {self.preempted or 'the cluster'}: checkpoint for step {step} saved in "
+            return (f"preempted by {asked or 'the cluster'}: checkpoint for step {step} saved in "
                     f"{self.directory}; run the same command again to resume")
         minutes = float(self.cfg.checkpoint.latest_every_minutes)
         if on_schedule(step, self.stages, self.total) or (
@@ -157,18 +180,30 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception) -> None:
         bad = self.directory / str(step)
         aside = bad.with_name(f"{step}.corrupt-{int(time.time())}")
-        warnings.warn(f"checkpoint {bad} cannot be restored ({type(error).__name__}: {str(error)[:200]}); "
+        cause = config_lib.one_line(error)
+        if len(cause) > 300:  # the cause of a long error is at its end
+            cause = "..." + cause[-300:]
+        warnings.warn(f"checkpoint {bad} cannot be restored ({type(error).__name__}: {cause}); "
                       f"moved to {aside.name}, using the previous one", stacklevel=3)
         if jax.process_index() == 0 and bad.exists():
             bad.rename(aside)
         self.manager.reload()
 
     def restore(self, step: int):
+        """(state, data_state, meta, step) of checkpoint `step`, its contents checked against the
+        fingerprints saved with it (CheckpointError naming the leaves that differ)."""
         if self.abstract_state is None:
             raise CheckpointError("restore needs the abstract train state")
         r = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
+        saved = r["meta"].get("fingerprints")
+        if saved is not None:
+            now = fingerprints(r["state"])
+            bad = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+            if bad:
+                raise CheckpointError(f"contents differ from the fingerprints saved with the checkpoint "
+                                      f"(damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
         return r["state"], r["data"], r["meta"], step
 
     def read_meta(self, step: int) -> dict:
@@ -176,22 +211,49 @@ class Checkpointer:
 
     # --- preemption -------------------------------------------------------------------------------
 
-    def install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.preempted = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old_handlers[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-
     def close(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived before training started (while data, model or checkpoint were prepared)."""
+
+
+class Signals:
+    """SIGTERM and SIGINT handling for a whole run, installed before its first long operation.
+
+    Until ``training()`` is called a signal raises :class:`Interrupted` where the program is, so
+    startup unwinds at once (every temporary file it was writing is removed on the way out); after
+    it, a signal is only recorded (``received``), and the loop saves the current step and stops.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._raise = True
+        self._old: dict = {}
+
+    def __enter__(self) -> "Signals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: signals are the caller's business
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        if self._raise:
+            raise Interrupted(self.received)
+
+    def training(self) -> None:
+        self._raise = False
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
 
 
 def other_layout(path, meta: dict, diffs: list[str]) -> str:

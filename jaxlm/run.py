@@ -26,10 +26,23 @@ from jaxlm.errors import CheckpointError, DataError
 
 
 def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.LoopResult:
-    """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains."""
-    workdir = Path(workdir)
+    """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains.
+
+    SIGTERM/SIGINT are handled from the start: during preparation the run stops at once (exit 0,
+    nothing half-written kept), during training it saves the current step and stops.
+    """
     is_main = jax.process_index() == 0
     say = log or (lambda s: print(s, flush=True) if is_main else None)
+    with checkpoint.Signals() as signals:
+        try:
+            return _run(cfg, Path(workdir), say, signals)
+        except checkpoint.Interrupted as e:
+            say(f"interrupted by {e} before training started; run the same command again to start or resume")
+            return train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
+
+
+def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResult:
+    is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
     mesh = sharding.make_mesh(cfg.mesh)
     cache = data.prepare(cfg, workdir, log=say)
@@ -50,31 +63,32 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })
-    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta)
-    restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
-                                   current_config=meta["config"])
-    loader = data.train_loader(cache, cfg)
-    epoch_len = len(loader.rows)
-
-    def data_state(step):
-        return {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
-
-    if restored is not None:
-        state, saved_data, _, start = restored
-        if int(saved_data["next_index"]) != start:
-            raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
-        say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
-    else:
-        state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
-        start = 0
-        ckpt.save(0, state, data_state(0))
-    loader.set_state(data_state(start))  # batch k is the one step k consumes
-    batches = data.device_prefetch(loader, trainer.batch_sharding)
-    eval_fn = _validation_batches(cache, cfg, trainer, say)
-
-    tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
-    ckpt.install_signal_handlers()
+    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
+                                   signals=signals)
+    tele = None
     try:
+        restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
+                                       current_config=meta["config"])
+        loader = data.train_loader(cache, cfg)
+        epoch_len = len(loader.rows)
+
+        def data_state(step):
+            return {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
+
+        if restored is not None:
+            state, saved_data, _, start = restored
+            if int(saved_data["next_index"]) != start:
+                raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
+            say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+        else:
+            state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
+            start = 0
+            ckpt.save(0, state, data_state(0))
+        loader.set_state(data_state(start))  # batch k is the one step k consumes
+        batches = data.device_prefetch(loader, trainer.batch_sharding)
+        eval_fn = _validation_batches(cache, cfg, trainer, say)
+
+        tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
         result = train.LoopResult(state, start)
         if start < cfg.train.steps:
             t0 = time.perf_counter()
@@ -82,9 +96,10 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
             trainer.train_step.lower(state, first).compile()
             tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
             batches = _chain([first], batches)
+            signals.training()  # from here a signal saves the current step and stops
             result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,
                                 on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
-        result.preempted = ckpt.preempted is not None
+        result.preempted = signals.received is not None
         if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
             files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped})
         if result.stopped:
@@ -92,7 +107,8 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
         else:
             tele.message(f"done: step {result.step} of {cfg.train.steps}; run directory {workdir}")
     finally:
-        tele.close()
+        if tele is not None:
+            tele.close()
         ckpt.close()
     return result
 

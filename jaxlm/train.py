@@ -179,6 +179,22 @@ def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:
     return {telemetry.EVAL_LOSS: loss, telemetry.EVAL_PERPLEXITY: telemetry.perplexity(loss)}
 
 
+def _nonfinite_stop(record: dict, step: int, policy: precision.Policy) -> str | None:
+    """Why a run must stop at this log record, if it must: a non-finite loss, gradient or parameter
+    norm outside fp16 (where dynamic loss scaling skips such steps and goes on)."""
+    if policy.is_fp16 or not record:
+        return None
+    what = [name for name, bad in (
+        ("loss or gradients", record.get(telemetry.NONFINITE)),
+        ("parameter norm", telemetry.PARAM_NORM in record and not np.isfinite(record[telemetry.PARAM_NORM])),
+    ) if bad]
+    if not what:
+        return None
+    return (f"non-finite {' and '.join(what)} at step {step} in regime {policy.name!r} (no loss scaling "
+            "outside fp16); the run stops. Lower optim.lr, check the data and the checkpoint it resumed from, "
+            "or set train.stop_on_nonfinite=False to continue")
+
+
 def loop(
     trainer: Trainer,
     state: TrainState,
@@ -232,11 +248,7 @@ def loop(
             tele.log(step, record)
         if not window:
             t_window = time.perf_counter()
-        stop = None
-        if record.get(telemetry.NONFINITE) and not trainer.policy.is_fp16 and cfg.train.stop_on_nonfinite:
-            stop = (f"non-finite loss or gradients at step {step} in regime {trainer.policy.name!r} "
-                    f"(no loss scaling outside fp16); the update was skipped and the run stops. Lower optim.lr, "
-                    "check the data, or set train.stop_on_nonfinite=False to continue")
+        stop = _nonfinite_stop(record, step, trainer.policy) if cfg.train.stop_on_nonfinite else None
         if on_step is not None:
             stop = on_step(step, state) or stop
         if stop:

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "jaxlm"
 # layout table describes the same order.
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
-    ["jaxlm.naming", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
+    ["jaxlm.naming", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
     ["jaxlm.attention"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",

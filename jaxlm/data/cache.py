@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -57,10 +58,27 @@ def _publish(tmp: Path, final: Path) -> Path:
 
 
 def _tmp_dir(parent: Path, name: str) -> Path:
+    """A fresh temporary directory under `parent`, named after its owner (host and process id), after
+    removing any earlier one whose owner on this host is gone (a build killed with SIGKILL)."""
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    host = socket.gethostname()
+    for old in parent.glob(f".tmp-*-{host}-*"):
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = parent / f".tmp-{name}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclasses.dataclass
@@ -109,8 +127,11 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     tok = tok_lib.train(source.documents("train"), data_cfg.vocab_size,
                         max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
     tmp = _tmp_dir(final.parent, key)
-    (tmp / "tokenizer.model").write_bytes(tok.proto)
-    _publish(tmp, final)
+    try:
+        (tmp / "tokenizer.model").write_bytes(tok.proto)
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"tokenizer trained in {time.time() - t0:.1f}s -> {final / 'tokenizer.model'}")
     return tok_lib.Tokenizer.load(final / "tokenizer.model")
 
@@ -171,8 +192,16 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCac
         return TokenCache.open(final)
 
     log(f"tokenizing {source.spec} into {final} (seq_len {seq_len})")
-    t0 = time.time()
     tmp = _tmp_dir(final.parent, key)
+    try:  # whatever stops the build (an error, SIGINT, SIGTERM) removes its temporary directory
+        return _build_into(tmp, final, source, tok, data_cfg, seq_len, fingerprint, key, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(tmp: Path, final: Path, source, tok, data_cfg, seq_len: int, fingerprint: dict, key: str,
+                log) -> TokenCache:
+    t0 = time.time()
     splits, counters = {}, sources_lib.Counters()
     for split in sources_lib.SPLITS:
         source.counters = sources_lib.Counters()
@@ -184,10 +213,8 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCac
                 setattr(counters, f, getattr(counters, f) + getattr(source.counters, f))
     counters = {k: v for k, v in dataclasses.asdict(counters).items() if k != "documents"}
     if splits["train"]["documents"] == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"data.source={data_cfg.source!r}: the corpus is empty or all whitespace")
     if splits["train"]["sequences"] == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
             f"data.source={data_cfg.source!r}: {splits['train']['tokens']} training tokens make no sequence of "
             f"train.seq_len+1={seq_len + 1} tokens; use a larger corpus or a shorter train.seq_len"
@@ -201,6 +228,9 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCac
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _publish(tmp, final)
     s = splits["train"]
+    if counters["replaced_bytes_documents"]:
+        log(f"warning: {counters['replaced_bytes_documents']:,} documents had bytes that are not UTF-8; they were "
+            "replaced by U+FFFD (the counts are in the cache's manifest.json)")
     log(f"cached {s['documents']:,} documents, {s['tokens']:,} tokens, {s['sequences']:,} training sequences "
         f"(+{splits['validation']['sequences']:,} validation) in {time.time() - t0:.1f}s")
     return TokenCache.open(final)
