@@ -11,8 +11,9 @@ library too. ``run`` then gives each tool the same behaviour:
 
 * ``--help`` lists every flag of the tool;
 * a bad flag (unknown, malformed, a config key that does not exist or a value of the wrong type, a
-  config file that is not there), and any :class:`jaxlm.errors.JaxlmError` raised while working,
-  end as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback;
+  config file that is not there), any :class:`jaxlm.errors.JaxlmError` raised while working, and an
+  OSError about a path (unreadable, unwritable, a file where a directory belongs, a full disk) end
+  as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback;
 * library INFO logs (absl, Orbax, JAX) stay off the console; warnings and errors still show.
 """
 
@@ -43,6 +44,10 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
             return main(argv)
         except JaxlmError as e:
             fail(e)
+        except OSError as e:  # a path the user gave that cannot be read or written (permissions, a file, no space)
+            if e.filename is None:
+                raise
+            fail(f"{e.filename}: {e.strerror}; check the path and its permissions")
 
     app.run(guarded, flags_parser=parse_flags)
 

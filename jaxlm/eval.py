@@ -111,6 +111,12 @@ def evaluate(graphdef, params, text: Text, context: int, stride: int) -> dict[st
             "bytes": text.n_bytes}
 
 
+# Said with every result: the training-time eval/loss is another estimate of the same quantity.
+METHOD = ("every token of the text scored once, with at least context - stride tokens of context (context "
+          "{context}, stride {stride}); the eval/loss logged during training is the mean over train.eval_batches "
+          "batches of non-overlapping seq_len windows, so the two differ slightly")
+
+
 def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, data_spec: str | None = None,
                  context: int = 0, stride: int = 0, max_docs: int = 0, log=print) -> list[dict]:
     workdir = Path(workdir)
@@ -122,11 +128,13 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
     text = load_text(cfg, meta, data_spec, max_docs)
     log(f"evaluating on {text.n_documents} documents, {len(text.tokens):,} tokens, {text.n_bytes:,} bytes "
         f"(context {context}, stride {stride})")
+    log(f"method: {METHOD.format(context=context, stride=stride)}")
     steps = checkpoint.saved_steps(workdir) if all_steps else [last]
     rows = []
     for s in steps:
         params = state.params if s == last else run_lib.load_run(workdir, s)[2].params
-        r = {"step": s, **evaluate(trainer.graphdef, params, text, context, stride)}
+        r = {"step": s, **evaluate(trainer.graphdef, params, text, context, stride),
+             "method": METHOD.format(context=context, stride=stride)}
         log(f"step {s:>8}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte {r['bits_per_byte']:.4f}")
         rows.append(r)
     if all_steps:
@@ -137,7 +145,8 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
 
 def write_curve(rows: list[dict], out_dir: Path) -> None:
     text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    w = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k != "method"], lineterminator="\n",
+                       extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     files.atomic_write(out_dir / "eval.csv", text.getvalue())
@@ -149,9 +158,10 @@ def write_curve(rows: list[dict], out_dir: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [max(r["step"], 1) for r in rows]
     ax[0].plot(steps, [r["perplexity"] for r in rows], "o-")
-    ax[0].set(xscale="log", yscale="log", xlabel="step (log)", ylabel="perplexity", title="validation perplexity")
+    xlabel = "step (log scale; step 0 drawn at 1)" if rows[0]["step"] == 0 else "step (log scale)"
+    ax[0].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="perplexity", title="validation perplexity")
     ax[1].plot(steps, [r["bits_per_byte"] for r in rows], "o-", color="C1")
-    ax[1].set(xscale="log", xlabel="step (log)", ylabel="bits per byte", title="bits per byte")
+    ax[1].set(xscale="log", xlabel=xlabel, ylabel="bits per byte", title="bits per byte")
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()

@@ -133,6 +133,9 @@ def _validation_batches(cache, cfg, trainer, say):
         say(f"warning: periodic evaluation is off: {e}")
         return None
     n_eval = min(cfg.train.eval_batches, len(val))
+    say(f"periodic evaluation: every {cfg.train.eval_every} steps, mean loss over {n_eval} validation batches of "
+        f"{trainer.micro} x {cfg.train.seq_len}-token windows (python -m jaxlm.eval scores every token of the "
+        "validation text with a sliding window; the two estimates differ slightly)")
     return lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
 
 

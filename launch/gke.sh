@@ -28,6 +28,7 @@ while [ $# -gt 0 ]; do
     --pvc) pvc="$2"; shift 2 ;;
     --retries) retries="$2"; shift 2 ;;
     --) shift; break ;;
+    -h|--help) sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done

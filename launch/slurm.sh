@@ -15,6 +15,7 @@ while [ $# -gt 0 ]; do
     --time) time_limit="$2"; shift 2 ;;
     --partition) partition="$2"; shift 2 ;;
     --) shift; break ;;
+    -h|--help) sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done

@@ -16,6 +16,7 @@ while [ $# -gt 0 ]; do
     --env) env_file="$2"; shift 2 ;;
     --) shift; break ;;
     all|create|setup|train|logs|delete) step="$1"; shift ;;
+    -h|--help) sed -n '2,/^set -/{/^set -/d;s/^# \{0,1\}//;p;}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
+from jaxlm import telemetry
 from jaxlm.errors import ConfigError
 
 
@@ -61,6 +63,16 @@ def is_done(workdir: Path, steps: int) -> bool:
     return bool(d.get("stopped")) or d.get("step", 0) >= steps
 
 
+def outcome(workdir: Path) -> str:
+    """'finished', or 'diverged' with the first step whose logged training loss is not finite."""
+    records, _ = telemetry.read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else ([], 0)
+    for r in records:
+        loss = r.get(telemetry.LOSS)
+        if loss is not None and not math.isfinite(float(loss)):
+            return f"diverged (non-finite training loss at step {r[telemetry.STEP]})"
+    return "finished"
+
+
 def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) -> list[tuple[Cell, str]]:
     """Runs every cell not yet done; returns (cell, status) for all. Stops at a preemption."""
     out = Path(out)
@@ -81,6 +93,6 @@ def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) ->
             status.append((cell, "interrupted"))
             log(f"interrupted in {cell.name} at step {result.step}; run the same command again to resume the grid")
             break
-        status.append((cell, result.stopped or "finished"))
+        status.append((cell, result.stopped or outcome(workdir)))
     bar.close()
     return status

@@ -78,9 +78,10 @@ def _lines(docs: Iterable[str], max_docs: int, max_chars: int):
 def train(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000, max_chars: int = 50_000_000) -> Tokenizer:
     """Trains a BPE SentencePiece model on the first documents of `docs`."""
     buf = io.BytesIO()
+    lines = _Guarded(_lines(docs, max_docs, max_chars))
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(docs, max_docs, max_chars),
+            sentence_iterator=lines,
             model_writer=buf,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -98,6 +99,8 @@ def train(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000, max_c
             minloglevel=2,
         )
     except RuntimeError as e:
+        if lines.error is not None:
+            raise lines.error from None
         msg = str(e)
         m = re.search(r"<= (\d+)", msg)
         if "Vocabulary size" in msg or m:
@@ -109,4 +112,27 @@ def train(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000, max_c
         if "empty" in msg.lower() or "no sentence" in msg.lower():
             raise DataError("the corpus has no text to train a tokenizer on; check data.source") from None
         raise DataError(f"training the SentencePiece tokenizer failed: {msg}") from None
+    if lines.error is not None:
+        raise lines.error from None
     return Tokenizer(buf.getvalue())
+
+
+class _Guarded:
+    """An iterator handed to SentencePiece's C++ trainer that keeps an exception raised while reading the
+    corpus (a malformed line, say) to re-raise it unchanged afterwards: through the C++ layer it would
+    come back as a RuntimeError with a stack dump appended."""
+
+    def __init__(self, it):
+        self.it, self.error = it, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise StopIteration from None
