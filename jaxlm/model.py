@@ -17,6 +17,7 @@ then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -109,22 +110,24 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-class _Dropout:
-    """Inverted dropout with an explicit key (None or rate 0: identity). Wraps nnx.Dropout."""
+def dropout(x, rate: float, key: jax.Array | None):
+    """Inverted dropout (the same draws as ``nnx.Dropout``); the identity without a key or at rate 0."""
+    if key is None or rate == 0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, p=keep, shape=x.shape, out_sharding=jax.typeof(x).sharding)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
-    def __init__(self, rate: float, key: jax.Array | None):
-        self.module = nnx.Dropout(rate) if rate > 0 else None
-        self.key = key
 
-    def __call__(self, x):
-        if self.module is None or self.key is None:
-            return x
-        return self.module(x, deterministic=False, rngs=self.key)
+class Stats(nnx.Intermediate):
+    """Per-layer telemetry the modules sow when ``collect_stats`` is set (see ``apply``)."""
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *, rngs: nnx.Rngs):
         self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
+        self.implementation, self.dropout_implementation = implementations  # see _attention_implementations
+        self.collect_stats = False
         d = cfg.n_embd
         # One fused QKV projection whose output is laid out (3, n_head, head_dim): HF's (d, 3d)
         # Conv1D weight reshaped. The head axis is its own dim so tensor parallelism shards whole
@@ -133,29 +136,38 @@ class Attention(nnx.Module):
         self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs)
         self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
 
-    def __call__(self, x_BTD, *, keys=(None, None), collect_stats=False, kv=None, mask_TS=None):
+    def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None):
+        """(output, cache with this call's keys and values appended); `keys`: probabilities' and output's dropout."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
+        probs_key, out_key = keys
         qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), "qkv")
-        q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
-        if kv is not None:  # a KV cache: kv(k, v) stores the new entries and returns all keys/values
-            k_BTHK, v_BTHK = kv(k_BTHK, v_BTHK)
-        impl = attn_lib.resolve_implementation(
-            cfg.attention_impl, self.policy, head_dim=cfg.head_dim,
-            dropout=cfg.attn_pdrop > 0 and keys[0] is not None,
-            query_key_layer_scaling=cfg.query_key_layer_scaling,
-        )
+        q_BTHK, k_BSHK, v_BSHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+        mask_TS = None  # causal over the T positions
+        if cache is not None:  # decoding: the queries also see every position written before
+            mask_TS = cache.mask_TS(T)
+            cache = cache.append(k_BSHK, v_BSHK)
+            k_BSHK, v_BSHK = cache.k_BSHK, cache.v_BSHK
         with jax.named_scope("core"):  # QK^T, softmax, PV: the part cuDNN fuses
             out_BTHK, stats = attn_lib.attention(
-                q_BTHK, k_BTHK, v_BTHK, policy=self.policy, layer_idx=self.layer_idx,
+                q_BTHK, k_BSHK, v_BSHK, policy=self.policy, layer_idx=self.layer_idx,
                 inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
                 query_key_layer_scaling=cfg.query_key_layer_scaling,
-                implementation=impl, mask_TS=mask_TS,
-                probs_dropout=_Dropout(cfg.attn_pdrop, keys[0]) if keys[0] is not None else None,
-                collect_stats=collect_stats,
+                implementation=self._implementation(probs_key), mask_TS=mask_TS,
+                probs_dropout=functools.partial(dropout, rate=cfg.attn_pdrop, key=probs_key),
+                collect_stats=self.collect_stats,
             )
-        y = self.c_proj(out_BTHK.reshape(B, T, D))
-        return _Dropout(cfg.resid_pdrop, keys[1])(y), stats
+        if self.collect_stats:
+            for name, value in (("attn_max", stats.max), ("attn_min", stats.min), ("nonfinite", stats.nonfinite)):
+                self.sow(Stats, name, value)
+        return dropout(self.c_proj(out_BTHK.reshape(B, T, D)), cfg.resid_pdrop, out_key), cache
+
+    def _implementation(self, probs_key):
+        if probs_key is None or self.cfg.attn_pdrop == 0:
+            return self.implementation
+        if self.dropout_implementation is None:  # attention_impl cannot drop out: say why
+            attn_lib.resolve_implementation(**_resolve_args(self.cfg, self.policy), dropout=True)
+        return self.dropout_implementation
 
 
 class MLP(nnx.Module):
@@ -165,28 +177,32 @@ class MLP(nnx.Module):
         self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
         self.resid_pdrop = cfg.resid_pdrop
 
-    def __call__(self, x_BTD, *, key=None):
+    def __call__(self, x_BTD, key=None):
         h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
-        return _Dropout(self.resid_pdrop, key)(self.c_proj(h_BTF))
+        return dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *,
+                 rngs: nnx.Rngs):
         self.ln_1 = _layernorm(cfg, policy, rngs)
-        self.attn = Attention(cfg, policy, layer_idx, rngs=rngs)
+        self.attn = Attention(cfg, policy, layer_idx, implementations, rngs=rngs)
         self.ln_2 = _layernorm(cfg, policy, rngs)
         self.mlp = MLP(cfg, policy, rngs=rngs)
+        self.collect_stats = False
 
-    def __call__(self, x_BTD, *, key=None, collect_stats=False, kv=None, mask_TS=None):
-        keys = tuple(jax.random.split(key, 3)) if key is not None else (None, None, None)
+    def __call__(self, x_BTD, key=None, cache: attn_lib.KVCache | None = None):
+        """(x + attn(ln_1(x)), then + mlp(ln_2(x)); this layer's updated cache)."""
+        *attn_keys, mlp_key = _split(key, 3)
         # named scopes ("attn", "attn/core", "mlp", ...) label the compiled ops: jaxlm.profiling sums by them
         with jax.named_scope("attn"):
-            a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
-                                 kv=kv, mask_TS=mask_TS)
-            x_BTD = sharding.constrain(x_BTD + a, "residual")
+            a_BTD, cache = self.attn(self.ln_1(x_BTD), attn_keys, cache)
+            x_BTD = sharding.constrain(x_BTD + a_BTD, "residual")
         with jax.named_scope("mlp"):
-            x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2]), "residual")
-        return x_BTD, stats
+            x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
+        if self.collect_stats:
+            self.sow(Stats, "resid_rms", _rms(x_BTD))
+        return x_BTD, cache
 
 
 class GPT2(nnx.Module):
@@ -198,11 +214,13 @@ class GPT2(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
+        self.collect_stats = False
         init = nnx.initializers.normal(cfg.initializer_range)
         emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, embedding_init=init, rngs=rngs)
         self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, **{**emb, "embedding_init": _zero_padded(init, cfg.vocab_size)})
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, **emb)
-        self.h = nnx.List([Block(cfg, policy, i, rngs=rngs) for i in range(cfg.n_layer)])
+        impls = _attention_implementations(cfg, policy)
+        self.h = nnx.List([Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layernorm(cfg, policy, rngs)
 
     def __call__(
@@ -211,63 +229,82 @@ class GPT2(nnx.Module):
         *,
         positions_BT: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-        collect_stats: bool = False,
-        cache: Any = None,
+        cache: tuple[attn_lib.KVCache, ...] | None = None,
     ):
-        """Logits for `tokens_BT`; with `collect_stats=True` returns (logits, stats dict).
+        """Logits for `tokens_BT`; given a `cache` (``empty_cache``), (logits, the cache with these tokens).
 
-        `dropout_key=None` means evaluation (no dropout). `cache` is a KV cache from
-        ``jaxlm.generate`` (its per-layer hooks and mask); None for ordinary training/eval.
-        Stats (per layer, float32/bool of shape (n_layer,)): resid_rms, attn_max, attn_min,
-        nonfinite — what explains an unstable run.
+        `dropout_key=None` means evaluation (no dropout). Positions default to 0.. (after the
+        cache's filled positions). Per-layer statistics: ``apply(..., collect_stats=True)``.
         """
         cfg = self.cfg
-        T = tokens_BT.shape[-1]
         if positions_BT is None:
-            if T > cfg.n_positions:
-                raise ConfigError(
-                    f"sequence length {T} exceeds model.n_positions={cfg.n_positions}; "
-                    "use a shorter train.seq_len or a model with more positions"
-                )
-            positions_BT = jnp.arange(T)[None, :]
-        keys = (list(jax.random.split(dropout_key, cfg.n_layer + 1)) if dropout_key is not None
-                else [None] * (cfg.n_layer + 1))
-        # The token embedding is also the head: lay it out once for both uses (sharding.ACTIVATIONS).
+            positions_BT = _positions(cfg, tokens_BT.shape[-1], cache)
+        keys = _split(dropout_key, cfg.n_layer + 1)
+        # The token embedding is also the head: lay it out once for both uses.
         wte_VD = sharding.constrain(self.wte.embedding[...], "vocab_table")
-        compute = self.policy.compute_dtype
         with jax.named_scope("embed"):
-            x_BTD = sharding.constrain(jnp.take(wte_VD.astype(compute), tokens_BT, axis=0) + self.wpe(positions_BT),
-                                       "residual")
-            x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
-        stats = []
-        remat_policy = REMAT_POLICIES[cfg.remat]
-        remat_block = (nnx.remat(_run_block, policy=remat_policy)
-                       if remat_policy is not None and cache is None and not collect_stats else None)
+            x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
+            x_BTD = dropout(sharding.constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
+        block_fn = self._block_fn(cache)
+        new_cache = []
         for i, block in enumerate(self.h):
-            if remat_block is not None:  # training and plain evaluation; never with stats or a KV cache
-                x_BTD, _ = remat_block(block, x_BTD, keys[i])
-                continue
-            kv = cache.layer(i) if cache is not None else None
-            mask = cache.mask_TS(T) if cache is not None else None
-            x_BTD, s = block(x_BTD, key=keys[i], collect_stats=collect_stats, kv=kv, mask_TS=mask)
-            if collect_stats:
-                stats.append((_rms(x_BTD), s))
+            x_BTD, layer_cache = block_fn(block, x_BTD, keys[i], None if cache is None else cache[i])
+            new_cache.append(layer_cache)
         with jax.named_scope("head"):
-            x_BTD = self.ln_f(x_BTD)
-            logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
-                                          out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
-            logits_BTV = sharding.constrain(logits_BTV, "logits")
-            if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
-                real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-                logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
-        if not collect_stats:
-            return logits_BTV
-        return logits_BTV, {
-            "resid_rms": jnp.stack([r for r, _ in stats]),
-            "attn_max": jnp.stack([s.max for _, s in stats]),
-            "attn_min": jnp.stack([s.min for _, s in stats]),
-            "nonfinite": jnp.stack([s.nonfinite | ~jnp.isfinite(r) for r, s in stats]),
-        }
+            logits_BTV = self._head(self.ln_f(x_BTD), wte_VD)
+        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+
+    def _block_fn(self, cache):
+        """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if policy is None or cache is not None or self.collect_stats:
+            return Block.__call__
+        return nnx.remat(Block.__call__, policy=policy)
+
+    def _head(self, x_BTD, wte_VD):
+        """Float32 logits against the tied token table; the table's padding rows masked."""
+        cfg, compute = self.cfg, self.policy.compute_dtype
+        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
+                                      out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
+        logits_BTV = sharding.constrain(logits_BTV, "logits")
+        if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
+            real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
+        return logits_BTV
+
+
+def _positions(cfg: GPT2Config, T: int, cache):
+    if T > cfg.n_positions:
+        raise ConfigError(
+            f"sequence length {T} exceeds model.n_positions={cfg.n_positions}; "
+            "use a shorter train.seq_len or a model with more positions"
+        )
+    start = 0 if cache is None else cache[0].index
+    return start + jnp.arange(T)[None, :]
+
+
+def _split(key, n: int) -> tuple:
+    return tuple(jax.random.split(key, n)) if key is not None else (None,) * n
+
+
+def _resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
+    return dict(impl=cfg.attention_impl, policy=policy, head_dim=cfg.head_dim,
+                query_key_layer_scaling=cfg.query_key_layer_scaling)
+
+
+def _attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
+    """The attention implementation without attention dropout and with it, decided once per model.
+
+    They differ where cuDNN serves evaluation but training drops attention probabilities out (cuDNN
+    cannot). None: `attention_impl` forces cuDNN, which cannot run a pass with attention dropout.
+    """
+    plain = attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=False)
+    if cfg.attn_pdrop == 0:
+        return plain, plain
+    try:
+        return plain, attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=True)
+    except ConfigError:
+        return plain, None
 
 
 def _zero_padded(init, rows: int):
@@ -277,10 +314,6 @@ def _zero_padded(init, rows: int):
         return jnp.pad(init(key, (rows, *shape[1:]), dtype), ((0, shape[0] - rows), (0, 0)))
 
     return f
-
-
-def _run_block(block, x_BTD, key):
-    return block(x_BTD, key=key)
 
 
 def _linear(d_in, d_out, std, policy, rngs):
@@ -322,9 +355,33 @@ def abstract(cfg: GPT2Config, policy: precision.Policy):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef, params, tokens_BT, **kwargs):
-    """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits."""
-    return nnx.merge(graphdef, params)(tokens_BT, **kwargs)
+def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, **kwargs):
+    """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits.
+
+    With `collect_stats=True` returns (output, stats): per layer (float32/bool of shape (n_layer,))
+    resid_rms, attn_max, attn_min, nonfinite -- what explains an unstable run. The modules sow them
+    only then (a static flag), so without it the program has none of their ops.
+    """
+    model = nnx.merge(graphdef, params)
+    if not collect_stats:
+        return model(tokens_BT, **kwargs)
+    model.set_attributes(collect_stats=True)
+    out, sown = nnx.capture(model, Stats)(tokens_BT, **kwargs)
+    layers = [nnx.to_pure_dict(sown["h"][i]) for i in range(model.cfg.n_layer)]
+    per_layer = lambda get: jnp.stack([get(layer) for layer in layers])
+    rms = per_layer(lambda layer: layer["resid_rms"][0])
+    return out, {
+        "resid_rms": rms,
+        "attn_max": per_layer(lambda layer: layer["attn"]["attn_max"][0]),
+        "attn_min": per_layer(lambda layer: layer["attn"]["attn_min"][0]),
+        "nonfinite": per_layer(lambda layer: layer["attn"]["nonfinite"][0]) | ~jnp.isfinite(rms),
+    }
+
+
+def empty_cache(cfg: GPT2Config, batch: int, dtype) -> tuple[attn_lib.KVCache, ...]:
+    """A KV cache for ``GPT2.__call__``: per layer, room for n_positions keys and values, none filled."""
+    return tuple(attn_lib.KVCache.empty(batch, cfg.n_positions, cfg.n_head, cfg.head_dim, dtype)
+                 for _ in range(cfg.n_layer))
 
 
 def count_params(params, cfg: GPT2Config | None = None) -> int:
