@@ -6,9 +6,11 @@
 Parameter names follow Hugging Face (wte, wpe, h[i].ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and Linear kernels are (in, out) like HF's Conv1D, so weights move
 both ways without transposes (see ``jaxlm.hf``); c_attn's output axis is kept as (3, n_head,
-head_dim), HF's 3·n_embd reshaped. Every dtype comes from the precision policy. The large
-activations are named for ``sharding.constrain`` (residual, qkv, mlp, logits, vocab_table),
-which lays them out on the mesh in a train step and does nothing outside one.
+head_dim), HF's 3·n_embd reshaped. Every dtype comes from the precision policy.
+
+Every parameter and each large activation (``ACTIVATIONS``: residual, qkv, mlp, logits,
+vocab_table) declares its logical axes where it is made; ``jaxlm.sharding`` maps them to the
+mesh in a train step, and outside one they mean nothing.
 
 Use it functionally (Flax's fast pattern): ``graphdef, params = create(cfg, policy, seed)`` once,
 then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
@@ -26,8 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import attention as attn_lib
-from jaxlm import precision
-from jaxlm import sharding
+from jaxlm import naming, precision
 from jaxlm.errors import ConfigError
 
 
@@ -100,6 +101,19 @@ REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
 }
 
+# Logical axes, the names jaxlm.sharding's one table maps to mesh axes:
+#   batch, length    a batch of sequences          vocab, positions  the embedding tables' rows
+#   embed            d_model of a weight matrix    act_embed         d_model of an activation, or of a
+#   qkv, heads, head_dim   c_attn's output (3, H, K)                 vector added to one (bias, LayerNorm)
+#   mlp              the MLP's hidden width
+ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "residual": ("batch", "length", "act_embed"),  # (B, T, D)
+    "qkv": ("batch", "length", "qkv", "heads", "head_dim"),  # (B, T, 3, H, K)
+    "mlp": ("batch", "length", "mlp"),  # (B, T, 4D)
+    "logits": ("batch", "length", "vocab"),  # (B, T, V)
+    "vocab_table": ("vocab", "act_embed"),  # (V, D): the tied token table as the forward uses it
+}
+
 # Sizes of the released GPT-2 family (vocab 50257, 1024 positions).
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4),
@@ -133,15 +147,18 @@ class Attention(nnx.Module):
         # Conv1D weight reshaped. The head axis is its own dim so tensor parallelism shards whole
         # heads of q, k and v alike (jaxlm/sharding.py); a flat 3d axis split over devices would
         # cut across q|k|v and cost a reshuffle of activations in every layer.
-        self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs)
-        self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+        self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs,
+                              ("embed", "qkv", "heads", "head_dim"), ("qkv", "heads", "head_dim"))
+        # its input is the heads side by side (H·K), split over devices as c_attn's output is
+        self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
+                              ("heads", "embed"), ("act_embed",))
 
     def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None):
         """(output, cache with this call's keys and values appended); `keys`: probabilities' and output's dropout."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         probs_key, out_key = keys
-        qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), "qkv")
+        qkv_BT3HK = constrain(self.c_attn(x_BTD), "qkv")
         q_BTHK, k_BSHK, v_BSHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
         mask_TS = None  # causal over the T positions
         if cache is not None:  # decoding: the queries also see every position written before
@@ -173,12 +190,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         d = cfg.n_embd
-        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs)
-        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs, ("embed", "mlp"), ("mlp",))
+        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
+                              ("mlp", "embed"), ("act_embed",))
         self.resid_pdrop = cfg.resid_pdrop
 
     def __call__(self, x_BTD, key=None):
-        h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
+        h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
         return dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
 
 
@@ -197,9 +215,9 @@ class Block(nnx.Module):
         # named scopes ("attn", "attn/core", "mlp", ...) label the compiled ops: jaxlm.profiling sums by them
         with jax.named_scope("attn"):
             a_BTD, cache = self.attn(self.ln_1(x_BTD), attn_keys, cache)
-            x_BTD = sharding.constrain(x_BTD + a_BTD, "residual")
+            x_BTD = constrain(x_BTD + a_BTD, "residual")
         with jax.named_scope("mlp"):
-            x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
+            x_BTD = constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
         if self.collect_stats:
             self.sow(Stats, "resid_rms", _rms(x_BTD))
         return x_BTD, cache
@@ -216,9 +234,11 @@ class GPT2(nnx.Module):
         self.cfg, self.policy = cfg, policy
         self.collect_stats = False
         init = nnx.initializers.normal(cfg.initializer_range)
-        emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, embedding_init=init, rngs=rngs)
-        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, **{**emb, "embedding_init": _zero_padded(init, cfg.vocab_size)})
-        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, **emb)
+        emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, rngs=rngs)
+        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, embedding_init=_zero_padded(init, cfg.vocab_size),
+                             embedding_metadata=_axes("vocab", "embed"), **emb)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
+                             embedding_metadata=_axes("positions", "embed"), **emb)
         impls = _attention_implementations(cfg, policy)
         self.h = nnx.List([Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layernorm(cfg, policy, rngs)
@@ -241,10 +261,10 @@ class GPT2(nnx.Module):
             positions_BT = _positions(cfg, tokens_BT.shape[-1], cache)
         keys = _split(dropout_key, cfg.n_layer + 1)
         # The token embedding is also the head: lay it out once for both uses.
-        wte_VD = sharding.constrain(self.wte.embedding[...], "vocab_table")
+        wte_VD = constrain(self.wte.embedding[...], "vocab_table")
         with jax.named_scope("embed"):
             x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
-            x_BTD = dropout(sharding.constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
+            x_BTD = dropout(constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
         block_fn = self._block_fn(cache)
         new_cache = []
         for i, block in enumerate(self.h):
@@ -266,7 +286,7 @@ class GPT2(nnx.Module):
         cfg, compute = self.cfg, self.policy.compute_dtype
         logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
                                       out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
-        logits_BTV = sharding.constrain(logits_BTV, "logits")
+        logits_BTV = constrain(logits_BTV, "logits")
         if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
             real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
@@ -316,19 +336,33 @@ def _zero_padded(init, rows: int):
     return f
 
 
-def _linear(d_in, d_out, std, policy, rngs):
+def _axes(*names: str) -> dict:
+    """Variable metadata declaring a parameter's logical axes (Flax's ``out_sharding``). Not applied
+    when the parameter is made (no eager sharding: the model has no mesh); ``jaxlm.sharding`` reads it."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes):
     """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape."""
     return nnx.LinearGeneral(
         d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
         precision=policy.matmul_precision, rngs=rngs,
+        kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes),
     )
 
 
 def _layernorm(cfg, policy, rngs):
     # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is.
     return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
-                         param_dtype=policy.param_dtype, rngs=rngs)
+                         param_dtype=policy.param_dtype, rngs=rngs,
+                         scale_metadata=_axes("act_embed"), bias_metadata=_axes("act_embed"))
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """Activation `x` of kind `kind` (``ACTIVATIONS``) laid out as the installed layout says (a train
+    step's ``sharding.use_mesh``); the identity otherwise."""
+    return naming.constrain(x, ACTIVATIONS[kind], f"the {kind} activation")
 
 
 def _rms(x):
@@ -342,7 +376,7 @@ def create(cfg: GPT2Config, policy: precision.Policy, seed: int | jax.Array = 0)
     """Initialise GPT-2 as GPT-2/Mistral do; returns (graphdef, params) for ``apply``.
 
     `params` is a plain nested dict of arrays (``params["h"][0]["attn"]["c_attn"]["kernel"]``),
-    which optax, Orbax and the sharding rules take as is.
+    which optax, Orbax and the sharding rules take as is (``param_axes`` gives each one's logical axes).
     """
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     graphdef, state = nnx.split(GPT2(cfg, policy, rngs=nnx.Rngs(params=key)))
@@ -382,6 +416,28 @@ def empty_cache(cfg: GPT2Config, batch: int, dtype) -> tuple[attn_lib.KVCache, .
     """A KV cache for ``GPT2.__call__``: per layer, room for n_positions keys and values, none filled."""
     return tuple(attn_lib.KVCache.empty(batch, cfg.n_positions, cfg.n_head, cfg.head_dim, dtype)
                  for _ in range(cfg.n_layer))
+
+
+def param_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of the parameter `name` ('h.3.attn.c_attn.kernel'; a prefix such as 'params.' or
+    an optimizer moment's path is ignored), as its module declared them. KeyError if there is none."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    declared = _declared_axes()
+    for i in range(len(parts)):
+        if ".".join(parts[i:]) in declared:
+            return declared[".".join(parts[i:])]
+    raise KeyError(name)
+
+
+@functools.cache
+def _declared_axes() -> dict[str, tuple[str, ...]]:
+    """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
+    layer and every size (read off a small abstract model)."""
+    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference")
+    _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
+    variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]
+            for path, v in variables}
 
 
 def count_params(params, cfg: GPT2Config | None = None) -> int:
