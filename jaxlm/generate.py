@@ -5,7 +5,8 @@
 
 The prompt is run once (prefill) into a cache of keys and values (``model.empty_cache``: per
 layer batch × n_positions × heads × head size), which the model takes and returns; each new token
-then attends to the cache (one jitted decode step per token). ``temperature=0`` is greedy. Prompt plus new tokens must fit in ``n_positions``.
+then attends to the cache (one jitted decode step per token). ``temperature=0`` is greedy. Prompt
+plus new tokens must fit in ``n_positions``.
 """
 
 from __future__ import annotations

@@ -401,15 +401,11 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, **kwargs)
         return model(tokens_BT, **kwargs)
     model.set_attributes(collect_stats=True)
     out, sown = nnx.capture(model, Stats)(tokens_BT, **kwargs)
-    layers = [nnx.to_pure_dict(sown["h"][i]) for i in range(model.cfg.n_layer)]
-    per_layer = lambda get: jnp.stack([get(layer) for layer in layers])
-    rms = per_layer(lambda layer: layer["resid_rms"][0])
-    return out, {
-        "resid_rms": rms,
-        "attn_max": per_layer(lambda layer: layer["attn"]["attn_max"][0]),
-        "attn_min": per_layer(lambda layer: layer["attn"]["attn_min"][0]),
-        "nonfinite": per_layer(lambda layer: layer["attn"]["nonfinite"][0]) | ~jnp.isfinite(rms),
-    }
+    layers = [nnx.to_pure_dict(sown["h"][i]) for i in range(model.cfg.n_layer)]  # each value: (sown once,)
+    rms = jnp.stack([layer["resid_rms"][0] for layer in layers])
+    attn = {k: jnp.stack([layer["attn"][k][0] for layer in layers]) for k in ("attn_max", "attn_min", "nonfinite")}
+    return out, {"resid_rms": rms, "attn_max": attn["attn_max"], "attn_min": attn["attn_min"],
+                 "nonfinite": attn["nonfinite"] | ~jnp.isfinite(rms)}
 
 
 def empty_cache(cfg: GPT2Config, batch: int, dtype) -> tuple[attn_lib.KVCache, ...]:
