@@ -49,6 +49,31 @@ class ScoreStats:
     nonfinite: jax.Array  # bool: any inf/nan among the scores
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One layer's keys and values for decoding: (B, S, H, K) buffers and `index`, the positions filled."""
+
+    k_BSHK: jax.Array
+    v_BSHK: jax.Array
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, batch: int, length: int, n_head: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((batch, length, n_head, head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
+    def mask_TS(self, T: int) -> jax.Array:
+        """(T, S): what T new queries, at the positions after the filled ones, may see."""
+        return causal_mask(T, self.k_BSHK.shape[1], q_offset=self.index)
+
+    def append(self, k_BTHK: jax.Array, v_BTHK: jax.Array) -> "KVCache":
+        at = (0, self.index, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k_BSHK, k_BTHK.astype(self.k_BSHK.dtype), at),
+                       jax.lax.dynamic_update_slice(self.v_BSHK, v_BTHK.astype(self.v_BSHK.dtype), at),
+                       self.index + k_BTHK.shape[1])
+
+
 def score_scale(head_dim: int, layer_idx: int, inverse_layer_idx: bool) -> float:
     scale = 1.0 / math.sqrt(head_dim)
     if inverse_layer_idx:

@@ -3,9 +3,10 @@
     python -m jaxlm.generate --workdir=DIR --prompt="def main(" [--max_new_tokens=64] \
         [--temperature=0.8] [--top_k=40] [--top_p=0.95] [--seed=0] [--step=N]
 
-The prompt is run once (prefill) into a cache of keys and values of shape (layers, batch,
-n_positions, heads, head size); each new token then attends to the cache (one jitted decode step
-per token). ``temperature=0`` is greedy. Prompt plus new tokens must fit in ``n_positions``.
+The prompt is run once (prefill) into a cache of keys and values (``model.empty_cache``: per
+layer batch × n_positions × heads × head size), which the model takes and returns; each new token
+then attends to the cache (one jitted decode step per token). ``temperature=0`` is greedy. Prompt
+plus new tokens must fit in ``n_positions``.
 """
 
 from __future__ import annotations
@@ -17,48 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxlm import attention as attn_lib
 from jaxlm import cli
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import ConfigError
-
-
-@jax.tree_util.register_pytree_node_class
-class KVCache:
-    """Keys/values of every layer, (L, B, S, H, K), and how many positions are filled."""
-
-    def __init__(self, k, v, index):
-        self.k, self.v, self.index = k, v, index
-        self._new_k, self._new_v = [None] * k.shape[0], [None] * k.shape[0]
-
-    @classmethod
-    def empty(cls, cfg: model_lib.GPT2Config, batch: int, dtype) -> "KVCache":
-        shape = (cfg.n_layer, batch, cfg.n_positions, cfg.n_head, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
-
-    def layer(self, i: int):
-        """The hook the model calls in layer i with the new keys/values; returns all of them."""
-        def kv(k_new, v_new):
-            at = (0, self.index, 0, 0)
-            self._new_k[i] = jax.lax.dynamic_update_slice(self.k[i], k_new.astype(self.k.dtype), at)
-            self._new_v[i] = jax.lax.dynamic_update_slice(self.v[i], v_new.astype(self.v.dtype), at)
-            return self._new_k[i], self._new_v[i]
-        return kv
-
-    def mask_TS(self, T: int):
-        return attn_lib.causal_mask(T, self.k.shape[2], q_offset=self.index)
-
-    def advanced(self, T: int) -> "KVCache":
-        return KVCache(jnp.stack(self._new_k), jnp.stack(self._new_v), self.index + T)
-
-    def tree_flatten(self):
-        return (self.k, self.v, self.index), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
 
 
 def sample(logits_V, key, temperature: float, top_k: int, top_p: float):
@@ -80,11 +44,10 @@ def sample(logits_V, key, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _forward_cached(graphdef, params, tokens_BT, cache: KVCache):
-    T = tokens_BT.shape[1]
-    positions = cache.index + jnp.arange(T)[None, :]
-    logits = model_lib.apply(graphdef, params, tokens_BT, positions_BT=positions, cache=cache)
-    return logits[:, -1], cache.advanced(T)
+def _forward_cached(graphdef, params, tokens_BT, cache):
+    """The next-token logits after `tokens_BT`, which follow the cache's positions, and the cache with them."""
+    logits, cache = model_lib.apply(graphdef, params, tokens_BT, cache=cache)
+    return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
@@ -106,7 +69,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
     key = jax.random.PRNGKey(seed)
     out: list[int] = []
     if use_cache:
-        cache = KVCache.empty(cfg, 1, policy.compute_dtype)
+        cache = model_lib.empty_cache(cfg, 1, policy.compute_dtype)
         logits, cache = _forward_cached(graphdef, params, jnp.asarray([prompt], jnp.int32), cache)
     else:
         seq = np.zeros((1, cfg.n_positions), np.int32)

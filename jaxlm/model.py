@@ -6,9 +6,11 @@
 Parameter names follow Hugging Face (wte, wpe, h[i].ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and Linear kernels are (in, out) like HF's Conv1D, so weights move
 both ways without transposes (see ``jaxlm.hf``); c_attn's output axis is kept as (3, n_head,
-head_dim), HF's 3·n_embd reshaped. Every dtype comes from the precision policy. The large
-activations are named for ``sharding.constrain`` (residual, qkv, mlp, logits, vocab_table),
-which lays them out on the mesh in a train step and does nothing outside one.
+head_dim), HF's 3·n_embd reshaped. Every dtype comes from the precision policy.
+
+Every parameter and each large activation (``ACTIVATIONS``: residual, qkv, mlp, logits,
+vocab_table) declares its logical axes where it is made; ``jaxlm.sharding`` maps them to the
+mesh in a train step, and outside one they mean nothing.
 
 Use it functionally (Flax's fast pattern): ``graphdef, params = create(cfg, policy, seed)`` once,
 then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
@@ -17,6 +19,7 @@ then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm import attention as attn_lib
-from jaxlm import precision, sharding
+from jaxlm import naming, precision
 from jaxlm.errors import ConfigError
 
 
@@ -98,6 +101,19 @@ REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
 }
 
+# Logical axes, the names jaxlm.sharding's one table maps to mesh axes:
+#   batch, length    a batch of sequences          vocab, positions  the embedding tables' rows
+#   embed            d_model of a weight matrix    act_embed         d_model of an activation, or of a
+#   qkv, heads, head_dim   c_attn's output (3, H, K)                 vector added to one (bias, LayerNorm)
+#   mlp              the MLP's hidden width
+ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "residual": ("batch", "length", "act_embed"),  # (B, T, D)
+    "qkv": ("batch", "length", "qkv", "heads", "head_dim"),  # (B, T, 3, H, K)
+    "mlp": ("batch", "length", "mlp"),  # (B, T, 4D)
+    "logits": ("batch", "length", "vocab"),  # (B, T, V)
+    "vocab_table": ("vocab", "act_embed"),  # (V, D): the tied token table as the forward uses it
+}
+
 # Sizes of the released GPT-2 family (vocab 50257, 1024 positions).
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4),
@@ -108,84 +124,103 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-class _Dropout:
-    """Inverted dropout with an explicit key (None or rate 0: identity). Wraps nnx.Dropout."""
+def dropout(x, rate: float, key: jax.Array | None):
+    """Inverted dropout (the same draws as ``nnx.Dropout``); the identity without a key or at rate 0."""
+    if key is None or rate == 0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, p=keep, shape=x.shape, out_sharding=jax.typeof(x).sharding)
+    return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
 
-    def __init__(self, rate: float, key: jax.Array | None):
-        self.module = nnx.Dropout(rate) if rate > 0 else None
-        self.key = key
 
-    def __call__(self, x):
-        if self.module is None or self.key is None:
-            return x
-        return self.module(x, deterministic=False, rngs=self.key)
+class Stats(nnx.Intermediate):
+    """Per-layer telemetry the modules sow when ``collect_stats`` is set (see ``apply``)."""
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *, rngs: nnx.Rngs):
         self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
+        self.implementation, self.dropout_implementation = implementations  # see _attention_implementations
+        self.collect_stats = False
         d = cfg.n_embd
         # One fused QKV projection whose output is laid out (3, n_head, head_dim): HF's (d, 3d)
         # Conv1D weight reshaped. The head axis is its own dim so tensor parallelism shards whole
         # heads of q, k and v alike (jaxlm/sharding.py); a flat 3d axis split over devices would
         # cut across q|k|v and cost a reshuffle of activations in every layer.
-        self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs)
-        self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+        self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs,
+                              ("embed", "qkv", "heads", "head_dim"), ("qkv", "heads", "head_dim"))
+        # its input is the heads side by side (H·K), split over devices as c_attn's output is
+        self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
+                              ("heads", "embed"), ("act_embed",))
 
-    def __call__(self, x_BTD, *, keys=(None, None), collect_stats=False, kv=None, mask_TS=None):
+    def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None):
+        """(output, cache with this call's keys and values appended); `keys`: probabilities' and output's dropout."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
-        qkv_BT3HK = sharding.constrain(self.c_attn(x_BTD), "qkv")
-        q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
-        if kv is not None:  # a KV cache: kv(k, v) stores the new entries and returns all keys/values
-            k_BTHK, v_BTHK = kv(k_BTHK, v_BTHK)
-        impl = attn_lib.resolve_implementation(
-            cfg.attention_impl, self.policy, head_dim=cfg.head_dim,
-            dropout=cfg.attn_pdrop > 0 and keys[0] is not None,
-            query_key_layer_scaling=cfg.query_key_layer_scaling,
-        )
+        probs_key, out_key = keys
+        qkv_BT3HK = constrain(self.c_attn(x_BTD), "qkv")
+        q_BTHK, k_BSHK, v_BSHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+        mask_TS = None  # causal over the T positions
+        if cache is not None:  # decoding: the queries also see every position written before
+            mask_TS = cache.mask_TS(T)
+            cache = cache.append(k_BSHK, v_BSHK)
+            k_BSHK, v_BSHK = cache.k_BSHK, cache.v_BSHK
         with jax.named_scope("core"):  # QK^T, softmax, PV: the part cuDNN fuses
             out_BTHK, stats = attn_lib.attention(
-                q_BTHK, k_BTHK, v_BTHK, policy=self.policy, layer_idx=self.layer_idx,
+                q_BTHK, k_BSHK, v_BSHK, policy=self.policy, layer_idx=self.layer_idx,
                 inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
                 query_key_layer_scaling=cfg.query_key_layer_scaling,
-                implementation=impl, mask_TS=mask_TS,
-                probs_dropout=_Dropout(cfg.attn_pdrop, keys[0]) if keys[0] is not None else None,
-                collect_stats=collect_stats,
+                implementation=self._implementation(probs_key), mask_TS=mask_TS,
+                probs_dropout=functools.partial(dropout, rate=cfg.attn_pdrop, key=probs_key),
+                collect_stats=self.collect_stats,
             )
-        y = self.c_proj(out_BTHK.reshape(B, T, D))
-        return _Dropout(cfg.resid_pdrop, keys[1])(y), stats
+        if self.collect_stats:
+            for name, value in (("attn_max", stats.max), ("attn_min", stats.min), ("nonfinite", stats.nonfinite)):
+                self.sow(Stats, name, value)
+        return dropout(self.c_proj(out_BTHK.reshape(B, T, D)), cfg.resid_pdrop, out_key), cache
+
+    def _implementation(self, probs_key):
+        if probs_key is None or self.cfg.attn_pdrop == 0:
+            return self.implementation
+        if self.dropout_implementation is None:  # attention_impl cannot drop out: say why
+            attn_lib.resolve_implementation(**_resolve_args(self.cfg, self.policy), dropout=True)
+        return self.dropout_implementation
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         d = cfg.n_embd
-        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs)
-        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs)
+        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs, ("embed", "mlp"), ("mlp",))
+        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
+                              ("mlp", "embed"), ("act_embed",))
         self.resid_pdrop = cfg.resid_pdrop
 
-    def __call__(self, x_BTD, *, key=None):
-        h_BTF = jax.nn.gelu(sharding.constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
-        return _Dropout(self.resid_pdrop, key)(self.c_proj(h_BTF))
+    def __call__(self, x_BTD, key=None):
+        h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
+        return dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *,
+                 rngs: nnx.Rngs):
         self.ln_1 = _layernorm(cfg, policy, rngs)
-        self.attn = Attention(cfg, policy, layer_idx, rngs=rngs)
+        self.attn = Attention(cfg, policy, layer_idx, implementations, rngs=rngs)
         self.ln_2 = _layernorm(cfg, policy, rngs)
         self.mlp = MLP(cfg, policy, rngs=rngs)
+        self.collect_stats = False
 
-    def __call__(self, x_BTD, *, key=None, collect_stats=False, kv=None, mask_TS=None):
-        keys = tuple(jax.random.split(key, 3)) if key is not None else (None, None, None)
+    def __call__(self, x_BTD, key=None, cache: attn_lib.KVCache | None = None):
+        """(x + attn(ln_1(x)), then + mlp(ln_2(x)); this layer's updated cache)."""
+        *attn_keys, mlp_key = _split(key, 3)
         # named scopes ("attn", "attn/core", "mlp", ...) label the compiled ops: jaxlm.profiling sums by them
         with jax.named_scope("attn"):
-            a, stats = self.attn(self.ln_1(x_BTD), keys=keys[:2], collect_stats=collect_stats,
-                                 kv=kv, mask_TS=mask_TS)
-            x_BTD = sharding.constrain(x_BTD + a, "residual")
+            a_BTD, cache = self.attn(self.ln_1(x_BTD), attn_keys, cache)
+            x_BTD = constrain(x_BTD + a_BTD, "residual")
         with jax.named_scope("mlp"):
-            x_BTD = sharding.constrain(x_BTD + self.mlp(self.ln_2(x_BTD), key=keys[2]), "residual")
-        return x_BTD, stats
+            x_BTD = constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
+        if self.collect_stats:
+            self.sow(Stats, "resid_rms", _rms(x_BTD))
+        return x_BTD, cache
 
 
 class GPT2(nnx.Module):
@@ -197,11 +232,15 @@ class GPT2(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
+        self.collect_stats = False
         init = nnx.initializers.normal(cfg.initializer_range)
-        emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, embedding_init=init, rngs=rngs)
-        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, **{**emb, "embedding_init": _zero_padded(init, cfg.vocab_size)})
-        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, **emb)
-        self.h = nnx.List([Block(cfg, policy, i, rngs=rngs) for i in range(cfg.n_layer)])
+        emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, rngs=rngs)
+        self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, embedding_init=_zero_padded(init, cfg.vocab_size),
+                             embedding_metadata=_axes("vocab", "embed"), **emb)
+        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
+                             embedding_metadata=_axes("positions", "embed"), **emb)
+        impls = _attention_implementations(cfg, policy)
+        self.h = nnx.List([Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_f = _layernorm(cfg, policy, rngs)
 
     def __call__(
@@ -210,63 +249,82 @@ class GPT2(nnx.Module):
         *,
         positions_BT: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
-        collect_stats: bool = False,
-        cache: Any = None,
+        cache: tuple[attn_lib.KVCache, ...] | None = None,
     ):
-        """Logits for `tokens_BT`; with `collect_stats=True` returns (logits, stats dict).
+        """Logits for `tokens_BT`; given a `cache` (``empty_cache``), (logits, the cache with these tokens).
 
-        `dropout_key=None` means evaluation (no dropout). `cache` is a KV cache from
-        ``jaxlm.generate`` (its per-layer hooks and mask); None for ordinary training/eval.
-        Stats (per layer, float32/bool of shape (n_layer,)): resid_rms, attn_max, attn_min,
-        nonfinite — what explains an unstable run.
+        `dropout_key=None` means evaluation (no dropout). Positions default to 0.. (after the
+        cache's filled positions). Per-layer statistics: ``apply(..., collect_stats=True)``.
         """
         cfg = self.cfg
-        T = tokens_BT.shape[-1]
         if positions_BT is None:
-            if T > cfg.n_positions:
-                raise ConfigError(
-                    f"sequence length {T} exceeds model.n_positions={cfg.n_positions}; "
-                    "use a shorter train.seq_len or a model with more positions"
-                )
-            positions_BT = jnp.arange(T)[None, :]
-        keys = (list(jax.random.split(dropout_key, cfg.n_layer + 1)) if dropout_key is not None
-                else [None] * (cfg.n_layer + 1))
-        # The token embedding is also the head: lay it out once for both uses (sharding.ACTIVATIONS).
-        wte_VD = sharding.constrain(self.wte.embedding[...], "vocab_table")
-        compute = self.policy.compute_dtype
+            positions_BT = _positions(cfg, tokens_BT.shape[-1], cache)
+        keys = _split(dropout_key, cfg.n_layer + 1)
+        # The token embedding is also the head: lay it out once for both uses.
+        wte_VD = constrain(self.wte.embedding[...], "vocab_table")
         with jax.named_scope("embed"):
-            x_BTD = sharding.constrain(jnp.take(wte_VD.astype(compute), tokens_BT, axis=0) + self.wpe(positions_BT),
-                                       "residual")
-            x_BTD = _Dropout(cfg.embd_pdrop, keys[-1])(x_BTD)
-        stats = []
-        remat_policy = REMAT_POLICIES[cfg.remat]
-        remat_block = (nnx.remat(_run_block, policy=remat_policy)
-                       if remat_policy is not None and cache is None and not collect_stats else None)
+            x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
+            x_BTD = dropout(constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
+        block_fn = self._block_fn(cache)
+        new_cache = []
         for i, block in enumerate(self.h):
-            if remat_block is not None:  # training and plain evaluation; never with stats or a KV cache
-                x_BTD, _ = remat_block(block, x_BTD, keys[i])
-                continue
-            kv = cache.layer(i) if cache is not None else None
-            mask = cache.mask_TS(T) if cache is not None else None
-            x_BTD, s = block(x_BTD, key=keys[i], collect_stats=collect_stats, kv=kv, mask_TS=mask)
-            if collect_stats:
-                stats.append((_rms(x_BTD), s))
+            x_BTD, layer_cache = block_fn(block, x_BTD, keys[i], None if cache is None else cache[i])
+            new_cache.append(layer_cache)
         with jax.named_scope("head"):
-            x_BTD = self.ln_f(x_BTD)
-            logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
-                                          out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
-            logits_BTV = sharding.constrain(logits_BTV, "logits")
-            if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
-                real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-                logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
-        if not collect_stats:
-            return logits_BTV
-        return logits_BTV, {
-            "resid_rms": jnp.stack([r for r, _ in stats]),
-            "attn_max": jnp.stack([s.max for _, s in stats]),
-            "attn_min": jnp.stack([s.min for _, s in stats]),
-            "nonfinite": jnp.stack([s.nonfinite | ~jnp.isfinite(r) for r, s in stats]),
-        }
+            logits_BTV = self._head(self.ln_f(x_BTD), wte_VD)
+        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+
+    def _block_fn(self, cache):
+        """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if policy is None or cache is not None or self.collect_stats:
+            return Block.__call__
+        return nnx.remat(Block.__call__, policy=policy)
+
+    def _head(self, x_BTD, wte_VD):
+        """Float32 logits against the tied token table; the table's padding rows masked."""
+        cfg, compute = self.cfg, self.policy.compute_dtype
+        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
+                                      out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
+        logits_BTV = constrain(logits_BTV, "logits")
+        if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
+            real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
+        return logits_BTV
+
+
+def _positions(cfg: GPT2Config, T: int, cache):
+    if T > cfg.n_positions:
+        raise ConfigError(
+            f"sequence length {T} exceeds model.n_positions={cfg.n_positions}; "
+            "use a shorter train.seq_len or a model with more positions"
+        )
+    start = 0 if cache is None else cache[0].index
+    return start + jnp.arange(T)[None, :]
+
+
+def _split(key, n: int) -> tuple:
+    return tuple(jax.random.split(key, n)) if key is not None else (None,) * n
+
+
+def _resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
+    return dict(impl=cfg.attention_impl, policy=policy, head_dim=cfg.head_dim,
+                query_key_layer_scaling=cfg.query_key_layer_scaling)
+
+
+def _attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
+    """The attention implementation without attention dropout and with it, decided once per model.
+
+    They differ where cuDNN serves evaluation but training drops attention probabilities out (cuDNN
+    cannot). None: `attention_impl` forces cuDNN, which cannot run a pass with attention dropout.
+    """
+    plain = attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=False)
+    if cfg.attn_pdrop == 0:
+        return plain, plain
+    try:
+        return plain, attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=True)
+    except ConfigError:
+        return plain, None
 
 
 def _zero_padded(init, rows: int):
@@ -278,23 +336,33 @@ def _zero_padded(init, rows: int):
     return f
 
 
-def _run_block(block, x_BTD, key):
-    return block(x_BTD, key=key)
+def _axes(*names: str) -> dict:
+    """Variable metadata declaring a parameter's logical axes (Flax's ``out_sharding``). Not applied
+    when the parameter is made (no eager sharding: the model has no mesh); ``jaxlm.sharding`` reads it."""
+    return {"out_sharding": names, "eager_sharding": False}
 
 
-def _linear(d_in, d_out, std, policy, rngs):
+def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes):
     """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape."""
     return nnx.LinearGeneral(
         d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
         precision=policy.matmul_precision, rngs=rngs,
+        kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes),
     )
 
 
 def _layernorm(cfg, policy, rngs):
     # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is.
     return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
-                         param_dtype=policy.param_dtype, rngs=rngs)
+                         param_dtype=policy.param_dtype, rngs=rngs,
+                         scale_metadata=_axes("act_embed"), bias_metadata=_axes("act_embed"))
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """Activation `x` of kind `kind` (``ACTIVATIONS``) laid out as the installed layout says (a train
+    step's ``sharding.use_mesh``); the identity otherwise."""
+    return naming.constrain(x, ACTIVATIONS[kind], f"the {kind} activation")
 
 
 def _rms(x):
@@ -308,7 +376,7 @@ def create(cfg: GPT2Config, policy: precision.Policy, seed: int | jax.Array = 0)
     """Initialise GPT-2 as GPT-2/Mistral do; returns (graphdef, params) for ``apply``.
 
     `params` is a plain nested dict of arrays (``params["h"][0]["attn"]["c_attn"]["kernel"]``),
-    which optax, Orbax and the sharding rules take as is.
+    which optax, Orbax and the sharding rules take as is (``param_axes`` gives each one's logical axes).
     """
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     graphdef, state = nnx.split(GPT2(cfg, policy, rngs=nnx.Rngs(params=key)))
@@ -321,9 +389,51 @@ def abstract(cfg: GPT2Config, policy: precision.Policy):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef, params, tokens_BT, **kwargs):
-    """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits."""
-    return nnx.merge(graphdef, params)(tokens_BT, **kwargs)
+def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, **kwargs):
+    """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits.
+
+    With `collect_stats=True` returns (output, stats): per layer (float32/bool of shape (n_layer,))
+    resid_rms, attn_max, attn_min, nonfinite -- what explains an unstable run. The modules sow them
+    only then (a static flag), so without it the program has none of their ops.
+    """
+    model = nnx.merge(graphdef, params)
+    if not collect_stats:
+        return model(tokens_BT, **kwargs)
+    model.set_attributes(collect_stats=True)
+    out, sown = nnx.capture(model, Stats)(tokens_BT, **kwargs)
+    layers = [nnx.to_pure_dict(sown["h"][i]) for i in range(model.cfg.n_layer)]  # each value: (sown once,)
+    rms = jnp.stack([layer["resid_rms"][0] for layer in layers])
+    attn = {k: jnp.stack([layer["attn"][k][0] for layer in layers]) for k in ("attn_max", "attn_min", "nonfinite")}
+    return out, {"resid_rms": rms, "attn_max": attn["attn_max"], "attn_min": attn["attn_min"],
+                 "nonfinite": attn["nonfinite"] | ~jnp.isfinite(rms)}
+
+
+def empty_cache(cfg: GPT2Config, batch: int, dtype) -> tuple[attn_lib.KVCache, ...]:
+    """A KV cache for ``GPT2.__call__``: per layer, room for n_positions keys and values, none filled."""
+    return tuple(attn_lib.KVCache.empty(batch, cfg.n_positions, cfg.n_head, cfg.head_dim, dtype)
+                 for _ in range(cfg.n_layer))
+
+
+def param_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of the parameter `name` ('h.3.attn.c_attn.kernel'; a prefix such as 'params.' or
+    an optimizer moment's path is ignored), as its module declared them. KeyError if there is none."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    declared = _declared_axes()
+    for i in range(len(parts)):
+        if ".".join(parts[i:]) in declared:
+            return declared[".".join(parts[i:])]
+    raise KeyError(name)
+
+
+@functools.cache
+def _declared_axes() -> dict[str, tuple[str, ...]]:
+    """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
+    layer and every size (read off a small abstract model)."""
+    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference")
+    _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
+    variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]
+            for path, v in variables}
 
 
 def count_params(params, cfg: GPT2Config | None = None) -> int:

@@ -1,15 +1,27 @@
-"""Names of pytree leaves: the one helper that model, sharding, optim, hf and checkpoint share.
+"""Names the model, sharding, optim, hf and checkpoint share: parameter names and logical axes.
 
 A parameter's name is its key path joined by dots, Hugging Face style:
-``params["h"][0]["attn"]["c_attn"]["kernel"]`` is ``h.0.attn.c_attn.kernel``. Sharding rules,
-the weight-decay mask and the HF name map all match on these names.
+``params["h"][0]["attn"]["c_attn"]["kernel"]`` is ``h.0.attn.c_attn.kernel``. The weight-decay
+mask and the HF name map match on these names.
+
+A logical axis names what a dim of a parameter or activation is (``'batch'``, ``'embed'``,
+``'heads'``, ...). The model declares them where it makes each array and knows nothing of meshes;
+``jaxlm.sharding`` maps them to mesh axes with its one table and, for the duration of a train step,
+installs that mapping (``layouts``), through which ``constrain`` lays out the model's activations.
+Outside it ``constrain`` is the identity.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import jax
+
+# (logical axes, shape, what the array is) -> PartitionSpec on the context mesh
+Layout = Callable[[tuple, tuple, str], Any]
+_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxlm_layout", default=None)
 
 
 def param_name(path) -> str:
@@ -20,3 +32,21 @@ def param_name(path) -> str:
 def flat(tree) -> dict[str, Any]:
     """{'h.0.attn.c_attn.kernel': leaf, ...} of a pytree."""
     return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@contextlib.contextmanager
+def layouts(layout: Layout) -> Iterator[None]:
+    """Within: ``constrain`` lays arrays out as ``layout(axes, shape, what)`` says."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...], what: str) -> jax.Array:
+    """`x`, whose dims are the logical `axes`, laid out by the installed layout; the identity without one."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, layout(axes, x.shape, what))

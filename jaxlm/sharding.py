@@ -1,41 +1,47 @@
-"""The device mesh and the one table of partition rules.
+"""The device mesh and the one table from the model's logical axes to mesh axes.
 
 Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters, gradients and
 optimizer state sharded: ZeRO-3 style) and ``tensor`` (Megatron tensor parallel). ``-1`` in the
 config means "the rest of the devices". The batch is split over (data, fsdp).
 
-Axis types: we build the mesh with ``AxisType.Auto`` (``jax.make_mesh`` now defaults to
-Explicit). jaxlm states shardings at the jit boundary (``in_shardings``/``out_shardings`` of the
-train step, from the table below) and at the model's few large activations (``constrain``, by
-name), and lets the compiler propagate them in between; the Explicit mode would make every einsum
-in the model declare its output sharding, which couples the model to the mesh for no gain at
-GPT-2 scale.
+Axis types: we build the mesh with ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit).
+jaxlm states shardings at the jit boundary (``in_shardings``/``out_shardings`` of the train step)
+and at the model's few large activations (``constrain``), and lets the compiler propagate them in
+between; the Explicit mode would make every einsum in the model declare its output sharding,
+which couples the model to the mesh for no gain at GPT-2 scale.
 
-Rules (first match wins; dims not divisible by their axis size are replicated, with a note):
+The model names every dim of every parameter and large activation with a logical axis, where it
+makes them (``jaxlm/model.py``: Flax ``out_sharding`` metadata on parameters, ``ACTIVATIONS``);
+``LOGICAL_RULES`` below is the only place those names meet the mesh (MaxText's
+``logical_axis_rules``). Dims not divisible by their mesh axes are replicated, with a note.
 
-=======================  ==================  ======================================
-parameter                spec                why
-=======================  ==================  ======================================
-wte.embedding (V, D)     (tensor, fsdp)      vocab-parallel embedding and tied head
-wpe.embedding (P, D)     (None, fsdp)
-c_attn kernel (D,3,H,K)  (fsdp,·,tensor,·)   column-parallel by whole heads of q, k, v
-c_attn bias (3, H, K)    (·, tensor, ·)
-c_fc kernel              (fsdp, tensor)      column-parallel
-c_fc bias                (tensor,)
-c_proj kernel            (tensor, fsdp)      row-parallel
-c_proj bias, LayerNorm   replicated
-=======================  ==================  ======================================
+What the table makes of them:
 
-Activations get the same treatment (``constrain``): the model names each large activation
-(``residual`` stream, ``qkv``, ``mlp`` hidden, ``logits``) and ACTIVATIONS says how it is laid
-out: batch over (data, fsdp), heads / hidden / vocab over tensor -- Megatron's layout. Without
-these the compiler is free to meet an FSDP-sharded weight by resharding the *activations* to the
-weight's contraction dim and all-reducing partial sums of the whole global batch, which it does.
-The model stays mesh-agnostic: outside a mesh context (``use_mesh``) ``constrain`` is the identity.
+====================================  =====================  =====================================
+array (logical axes)                  layout                 why
+====================================  =====================  =====================================
+wte (vocab, embed)                    (tensor, fsdp)         vocab-parallel embedding and tied head
+wpe (positions, embed)                (·, fsdp)
+c_attn kernel (embed, qkv, heads,     (fsdp, ·, tensor, ·)   column-parallel by whole heads of
+head_dim), bias (qkv, heads, ...)     (·, tensor, ·)         q, k and v
+c_fc kernel (embed, mlp), bias (mlp)  (fsdp, tensor)         column-parallel
+c_proj kernel (heads | mlp, embed)    (tensor, fsdp)         row-parallel
+c_proj bias, LayerNorm (act_embed)    replicated
+residual (batch, length, act_embed)   (data+fsdp, ·, ·)      replicated over tensor, as in Megatron
+qkv, mlp, logits                      batch over (data, fsdp); heads, hidden, vocab over tensor
+vocab_table (vocab, act_embed)        (tensor, ·)            the table gathered over fsdp once per
+                                                             step for both the lookup and the head
+====================================  =====================  =====================================
+
+Without the activation layouts the compiler is free to meet an FSDP-sharded weight by resharding
+the *activations* to the weight's contraction dim and all-reducing partial sums of the whole
+global batch, which it does. The model stays mesh-agnostic: its ``constrain`` calls apply only
+inside ``use_mesh``, which installs this table's layout; elsewhere they are the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -45,36 +51,26 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxlm import model as model_lib
 from jaxlm import naming
 from jaxlm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-BATCH = P(BATCH_AXES)
 _NOTED: set[str] = set()
 
-RULES: tuple[tuple[str, P], ...] = (
-    (r"wte\.embedding$", P("tensor", "fsdp")),
-    (r"wpe\.embedding$", P(None, "fsdp")),
-    (r"c_attn\.kernel$", P("fsdp", None, "tensor", None)),
-    (r"c_attn\.bias$", P(None, "tensor", None)),
-    (r"c_fc\.kernel$", P("fsdp", "tensor")),
-    (r"c_fc\.bias$", P("tensor")),
-    (r"c_proj\.kernel$", P("tensor", "fsdp")),
-    (r"(c_proj\.bias|ln_\d\.(scale|bias)|ln_f\.(scale|bias))$", P()),
-)
-
-
-# Activation layouts, by the names the model gives them (jaxlm/model.py).
-ACTIVATIONS: dict[str, P] = {
-    "residual": P(BATCH_AXES, None, None),  # (B, T, D): replicated over tensor, as in Megatron
-    "qkv": P(BATCH_AXES, None, None, "tensor", None),  # (B, T, 3, H, K): whole heads per tensor shard
-    "mlp": P(BATCH_AXES, None, "tensor"),  # (B, T, 4D)
-    "logits": P(BATCH_AXES, None, "tensor"),  # (B, T, V): vocab-parallel
-    # the tied embedding as the forward uses it: gathered over fsdp once per step for both the
-    # lookup and the head, vocab-parallel over tensor (a lookup then costs one all-reduce of the
-    # local batch's embeddings, not of the global batch's)
-    "vocab_table": P("tensor", None),  # (V, D)
+# logical axis (jaxlm/model.py) -> mesh axis, axes, or None (replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "vocab": "tensor",  # vocab-parallel token table, head and logits
+    "positions": None,
+    "embed": "fsdp",  # d_model of the weight matrices: ZeRO-3
+    "act_embed": None,  # d_model of activations, biases added to them, LayerNorm: replicated
+    "qkv": None,
+    "heads": "tensor",  # whole heads per tensor shard
+    "head_dim": None,
+    "mlp": "tensor",
 }
 
 
@@ -99,7 +95,13 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, BATCH)
+    """Token batches (B, T): split over the data-parallel devices."""
+    return NamedSharding(mesh, logical_spec(("batch",)))
+
+
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+    """A batch as micro-batches (n, B / n, T): each micro-batch split over the data-parallel devices."""
+    return NamedSharding(mesh, logical_spec((None, "batch")))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -124,29 +126,45 @@ def _fit(spec: P, shape: tuple[int, ...], mesh, what: str) -> P:
     return P(*fitted)
 
 
+def logical_spec(axes: tuple[str | None, ...]) -> P:
+    """The PartitionSpec of dims named `axes` (None: a dim without a name, replicated), by LOGICAL_RULES."""
+    unknown = [a for a in axes if a is not None and a not in LOGICAL_RULES]
+    if unknown:
+        raise ConfigError(f"sharding: logical axis {unknown[0]!r} has no entry in jaxlm/sharding.py LOGICAL_RULES")
+    return P(*(None if a is None else LOGICAL_RULES[a] for a in axes))
+
+
+def layout(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh, what: str) -> P:
+    """The spec of an array of `shape` whose dims are `axes`; dims their mesh axes do not divide stay replicated."""
+    return _fit(logical_spec(axes), shape, mesh, what)
+
+
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The partition spec of one parameter; dims its axis does not divide stay replicated."""
-    for pattern, spec in RULES:
-        if re.search(pattern, name):
-            return _fit(spec, shape, mesh, re.sub(r"^.*?(?=(wte|wpe|h|ln_f)[.])", "", name))
-    raise ConfigError(f"sharding: no partition rule matches parameter {name!r}; add one to jaxlm/sharding.py RULES")
+    """The partition spec of one parameter (or optimizer moment named like it), by its logical axes."""
+    try:
+        axes = model_lib.param_axes(name)
+    except KeyError:
+        raise ConfigError(f"sharding: {name!r} is not a parameter of the model (it declares no logical axes)") from None
+    return layout(axes, shape, mesh, re.sub(r"^.*?(?=(wte|wpe|h|ln_f)[.])", "", name))
 
 
+@contextlib.contextmanager
 def use_mesh(mesh: Mesh):
     """Context in which the model's ``constrain`` calls apply (enter it inside the jitted function)."""
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    abstract = mesh.abstract_mesh
+    with jax.sharding.use_abstract_mesh(abstract), naming.layouts(
+            lambda axes, shape, what: layout(axes, shape, abstract, what)):
+        yield
 
 
 def constrain(x: jax.Array, kind: str) -> jax.Array:
-    """Lays activation `x` out as ACTIVATIONS[kind] on the context mesh; the identity without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, _fit(ACTIVATIONS[kind], x.shape, mesh, f"the {kind} activation"))
+    """``model.constrain``: activation `x` laid out by kind (``model.ACTIVATIONS``) inside ``use_mesh``,
+    the identity elsewhere."""
+    return model_lib.constrain(x, kind)
 
 
 def param_shardings(params, mesh: Mesh):
-    """NamedShardings for a params pytree (nnx.State of Params or arrays), by the rule table."""
+    """NamedShardings for a params pytree (nnx.State of Params or arrays), by their logical axes."""
 
     def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
@@ -156,8 +174,8 @@ def param_shardings(params, mesh: Mesh):
 
 
 def state_shardings(abstract_state, mesh: Mesh):
-    """Shardings of a whole train state: params and optimizer moments by the rule table (their
-    names end like the parameter's), every scalar and everything else replicated."""
+    """Shardings of a whole train state: params and optimizer moments by their logical axes (a
+    moment's name ends like its parameter's), every scalar and everything else replicated."""
 
     def one(path, leaf):
         name = naming.param_name(path)

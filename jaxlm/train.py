@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxlm import attention as attn_lib
 from jaxlm import config as config_lib
@@ -94,7 +92,7 @@ class Trainer:
 
     def _loss(self, params, batch_BT1, key, scale):
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.ACTIVATIONS)
+        with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.LOGICAL_RULES)
             logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
         with jax.named_scope("loss"):
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
@@ -109,7 +107,7 @@ class Trainer:
             return loss, grads
         # Micro-batch j takes rows j, j+n, j+2n, ...: each one spread over every data-parallel device.
         micro = batch.reshape(self.micro, n, -1).swapaxes(0, 1)
-        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, P(None, ("data", "fsdp"))))
+        micro = jax.lax.with_sharding_constraint(micro, sharding.microbatch_sharding(self.mesh))
 
         def body(carry, xs):
             g_acc, loss_acc = carry
