@@ -105,8 +105,8 @@ def resolve_implementation(
     reasons = []
     if backend != "gpu":
         reasons.append(f"the backend is {backend!r}, cuDNN needs a GPU")
-    if precision.dtype_name(policy.compute_dtype) not in ("float16", "bfloat16"):
-        reasons.append("cuDNN takes fp16/bf16 inputs only (compute dtype is float32)")
+    if not policy.computes_in_16bit:
+        reasons.append(f"cuDNN takes fp16/bf16 inputs only (compute dtype is {precision.dtype_name(policy.compute_dtype)})")
     elif not policy.upcasts_attention:
         reasons.append(
             f"regime {policy.name!r} computes scores in {precision.dtype_name(policy.attn_dtype)}, "

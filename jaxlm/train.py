@@ -182,15 +182,14 @@ def _nonfinite_stop(record: dict, step: int, policy: precision.Policy) -> str | 
     norm outside fp16 (where dynamic loss scaling skips such steps and goes on)."""
     if policy.is_fp16 or not record:
         return None
-    what = [name for name, bad in (
-        ("loss or gradients", record.get(telemetry.NONFINITE)),
-        ("parameter norm", telemetry.PARAM_NORM in record and not np.isfinite(record[telemetry.PARAM_NORM])),
-    ) if bad]
-    if not what:
+    loss_bad = bool(record.get(telemetry.NONFINITE))
+    norm_bad = telemetry.PARAM_NORM in record and not np.isfinite(record[telemetry.PARAM_NORM])
+    if not (loss_bad or norm_bad):
         return None
-    return (f"non-finite {' and '.join(what)} at step {step} in regime {policy.name!r} (no loss scaling "
-            "outside fp16); the run stops. Lower optim.lr, check the data and the checkpoint it resumed from, "
-            "or set train.stop_on_nonfinite=False to continue")
+    what = (f"non-finite loss or gradients at step {step}" + (" and a non-finite parameter norm" if norm_bad else "")
+            if loss_bad else f"non-finite parameter norm at step {step}")
+    return (f"{what} in regime {policy.name!r} (no loss scaling outside fp16); the run stops. Lower optim.lr, "
+            "check the data and the checkpoint it resumed from, or set train.stop_on_nonfinite=False to continue")
 
 
 def loop(

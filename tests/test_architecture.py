@@ -57,7 +57,8 @@ def _imports(tree, package: str):
             base = node.module or ""
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
-            names = [f"{base}.{a.name}" for a in node.names] + [base]
+            # `from pkg import mod` depends on pkg.mod; `from mod import name` on mod
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in LAYER else base for a in node.names]
         else:
             continue
         for name in names:
