@@ -19,6 +19,7 @@ from jaxlm.errors import CheckpointError
 from conftest import ROOT, write_word_corpus
 
 STEPS = 40
+HELPERS = ROOT / "tests" / "helpers"
 
 
 def test_mistral_schedule():
@@ -101,28 +102,40 @@ def _wait_for(pred, timeout, poll=0.002):
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpus, tmp_path):
+    """First a SIGKILL while the save of step 10 is provably in flight (tests/helpers/blocking_save.py
+    holds it in Orbax's temporary directory, uncommitted), then two at random moments; the resumed
+    run must never use the half-saved step and must reproduce the reference bit for bit."""
     ref_dir, (ref, _) = reference
     work = tmp_path / "killed"
     ckdir = work / "checkpoints"
     args = _args(work, corpus, ref_dir.parent / "cache")
     rnd = random.Random(1234)
-    in_flight_kills = 0
+    marker = tmp_path / "save-in-flight"
     for attempt in range(3):
-        p = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
-            # kill while an async save is being written: Orbax's temporary directory exists
-            def saving():
-                return ckdir.is_dir() and any(".orbax-checkpoint-tmp" in d.name for d in ckdir.iterdir()
-                                               if d.name not in ("0",))
-            _wait_for(lambda: (work / "metrics.jsonl").exists() and len(_losses(work)) >= 3, 120)
-            if _wait_for(saving, 60, poll=0.0005):
-                in_flight_kills += 1
+            # the save of step 10 blocks before its commit; the run stops at the next save (15)
+            cmd = [sys.executable, str(HELPERS / "blocking_save.py"), "jaxlm.main"] + args[3:]
+            env = {**_env(), "JAXLM_TEST_BLOCK_STEP": "10", "JAXLM_TEST_BLOCK_MARKER": str(marker)}
         else:
-            _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 2, 120)
-            time.sleep(rnd.uniform(0.05, 1.0))  # a random moment of training
-        p.send_signal(signal.SIGKILL)
-        p.wait(60)
-    assert in_flight_kills == 1, "did not catch a save in flight"
+            cmd, env = args, _env()
+        log = tmp_path / f"stderr-{attempt}.txt"  # a file, not a pipe: a full pipe would stall the run
+        with open(log, "w") as err:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            if attempt == 0:
+                assert _wait_for(lambda: marker.exists() or p.poll() is not None, 240, poll=0.05)
+                assert p.poll() is None, log.read_text()[-3000:]
+                tmp = Path(marker.read_text())
+                assert tmp.parent == ckdir.resolve() and tmp.is_dir()  # the save is in flight, uncommitted
+                assert not (ckdir / "10").exists()
+            else:
+                _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 2, 120)
+                time.sleep(rnd.uniform(0.05, 1.0))  # a random moment of training
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(60)
+        if attempt == 0:
+            assert tmp.is_dir() and checkpoint.saved_steps(work) == [0, 5]  # the killed save is not listed
     out = _run(args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from the checkpoint at step" in out.stderr + out.stdout
