@@ -277,9 +277,27 @@ def test_tokenizer_is_lossless_on_code_and_whitespace():
 
 
 def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
+    """The same corpus gives the same model bytes (whose sha256 keys the token cache) whatever the
+    machine's core count. SentencePiece records its thread count in the model (its vocabulary came out
+    the same for 1-16 threads on the corpora tried), so a count read from the machine would change the
+    bytes, as the control shows."""
+    import os
+
+    from sentencepiece import sentencepiece_model_pb2
+
     docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
-    models = []
+    train = lambda: tokenizer.train(docs, vocab_size=350, max_docs=60)
+    reference = train()
     for cores in (1, 16):
-        monkeypatch.setattr("os.cpu_count", lambda: cores)
-        models.append(tokenizer.train(docs, vocab_size=350, max_docs=60).proto)
-    assert models[0] == models[1]
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        monkeypatch.setattr(os, "process_cpu_count", lambda: cores, raising=False)
+        assert train().sha256 == reference.sha256, f"the model changed with {cores} cores"
+    monkeypatch.undo()
+    monkeypatch.setattr(tokenizer, "TRAIN_THREADS", tokenizer.TRAIN_THREADS + 1)
+    assert train().sha256 != reference.sha256  # control: a thread count is visible in the model's bytes
+    monkeypatch.undo()
+    spec = sentencepiece_model_pb2.ModelProto.FromString(reference.proto).trainer_spec
+    assert spec.num_threads == tokenizer.TRAIN_THREADS
+    # encoding in parallel is the same as encoding on one thread
+    assert reference.encode(docs[:20], num_threads=1) == reference.encode(docs[:20], num_threads=16)
