@@ -134,9 +134,11 @@ def test_validation_is_in_order_without_shuffle(corpus, tmp_path):
 
 def test_held_out_split_is_deterministic_and_disjoint(corpus):
     docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
-    val = [d for d in docs if sources.held_out(d, 0.25)]
+    val = [i for i, d in enumerate(docs) if sources.held_out(d, 0.25)]
     assert 0 < len(val) < len(docs)
-    assert val == [d for d in docs if sources.held_out(d, 0.25)]
+    # pinned (the corpus is seeded): the same split in every process and on every machine, which
+    # calling held_out twice in one process could not show (a salted hash() would pass that)
+    assert val == [6, 7, 11, 18, 21, 24, 26, 27, 29, 31, 33, 35, 43, 44, 46, 47, 49, 51, 53, 55, 56]
 
 
 def test_packing_keeps_documents_in_order_with_eos(corpus, tmp_path):
