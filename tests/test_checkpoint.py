@@ -87,6 +87,7 @@ def reference(corpus, tmp_path_factory):
     return root / "a", runs
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_bit_identical_losses(reference):
     _, (a, b) = reference
     assert a == b  # exact float equality, every step
@@ -101,6 +102,7 @@ def _wait_for(pred, timeout, poll=0.002):
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpus, tmp_path):
     """First a SIGKILL while the save of step 10 is provably in flight (tests/helpers/blocking_save.py
     holds it in Orbax's temporary directory, uncommitted), then two at random moments; the resumed
@@ -144,6 +146,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpu
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, corpus, tmp_path):
     ref_dir, (ref, _) = reference
     work = tmp_path / "term"
@@ -163,6 +166,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, c
     assert _losses(work) == ref
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, corpus, tmp_path):
     import shutil
 
@@ -182,6 +186,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, corpus, 
     assert list((work / "checkpoints").glob(f"{STEPS}.corrupt-*"))
 
 
+@pytest.mark.slow
 def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_path):
     ref_dir, _ = reference
     work = tmp_path / "shape"
@@ -193,6 +198,7 @@ def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_p
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "5"]  # nothing set aside
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(reference, corpus, tmp_path):
     """A checkpoint whose recorded train-state signature differs (as one from a jaxlm with another
     parameter layout does) is refused up front with the writing commit, never set aside as corrupt."""
@@ -215,6 +221,7 @@ def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(re
     assert not list((work / "checkpoints").glob("*.corrupt-*"))
 
 
+@pytest.mark.slow
 def test_export_to_hugging_face(reference, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -248,6 +255,7 @@ def test_time_based_latest_is_replaced_by_the_next_save(tmp_path):
     ck.close()
 
 
+@pytest.mark.slow
 def test_keep_the_last_n_plus_every_mth(reference, corpus, tmp_path):
     ref_dir, _ = reference
     out = _run(_args(tmp_path / "w", corpus, ref_dir.parent / "cache", **{
