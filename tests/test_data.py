@@ -288,7 +288,10 @@ def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
     from sentencepiece import sentencepiece_model_pb2
 
     docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
-    train = lambda: tokenizer.train(docs, vocab_size=350, max_docs=60)
+
+    def train():
+        return tokenizer.train(docs, vocab_size=350, max_docs=60)
+
     reference = train()
     for cores in (1, 16):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
