@@ -41,6 +41,7 @@ def _f(x):
     return float(x)  # "nan"/"inf" strings too
 
 
+@pytest.mark.slow
 def test_stress_preset_fp16_overflows_and_upcast_trains(grid):
     out, _ = grid
     naive = _records(out / "cells" / "fp16-lson-s21")
@@ -56,6 +57,7 @@ def test_stress_preset_fp16_overflows_and_upcast_trains(grid):
     assert max(_f(r[telemetry.ATTN_MAX][0]) for r in upcast if telemetry.ATTN_MAX in r) * 16 > 65504
 
 
+@pytest.mark.slow
 def test_rerunning_the_grid_skips_finished_cells(grid):
     out, _ = grid
     cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16_upcast",
@@ -66,6 +68,7 @@ def test_rerunning_the_grid_skips_finished_cells(grid):
     assert "fp16_upcast-lson-s21: already finished, skipped" in res.stderr
 
 
+@pytest.mark.slow
 def test_report_from_two_machines(grid, tmp_path):
     from jaxlm.ablate import report
 
@@ -96,6 +99,7 @@ def test_report_from_two_machines(grid, tmp_path):
         assert f"({name})" in md and f"src='{name}'" in html
 
 
+@pytest.mark.slow
 def test_eval_perplexity_equals_exp_mean_token_loss(grid):
     out, _ = grid
     run = out / "cells" / "fp16_upcast-lson-s21"
@@ -131,6 +135,7 @@ def _val_docs(cfg, n):
     return list(sources.open_source(c).documents("validation"))
 
 
+@pytest.mark.slow
 def test_eval_cli_all_steps_writes_csv_and_plot(grid):
     out, _ = grid
     run = out / "cells" / "fp16_upcast-lson-s21"
@@ -143,6 +148,7 @@ def test_eval_cli_all_steps_writes_csv_and_plot(grid):
     assert float(rows[2].split(",")[1]) < float(rows[1].split(",")[1])  # trained beats initial
 
 
+@pytest.mark.slow
 def test_generation_with_kv_cache_equals_without(grid):
     out, _ = grid
     _, trainer, state, meta, _ = run_lib.load_run(out / "cells" / "fp16_upcast-lson-s21")

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_writes_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run(
@@ -45,6 +47,7 @@ def test_bench_writes_a_table_and_json(tmp_path):
         assert "HF GPT2LMHeadModel, vocab 1024" in res.stdout
 
 
+@pytest.mark.slow
 def test_bench_rejects_an_unknown_regime_before_timing_anything():
     res = subprocess.run([sys.executable, "-m", "jaxlm.bench", "--config=configs/tiny.py", "--regimes=bf16,fp8"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -20,6 +20,7 @@ from jaxlm.errors import CheckpointError
 from conftest import ROOT, write_word_corpus
 
 STEPS = 40
+HELPERS = ROOT / "tests" / "helpers"
 
 
 def test_mistral_schedule():
@@ -87,6 +88,7 @@ def reference(corpus, tmp_path_factory):
     return root / "a", runs
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_bit_identical_losses(reference):
     _, (a, b) = reference
     assert a == b  # exact float equality, every step
@@ -101,29 +103,42 @@ def _wait_for(pred, timeout, poll=0.002):
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpus, tmp_path):
+    """First a SIGKILL while the save of step 10 is provably in flight (tests/helpers/blocking_save.py
+    holds it in Orbax's temporary directory, uncommitted), then two at random moments; the resumed
+    run must never use the half-saved step and must reproduce the reference bit for bit."""
     ref_dir, (ref, _) = reference
     work = tmp_path / "killed"
     ckdir = work / "checkpoints"
     args = _args(work, corpus, ref_dir.parent / "cache")
     rnd = random.Random(1234)
-    in_flight_kills = 0
+    marker = tmp_path / "save-in-flight"
     for attempt in range(3):
-        p = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
-            # kill while an async save is being written: Orbax's temporary directory exists
-            def saving():
-                return ckdir.is_dir() and any(".orbax-checkpoint-tmp" in d.name for d in ckdir.iterdir()
-                                               if d.name not in ("0",))
-            _wait_for(lambda: (work / "metrics.jsonl").exists() and len(_losses(work)) >= 3, 120)
-            if _wait_for(saving, 60, poll=0.0005):
-                in_flight_kills += 1
+            # the save of step 10 blocks before its commit; the run stops at the next save (15)
+            cmd = [sys.executable, str(HELPERS / "blocking_save.py"), "jaxlm.main"] + args[3:]
+            env = {**_env(), "JAXLM_TEST_BLOCK_STEP": "10", "JAXLM_TEST_BLOCK_MARKER": str(marker)}
         else:
-            _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 2, 120)
-            time.sleep(rnd.uniform(0.05, 1.0))  # a random moment of training
-        p.send_signal(signal.SIGKILL)
-        p.wait(60)
-    assert in_flight_kills == 1, "did not catch a save in flight"
+            cmd, env = args, _env()
+        log = tmp_path / f"stderr-{attempt}.txt"  # a file, not a pipe: a full pipe would stall the run
+        with open(log, "w") as err:
+            p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            if attempt == 0:
+                assert _wait_for(lambda: marker.exists() or p.poll() is not None, 240, poll=0.05)
+                assert p.poll() is None, log.read_text()[-3000:]
+                tmp = Path(marker.read_text())
+                assert tmp.parent == ckdir.resolve() and tmp.is_dir()  # the save is in flight, uncommitted
+                assert not (ckdir / "10").exists()
+            else:
+                _wait_for(lambda: (work / "metrics.jsonl").exists() and max(_losses(work) or {0: 0}) >= 2, 120)
+                time.sleep(rnd.uniform(0.05, 1.0))  # a random moment of training
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(60)
+        if attempt == 0:
+            assert tmp.is_dir() and checkpoint.saved_steps(work) == [0, 5]  # the killed save is not listed
     out = _run(args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from the checkpoint at step" in out.stderr + out.stdout
@@ -132,6 +147,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, corpu
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, corpus, tmp_path):
     ref_dir, (ref, _) = reference
     work = tmp_path / "term"
@@ -151,6 +167,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, c
     assert _losses(work) == ref
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, corpus, tmp_path):
     import shutil
 
@@ -170,6 +187,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(reference, corpus, 
     assert list((work / "checkpoints").glob(f"{STEPS}.corrupt-*"))
 
 
+@pytest.mark.slow
 def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_path):
     ref_dir, _ = reference
     work = tmp_path / "shape"
@@ -181,6 +199,7 @@ def test_changed_model_shape_on_resume_names_the_fields(reference, corpus, tmp_p
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["0", "5"]  # nothing set aside
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(reference, corpus, tmp_path):
     """A checkpoint whose recorded train-state signature differs (as one from a jaxlm with another
     parameter layout does) is refused up front with the writing commit, never set aside as corrupt."""
@@ -203,6 +222,7 @@ def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(re
     assert not list((work / "checkpoints").glob("*.corrupt-*"))
 
 
+@pytest.mark.slow
 def test_export_to_hugging_face(reference, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -236,6 +256,7 @@ def test_time_based_latest_is_replaced_by_the_next_save(tmp_path):
     ck.close()
 
 
+@pytest.mark.slow
 def test_keep_the_last_n_plus_every_mth(reference, corpus, tmp_path):
     ref_dir, _ = reference
     out = _run(_args(tmp_path / "w", corpus, ref_dir.parent / "cache", **{

@@ -105,6 +105,7 @@ def test_stats_are_free_when_off_and_per_layer_when_on():
     assert (stats["attn_max"] >= stats["attn_min"]).all() and (stats["resid_rms"] > 0).all()
 
 
+@pytest.mark.slow  # eager (op-by-op) forward and backward, three times: ~30-40 s on 2 CPU cores
 def test_remat_keeps_loss_and_gradients_and_saves_fewer_activations():
     """Recomputation trades memory for compute only: same loss and gradients (dropout included,
     its masks are regenerated from the same key), fewer bytes kept for the backward pass."""

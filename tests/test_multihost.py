@@ -19,6 +19,8 @@ from conftest import ROOT, write_word_corpus
 STEPS = 6
 GLOBAL_DEVICES = 4
 
+pytestmark = pytest.mark.slow  # every test trains in jaxlm.main subprocesses (the `runs` fixture)
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

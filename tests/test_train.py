@@ -44,6 +44,7 @@ def _host(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+@pytest.mark.slow
 def test_sharded_steps_equal_one_device():
     out = subprocess.run([sys.executable, str(HELPERS / "sharded_step.py")], capture_output=True, text=True,
                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -176,6 +177,7 @@ def test_mesh_and_tpu_checks():
     assert any("fp16 on a TPU" in str(x.message) for x in w)
 
 
+@pytest.mark.slow
 def test_tiny_quickstart_learns_and_logs_every_metric(tmp_path):
     """The README's first command, as is (offline: wandb in offline mode), on a fresh workdir."""
     out = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path}"],
