@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, generate, model, telemetry
 from jaxlm import eval as eval_lib
+from jaxlm import generate, model, telemetry
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -39,8 +38,8 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     corpus = write_word_corpus(tmp / "corpus", 30)
     cfg = config.load(ROOT / "configs" / "tiny.py", {
-        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2, "train.eval_every": 0,
-        "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),)})
+        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2,
+        "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),)})
     run_lib.run(cfg, tmp / "run", log=lambda s: None)
     return tmp / "run"
 

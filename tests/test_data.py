@@ -54,7 +54,8 @@ def test_two_builds_are_byte_identical_and_give_the_same_batches(corpus, tmp_pat
     a, b = _prepare(cfg, tmp_path / "a"), _prepare(cfg, tmp_path / "b")
     assert _files(a.path) == _files(b.path)
     assert a.manifest["splits"]["train"]["sequences"] > 40
-    la, lb = data.train_loader(a, cfg, process_index=0, process_count=1), data.train_loader(b, cfg, process_index=0, process_count=1)
+    la = data.train_loader(a, cfg, process_index=0, process_count=1)
+    lb = data.train_loader(b, cfg, process_index=0, process_count=1)
     for _ in range(12):
         np.testing.assert_array_equal(next(la), next(lb))
     # and a rebuild into the same root finds the cache instead of building it again
@@ -215,7 +216,8 @@ def test_bad_inputs_fail_early_and_say_how_to_fix(tmp_path, corpus):
         (_cfg(f"files:{tmp_path}/nothing/*.txt"), r"matched no files.*check the pattern"),
         (_cfg("tfds:definitely_not_a_dataset_xyz"), r"unknown TFDS dataset"),
         (_cfg("s3://bucket/x"), r"not understood; use one of stdlib, files:GLOB"),
-        (_cfg(f"files:{corpus}/*.txt", **{"data.vocab_size": 60000}), r"data.vocab_size=60000 is more than the corpus can support"),
+        (_cfg(f"files:{corpus}/*.txt", **{"data.vocab_size": 60000}),
+         r"data.vocab_size=60000 is more than the corpus can support"),
     ]
     blank = tmp_path / "blank"
     blank.mkdir()

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, telemetry
 from jaxlm import run as run_lib
+from jaxlm import telemetry
 
 from conftest import ROOT, write_word_corpus
 
@@ -102,8 +102,9 @@ def test_four_processes_train_like_one(runs, corpus):
 def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus):
     root, cache = runs
     one_dev = jax.devices()[:1]
-    from jaxlm import sharding as sharding_lib
     import ml_collections
+
+    from jaxlm import sharding as sharding_lib
 
     mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), devices=one_dev)
     _, _, s2, _, step = run_lib.load_run(root / "p2", mesh=mesh)

@@ -139,6 +139,7 @@ def test_every_matmul_of_the_train_step_runs_in_the_regime_dtype(regime):
     import re
 
     from jaxlm import config, sharding, train
+
     from conftest import ROOT
 
     cfg = config.load(ROOT / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,

@@ -13,10 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-ROOT = str(Path(__file__).resolve().parent.parent.parent)
-sys.path.insert(0, ROOT)  # this checkout's jaxlm, whatever is installed
-
-from orbax.checkpoint._src.path import atomicity  # noqa: E402
+from orbax.checkpoint._src.path import atomicity
 
 BLOCK_STEP = os.environ["JAXLM_TEST_BLOCK_STEP"]
 MARKER = Path(os.environ["JAXLM_TEST_BLOCK_MARKER"])
