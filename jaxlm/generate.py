@@ -61,6 +61,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
     """New token ids after `prompt_ids` (stops early at `eos_id`). `use_cache=False` recomputes the
     whole sequence each step (the reference the cache must agree with)."""
     prompt = list(int(t) for t in prompt_ids)
+    model_lib.check_token_ids(prompt, cfg.vocab_size)
     if not prompt:
         raise ConfigError("--prompt: empty after tokenization; give at least one token of text")
     if len(prompt) + max_new_tokens > cfg.n_positions:

@@ -25,11 +25,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm import attention as attn_lib
 from jaxlm import naming, precision
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,9 +354,11 @@ def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes):
 
 
 def _layernorm(cfg, policy, rngs):
-    # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is.
+    # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is. The variance is
+    # E[(x - mean)^2], two passes as PyTorch computes it: Flax's fast E[x^2] - mean^2 loses the
+    # variance to cancellation when the features share a large mean.
     return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
-                         param_dtype=policy.param_dtype, rngs=rngs,
+                         param_dtype=policy.param_dtype, rngs=rngs, use_fast_variance=False,
                          scale_metadata=_axes("act_embed"), bias_metadata=_axes("act_embed"))
 
 
@@ -397,6 +400,8 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, **kwargs)
     only then (a static flag), so without it the program has none of their ops.
     """
     model = nnx.merge(graphdef, params)
+    if not isinstance(tokens_BT, jax.core.Tracer):  # called eagerly: check the ids (under jit the data path does)
+        check_token_ids(tokens_BT, model.cfg.vocab_size)
     if not collect_stats:
         return model(tokens_BT, **kwargs)
     model.set_attributes(collect_stats=True)
@@ -442,8 +447,20 @@ def count_params(params, cfg: GPT2Config | None = None) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params)) - padding
 
 
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Fails naming the offending ids if any token is outside [0, vocab_size): inside jit an id past
+    the table would read a padding row or clamp (NaN logits, or the last row for -1), silently."""
+    t = np.asarray(tokens)
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        bad = np.unique(t[(t < 0) | (t >= vocab_size)])
+        raise DataError(f"token ids {bad[:8].tolist()} are outside the vocabulary [0, {vocab_size}); "
+                        "tokenize with the model's own tokenizer")
+
+
 def logits(graphdef, params, tokens_BT) -> jax.Array:
-    """Float32 logits (B, T, vocab_size) of int tokens (B, T) or (T,), jit-compiled; no dropout."""
+    """Float32 logits (B, T, vocab_size) of int tokens (B, T) or (T,), jit-compiled; no dropout.
+    Token ids outside the vocabulary are an error."""
+    check_token_ids(tokens_BT, nnx.merge(graphdef, params).cfg.vocab_size)
     tokens = jnp.asarray(tokens_BT, jnp.int32)
     squeeze = tokens.ndim == 1
     out = _jit_logits(graphdef, params, tokens[None] if squeeze else tokens)

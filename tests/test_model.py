@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxlm import config, model, precision
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, DataError
 
 ROOT = __import__("conftest").ROOT
 
@@ -153,3 +154,23 @@ def test_a_padded_token_table_is_the_same_model_and_its_padding_stays_zero():
     assert abs(float(loss(gd1, p1)) - float(loss(gd0, p0))) <= 1e-6
     grad = jax.grad(loss, argnums=1)(gd1, p1)["wte"]["embedding"]
     assert not np.asarray(grad[97:]).any() and np.asarray(grad[:97]).any()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    cfg = model.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    gd, p = model.create(cfg, precision.policy("fp32"))
+    for bad in ([[1, 2, 97]], [[-1, 3]]):
+        with pytest.raises(DataError, match=r"outside the vocabulary \[0, 97\)"):
+            model.logits(gd, p, np.array(bad))
+        with pytest.raises(DataError, match="outside the vocabulary"):
+            model.apply(gd, p, np.array(bad))
+    assert model.logits(gd, p, np.array([[0, 96]])).shape == (1, 2, 97)
+
+
+def test_layernorm_variance_is_two_pass_like_pytorch():
+    """Features sharing a large mean: E[x^2] - mean^2 in float32 cancels away the variance."""
+    cfg = model.GPT2Config(vocab_size=97, n_positions=16, n_embd=256, n_layer=1, n_head=2)
+    ln = model._layernorm(cfg, precision.policy("fp32"), nnx.Rngs(0))
+    x = 3000.0 + np.random.RandomState(0).randn(4, 256).astype(np.float32) * 0.05
+    ref = (x.astype(np.float64) - x.mean(-1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), ref, atol=2e-2)  # torch: 7e-3; E[x^2]-mean^2: 43
