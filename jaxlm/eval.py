@@ -1,16 +1,29 @@
-"""Perplexity and bits per byte of checkpoints on a text, with a sliding window: library and CLI.
+"""Evaluation of checkpoints and Hugging Face GPT-2s on texts and benchmarks: library and CLI.
 
-    python -m jaxlm.eval --workdir=DIR [--step=N | --all-steps] [--data=SPEC] [--context=1024] [--stride=512]
+    python -m jaxlm.eval --workdir=RUN [--step=N | --all-steps] [--data=SPEC] [--context=N] [--stride=N]
+    python -m jaxlm.eval --hf=DIR --data=SPEC [--regime=fp32]
 
-The text: the run's own validation split (default), or every document of ``--data`` (a
-``data.source`` spec such as ``files:GLOB``). Documents are tokenized with the run's tokenizer and
-joined by EOS into one stream. Windows of ``context`` tokens advance by ``stride``; each token is
-scored once, by the first window that predicts it after the window's overlap with the previous
-one (Mistral used stride 512), so every token but the first gets at least ``context - stride``
-tokens of context. Reported: mean loss (nats/token), perplexity = exp(mean loss), and bits per
-byte = total nats / ln 2 / UTF-8 bytes of the documents' text -- comparable across tokenizers.
-``--all-steps`` evaluates every saved checkpoint and writes ``eval.csv`` and ``eval.png`` (the
-training-dynamics curve) into the run directory.
+What is evaluated (``--data``; a run's own validation split by default):
+
+``files:GLOB``, ``jsonl:GLOB``, ``tfds:NAME[:SPLIT]``, ``stdlib``
+    every document of a ``data.source`` spec, tokenized and joined by EOS into one stream.
+``wikitext:PATH``
+    a WikiText-103/WikiText-2 raw file (``wiki.test.raw``), detokenized (``wikitext_detokenize``:
+    the Megatron/Mistral rules, listed there) and evaluated as one stream, as Mistral did.
+``lambada:PATH``
+    OpenAI's LAMBADA jsonl (``{"text": ...}`` per line): last-word accuracy and the perplexity of the
+    final word, as lm-evaluation-harness's ``lambada_openai`` defines them (``lambada``).
+
+Streams are scored with a sliding window. A window feeds ``context`` tokens to the model; windows
+start every ``stride`` tokens (the last one may be shorter); each token after the first is scored
+once, by the first window whose predictions reach it, so it sees at least ``context - stride``
+tokens of context (all of them while the first window lasts). With ``stride < context`` this is
+Hugging Face's perplexity recipe with ``max_length = context + 1``: Mistral's WikiText numbers
+(max_length 1024, stride 512) are ``--context=1023 --stride=512``, the default for ``wikitext:``
+and ``--hf``. Reported: mean loss (nats/token), perplexity = exp(mean loss), and bits per byte =
+total nats / ln 2 / UTF-8 bytes of the text -- comparable across tokenizers. ``--all-steps``
+evaluates every saved checkpoint and writes ``eval.csv`` and ``eval.png`` (the training-dynamics
+curve) into the run directory.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -28,13 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from flax import nnx
 
-from jaxlm import checkpoint, cli, files, telemetry
+from jaxlm import checkpoint, cli, files, hf, telemetry
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import ConfigError, DataError
+
+# Hugging Face's perplexity recipe at GPT-2's 1024 positions with Mistral's stride.
+MISTRAL_CONTEXT, MISTRAL_STRIDE = 1023, 512
 
 
 @dataclasses.dataclass
@@ -44,34 +63,86 @@ class Text:
     n_documents: int
 
 
-def load_text(run_cfg, meta: dict, data_spec: str | None = None, max_docs: int = 0) -> Text:
-    """The evaluation text as one token stream, with its byte count."""
-    data_cfg = run_cfg.data.copy_and_resolve_references()
-    split = "validation"
-    if data_spec:
-        data_cfg.source, data_cfg.val_fraction, split = data_spec, 0.0, "train"  # every document
-    data_cfg.max_docs = max_docs or data_cfg.max_docs
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
-    docs = list(sources_lib.open_source(data_cfg).documents(split))
-    if not docs:
-        raise DataError(f"--data={data_spec or 'the run validation split'}: no documents to evaluate on")
+# --- texts --------------------------------------------------------------------------------------
+
+# WikiText's tokenisation undone, in order (the detokenizer of Megatron-LM's zero-shot evaluation,
+# which Mistral used): (what, pattern, replacement); patterns are regular expressions.
+WIKITEXT_RULES: tuple[tuple[str, str, str], ...] = (
+    ("possessive after s", r"s '", "s'"),
+    ("number separators", r" @(-|,|\.)@ ", r"\1"),
+    ("space before : ; . ! ? ,", r" ([:;.!?,]) ", r"\1 "),
+    ("inside ( )", r"\(\s*([^\)]*?)\s*\)", r"(\1)"),
+    ("inside [ ]", r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    ("inside { }", r"{\s*([^}]*?)\s*}", r"{\1}"),
+    ('inside " "', r'"\s*([^"]*?)\s*"', r'"\1"'),
+    ("inside ' '", r"'\s*([^']*?)\s*'", r"'\1'"),
+    ("heading = = = =", r"= = = =", "===="),
+    ("heading = = =", r"= = =", "==="),
+    ("heading = =", r"= =", "=="),
+    ("degree sign", " \u00b0 ", "\u00b0"),
+    ("space before a newline", r" \n", "\n"),
+    ("space after a newline", r"\n ", "\n"),
+    ("number placeholder", r" N ", " 1 "),
+    ("possessive 's", r" 's", "'s"),
+)
+_WIKITEXT_COMPILED = tuple((re.compile(p), r) for _, p, r in WIKITEXT_RULES)
+
+
+def wikitext_detokenize(text: str) -> str:
+    """WikiText's raw token format back to running text, by ``WIKITEXT_RULES`` in order."""
+    for pattern, replacement in _WIKITEXT_COMPILED:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _read(path: str, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--data={what}:{path}: no such file")
+    return p.read_bytes().decode("utf-8", errors="replace")
+
+
+def documents(data_spec: str, data_cfg, split: str = "train", max_docs: int = 0) -> list[str]:
+    """The documents of an evaluation text: a ``wikitext:`` file (one detokenized document) or every
+    document of a ``data.source`` spec (`split` of it)."""
+    kind, _, path = data_spec.partition(":")
+    if kind == "wikitext":
+        return [wikitext_detokenize(_read(path, kind))]
+    data_cfg = data_cfg.copy_and_resolve_references()
+    data_cfg.source, data_cfg.max_docs = data_spec, max_docs or data_cfg.max_docs
+    if split == "train":
+        data_cfg.val_fraction = 0.0  # every document
+    return list(sources_lib.open_source(data_cfg).documents(split))
+
+
+def encode_stream(tok, docs: list[str], what: str) -> Text:
+    """Documents tokenized and joined by EOS into one stream."""
+    if not docs or not any(d.strip() for d in docs):
+        raise DataError(f"--data={what}: no text to evaluate on")
     ids = tok.encode(docs)
-    stream = np.concatenate([np.asarray(d + [tok.eos_id], np.int32) for d in ids])
+    stream = np.concatenate([np.asarray(d + [tok.eos_id], np.int64) for d in ids])
     return Text(stream, sum(len(d.encode("utf-8")) for d in docs), len(docs))
 
 
-def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first_scored) per window: it predicts targets start+1 .. start+context and scores those
-    from first_scored on (the ones no earlier window scored). Windows are always full length."""
+def load_text(run_cfg, meta: dict, data_spec: str | None = None, max_docs: int = 0) -> Text:
+    """A run's evaluation text (its validation split, or `data_spec`) as one token stream."""
+    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    docs = documents(data_spec or run_cfg.data.source, run_cfg.data, "train" if data_spec else "validation", max_docs)
+    return encode_stream(tok, docs, data_spec or "the run's validation split")
+
+
+# --- sliding-window perplexity -----------------------------------------------------------------
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, first, end) per window: it reads tokens start .. end-1 (at most `context` of them) and
+    scores targets first .. end (those no earlier window scored). Windows start every `stride`."""
     if stride <= 0 or stride > context:
         raise ConfigError(f"--stride must be in 1..context ({context}), got {stride}")
-    last_target = n_tokens - 1
     out, scored, start = [], 0, 0
-    while scored < last_target:
-        start = min(start, last_target - context)
-        out.append((start, scored + 1))
-        scored = start + context
-        start += stride
+    while scored < n_tokens - 1:
+        end = min(start + context, n_tokens - 1)
+        out.append((start, scored + 1, end))
+        scored, start = end, start + stride
     return out
 
 
@@ -79,20 +150,24 @@ def token_nll(graphdef, params, text: Text, context: int, stride: int, batch: in
     """The negative log-likelihood (nats) of every token of the stream after the first, in order."""
     n = len(text.tokens)
     context = min(context, n - 1)
-    wins = windows(n, context, stride)
+    model_lib.check_token_ids(text.tokens, _vocab_size(graphdef, params))
     nll = np.full(n - 1, np.nan, np.float64)
     fn = _nll_fn(graphdef)
+    wins = windows(n, context, stride)
     for i in range(0, len(wins), batch):
         chunk = wins[i:i + batch]
-        x = np.stack([text.tokens[s:s + context + 1] for s, _ in chunk] +
-                     [text.tokens[:context + 1]] * (batch - len(chunk)))  # pad the last batch
+        x = np.zeros((batch, context + 1), np.int32)  # short windows and the last batch padded with id 0
+        for row, (s, _, e) in enumerate(chunk):
+            x[row, : e + 1 - s] = text.tokens[s:e + 1]
         out = np.asarray(fn(params, jnp.asarray(x)))
-        for (s, first), row in zip(chunk, out):
-            # row[j] is the NLL of token s+j+1; keep targets >= first
-            lo = first - (s + 1)
-            nll[first - 1: s + context] = row[lo:]
+        for (s, first, e), row in zip(chunk, out):
+            nll[first - 1: e] = row[first - 1 - s: e - s]  # row[j]: the NLL of token s+j+1
     assert not np.isnan(nll).any(), "a token was not scored"
     return nll
+
+
+def _vocab_size(graphdef, params) -> int:
+    return nnx.merge(graphdef, params).cfg.vocab_size
 
 
 def _nll_fn(graphdef):
@@ -111,36 +186,132 @@ def evaluate(graphdef, params, text: Text, context: int, stride: int) -> dict[st
             "bytes": text.n_bytes}
 
 
+# --- LAMBADA -----------------------------------------------------------------------------------
+
+def lambada_examples(path: str) -> list[tuple[str, str]]:
+    """(context, " " + last word) of each line of OpenAI's LAMBADA jsonl, split at the last space."""
+    out = []
+    for i, line in enumerate(_read(path, "lambada").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"--data=lambada:{path}:{i}: expected a JSON object with a \"text\" field") from None
+        context, sep, word = text.rstrip().rpartition(" ")
+        if not sep or not context:
+            raise DataError(f"--data=lambada:{path}:{i}: a passage needs a context and a last word")
+        out.append((context, " " + word))
+    if not out:
+        raise DataError(f"--data=lambada:{path}: no passages")
+    return out
+
+
+def lambada(graphdef, params, tok, examples: list[tuple[str, str]], n_positions: int) -> dict:
+    """Last-word accuracy and final-word perplexity, as lm-evaluation-harness's ``lambada_openai``:
+    the continuation's tokens are those of tokenize(context + word) past tokenize(context) (left-
+    truncated to the model's positions); accuracy = the share of passages whose every continuation
+    token is the model's greedy (argmax) choice; perplexity = exp(-mean over passages of the
+    continuation's total log-likelihood), i.e. per word, not per token."""
+    contexts = tok.encode([c for c, _ in examples])
+    wholes = tok.encode([c + w for c, w in examples])
+    model_lib.check_token_ids(np.concatenate([np.asarray(w) for w in wholes]), _vocab_size(graphdef, params))
+    fn = _continuation_fn(graphdef)
+    loglik, greedy = [], []
+    for ctx, whole in zip(contexts, wholes):
+        n_cont = len(whole) - len(ctx)
+        if n_cont <= 0:
+            raise DataError("lambada: a passage's last word adds no token to its context")
+        x = np.asarray(whole[-(n_positions + 1):], np.int32)
+        ll, hit = fn(params, jnp.asarray(x), n_cont)
+        loglik.append(float(ll))
+        greedy.append(bool(hit))
+    return {"accuracy": float(np.mean(greedy)), "perplexity": telemetry.perplexity(-float(np.mean(loglik))),
+            "documents": len(examples)}
+
+
+def _continuation_fn(graphdef):
+    @jax.jit(static_argnums=2)
+    def fn(params, x, n_cont):
+        logp = jax.nn.log_softmax(model_lib.apply(graphdef, params, x[None, :-1])[0])
+        logp_c, target = logp[-n_cont:], x[-n_cont:]
+        ll = jnp.take_along_axis(logp_c, target[:, None], axis=-1).sum()
+        return ll, jnp.all(jnp.argmax(logp_c, axis=-1) == target)
+    return fn
+
+
+# --- runs and Hugging Face models ----------------------------------------------------------------
+
 # Said with every result: the training-time eval/loss is another estimate of the same quantity.
 METHOD = ("every token of the text scored once, with at least context - stride tokens of context (context "
           "{context}, stride {stride}); the eval/loss logged during training is the mean over train.eval_batches "
           "batches of non-overlapping seq_len windows, so the two differ slightly")
 
 
-def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, data_spec: str | None = None,
-                 context: int = 0, stride: int = 0, max_docs: int = 0, log=print) -> list[dict]:
-    workdir = Path(workdir)
-    cfg, trainer, state, meta, last = run_lib.load_run(workdir, step)
-    context = context or cfg.train.seq_len
-    if context > trainer.model_cfg.n_positions:
-        raise DataError(f"--context={context} exceeds the model's n_positions={trainer.model_cfg.n_positions}")
-    stride = stride or max(context // 2, 1)
-    text = load_text(cfg, meta, data_spec, max_docs)
+def _evaluator(data_spec, data_cfg, tok, n_positions, context, stride, max_docs, default_context, log):
+    """A function (graphdef, params) -> result dict for `data_spec`, with its text prepared once."""
+    kind = (data_spec or "").partition(":")[0]
+    if kind == "lambada":
+        examples = lambada_examples(data_spec.partition(":")[2])
+        log(f"LAMBADA: {len(examples)} passages (last-word accuracy and final-word perplexity)")
+        return lambda graphdef, params: {"task": "lambada", **lambada(graphdef, params, tok, examples, n_positions)}
+    if kind == "wikitext":
+        default_context = min(MISTRAL_CONTEXT, n_positions - 1)
+    context = context or default_context
+    if context > n_positions:
+        raise ConfigError(f"--context={context} exceeds the model's n_positions={n_positions}")
+    stride = stride or (MISTRAL_STRIDE if kind == "wikitext" and context > MISTRAL_STRIDE else max(context // 2, 1))
+    if data_spec:
+        text = encode_stream(tok, documents(data_spec, data_cfg, "train", max_docs), data_spec)
+    else:
+        text = encode_stream(tok, documents(data_cfg.source, data_cfg, "validation", max_docs),
+                             "the run's validation split")
+    method = METHOD.format(context=context, stride=stride)
     log(f"evaluating on {text.n_documents} documents, {len(text.tokens):,} tokens, {text.n_bytes:,} bytes "
         f"(context {context}, stride {stride})")
-    log(f"method: {METHOD.format(context=context, stride=stride)}")
+    log(f"method: {method}")
+    return lambda graphdef, params: {**evaluate(graphdef, params, text, context, stride), "method": method}
+
+
+def _say(r: dict) -> str:
+    if r.get("task") == "lambada":
+        return f"accuracy {r['accuracy']:.4f}  final-word perplexity {r['perplexity']:.2f}"
+    return f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte {r['bits_per_byte']:.4f}"
+
+
+def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, data_spec: str | None = None,
+                 context: int = 0, stride: int = 0, max_docs: int = 0, log=print) -> list[dict]:
+    """Evaluates checkpoint `step` (the newest by default) or every checkpoint of a run."""
+    workdir = Path(workdir)
+    cfg, trainer, state, meta, last = run_lib.load_run(workdir, step)
+    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    ev = _evaluator(data_spec, cfg.data, tok, trainer.model_cfg.n_positions, context, stride, max_docs,
+                    min(cfg.train.seq_len, trainer.model_cfg.n_positions), log)
     steps = checkpoint.saved_steps(workdir) if all_steps else [last]
     rows = []
     for s in steps:
         params = state.params if s == last else run_lib.load_run(workdir, s)[2].params
-        r = {"step": s, **evaluate(trainer.graphdef, params, text, context, stride),
-             "method": METHOD.format(context=context, stride=stride)}
-        log(f"step {s:>8}: loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/byte {r['bits_per_byte']:.4f}")
+        r = {"step": s, **ev(trainer.graphdef, params)}
+        log(f"step {s:>8}: {_say(r)}")
         rows.append(r)
     if all_steps:
         write_curve(rows, workdir)
         log(f"wrote {workdir / 'eval.csv'} and {workdir / 'eval.png'}")
     return rows
+
+
+def evaluate_hf(directory, data_spec: str, *, regime: str = "fp32", context: int = 0, stride: int = 0,
+                max_docs: int = 0, log=print) -> dict:
+    """Evaluates a Hugging Face GPT-2 directory (weights and tokenizer) on `data_spec`."""
+    if not data_spec:
+        raise ConfigError("--hf needs --data (a Hugging Face model has no validation split of its own)")
+    model_cfg, _, graphdef, params = hf.load_pretrained(directory, regime=regime)
+    tok = tok_lib.load(f"hf:{directory}")
+    ev = _evaluator(data_spec, config_lib.schema().data, tok, model_cfg.n_positions, context, stride, max_docs,
+                    model_cfg.n_positions - 1, log)
+    r = {"model": str(directory), **ev(graphdef, params)}
+    log(f"{directory}: {_say(r)}")
+    return r
 
 
 def write_curve(rows: list[dict], out_dir: Path) -> None:
@@ -157,11 +328,15 @@ def write_curve(rows: list[dict], out_dir: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [max(r["step"], 1) for r in rows]
-    ax[0].plot(steps, [r["perplexity"] for r in rows], "o-")
     xlabel = "step (log scale; step 0 drawn at 1)" if rows[0]["step"] == 0 else "step (log scale)"
-    ax[0].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="perplexity", title="validation perplexity")
-    ax[1].plot(steps, [r["bits_per_byte"] for r in rows], "o-", color="C1")
-    ax[1].set(xscale="log", xlabel=xlabel, ylabel="bits per byte", title="bits per byte")
+    lambada = rows[0].get("task") == "lambada"
+    ax[0].plot(steps, [r["perplexity"] for r in rows], "o-")
+    ax[0].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="perplexity",
+              title="LAMBADA final-word perplexity" if lambada else "perplexity")
+    second = "accuracy" if lambada else "bits_per_byte"
+    ax[1].plot(steps, [r[second] for r in rows], "o-", color="C1")
+    ax[1].set(xscale="log", xlabel=xlabel, ylabel=second.replace("_", " "),
+              title="LAMBADA last-word accuracy" if lambada else "bits per byte")
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -173,10 +348,13 @@ def write_curve(rows: list[dict], out_dir: Path) -> None:
 
 def define_flags():
     flags.DEFINE_string("workdir", None, "The run directory.")
+    flags.DEFINE_string("hf", None, "A Hugging Face GPT-2 directory (weights and tokenizer) instead of a run.")
+    flags.DEFINE_string("regime", "fp32", "--hf: the precision regime to evaluate in.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_bool("all_steps", False, "Evaluate every saved checkpoint; write eval.csv and eval.png.")
     flags.DEFINE_alias("all-steps", "all_steps")
-    flags.DEFINE_string("data", None, "A data.source spec (default: the run's validation split).")
+    flags.DEFINE_string("data", None, "files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], wikitext:PATH or lambada:PATH "
+                        "(default: the run's validation split).")
     flags.DEFINE_integer("context", 0, "Window length in tokens (default: train.seq_len).")
     flags.DEFINE_integer("stride", 0, "Window stride (default: context/2; Mistral: 512).")
     flags.DEFINE_integer("max_docs", 0, "Evaluate on at most this many documents (0 = all).")
@@ -184,9 +362,16 @@ def define_flags():
 
 def main(argv):
     F = cli.FLAGS
+    log = lambda s: print(s, file=sys.stderr)
+    if F.hf:
+        if F.workdir or F.all_steps or F.step is not None:
+            raise ConfigError("--hf evaluates one model: it takes no --workdir, --step or --all-steps")
+        print(json.dumps(evaluate_hf(F.hf, F.data, regime=F.regime, context=F.context, stride=F.stride,
+                                     max_docs=F.max_docs, log=log)))
+        return
     cli.require(workdir=F.workdir)
     rows = evaluate_run(F.workdir, step=F.step, all_steps=F.all_steps, data_spec=F.data, context=F.context,
-                        stride=F.stride, max_docs=F.max_docs, log=lambda s: print(s, file=sys.stderr))
+                        stride=F.stride, max_docs=F.max_docs, log=log)
     print(json.dumps(rows if F.all_steps else rows[-1]))
 
 
