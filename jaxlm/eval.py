@@ -69,8 +69,15 @@ class Text:
 # which Mistral used): (what, pattern, replacement); patterns are regular expressions.
 WIKITEXT_RULES: tuple[tuple[str, str, str], ...] = (
     ("possessive after s", r"s '", "s'"),
-    ("number separators", r" @(-|,|\.)@ ", r"\1"),
-    ("space before : ; . ! ? ,", r" ([:;.!?,]) ", r"\1 "),
+    ("number separator -", r" @-@ ", "-"),
+    ("number separator ,", r" @,@ ", ","),
+    ("number separator .", r" @\.@ ", "."),
+    ("space before :", r" : ", ": "),
+    ("space before ;", r" ; ", "; "),
+    ("space before .", r" \. ", ". "),
+    ("space before !", r" ! ", "! "),
+    ("space before ?", r" \? ", "? "),
+    ("space before ,", r" , ", ", "),
     ("inside ( )", r"\(\s*([^\)]*?)\s*\)", r"(\1)"),
     ("inside [ ]", r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
     ("inside { }", r"{\s*([^}]*?)\s*}", r"{\1}"),
