@@ -87,10 +87,17 @@ def require(**values) -> None:
 
 
 def quiet_library_logs() -> None:
-    """Only warnings and errors from absl and Python logging reach the console."""
+    """Only warnings and errors reach the console, and of Orbax's only errors: its warnings describe its
+    own bookkeeping (a read-only manager, intervals), and jaxlm reports what matters about checkpoints."""
     absl_logging.set_verbosity(absl_logging.WARNING)
-    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    handler = absl_logging.get_absl_handler()
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(_not_orbax_below_error)
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def _not_orbax_below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "orbax" not in record.pathname
 
 
 def _resolve_config_arg(arg: str) -> str:
