@@ -24,7 +24,9 @@ last N plus every M-th; always the newest.
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +42,37 @@ from jaxlm import naming, telemetry
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: for a failed Orbax read, TensorStore's own message."""
+    seen = set()
+    while (nxt := error.__cause__ or error.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(error))
+        error = nxt
+    return error
+
+
+_ORPHAN_FILTERS_INSTALLED = []
+
+
+def _drop_orphaned_read_errors() -> None:
+    """After a failed restore, reads Orbax had in flight fail later, each printing a traceback ('Event
+    loop is closed', an unretrieved task exception, an unraisable coroutine): hundreds of lines about
+    the checkpoint just reported and set aside. From then on this process drops exactly those."""
+    if _ORPHAN_FILTERS_INSTALLED:
+        return
+    _ORPHAN_FILTERS_INSTALLED.append(True)
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def orphan(exc) -> bool:
+        text = str(exc)
+        return "Event loop is closed" in text or "Encountered error while reading array index" in text
+
+    sys.excepthook = lambda t, v, tb: None if orphan(v) else excepthook(t, v, tb)
+    sys.unraisablehook = lambda u: None if orphan(u.exc_value) else unraisablehook(u)
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(lambda r: not (r.exc_info and orphan(r.exc_info[1])))
+
 
 def _checksum(x: jax.Array) -> jax.Array:
     """The sum of an array's bit patterns as unsigned integers, modulo 2**32: exact, and independent of
@@ -171,6 +204,7 @@ class Checkpointer:
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
             if meta.get("state_signature") not in (None, self.signature):
                 raise CheckpointError(other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
+            _drop_orphaned_read_errors()  # were this restore to fail
             try:
                 return self.restore(step)
             except Exception as e:  # same structure, yet unreadable: corrupt
@@ -180,11 +214,13 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception) -> None:
         bad = self.directory / str(step)
         aside = bad.with_name(f"{step}.corrupt-{int(time.time())}")
-        cause = config_lib.one_line(error)
-        if len(cause) > 300:  # the cause of a long error is at its end
-            cause = "..." + cause[-300:]
-        warnings.warn(f"checkpoint {bad} cannot be restored ({type(error).__name__}: {cause}); "
-                      f"moved to {aside.name}, using the previous one", stacklevel=3)
+        root = _root_cause(error)
+        cause = config_lib.one_line(root)
+        if len(cause) > 300:
+            cause = cause[:300] + "..."
+        # warn_explicit: one line, without a source line under it
+        warnings.warn_explicit(f"checkpoint {bad} cannot be restored ({type(root).__name__}: {cause}); moved to "
+                               f"{aside.name}, using the previous one", UserWarning, "jaxlm.checkpoint", 0)
         if jax.process_index() == 0 and bad.exists():
             bad.rename(aside)
         self.manager.reload()

@@ -5,6 +5,7 @@ model here is eager.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -129,3 +130,14 @@ def test_a_padded_token_table_imports_and_exports_as_hf_shapes(tmp_path):
     hf.save_pretrained(tmp_path / "back", padded, policy, params)
     m2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
     assert m2.config.vocab_size == 101 and np.abs(_hf_logits(m2, tokens) - ours).max() <= 1e-4
+
+
+def test_exported_files_are_world_readable(tmp_path):
+    cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    pol = precision.policy("fp32")
+    _, params = model.create(cfg, pol)
+    out = hf.save_pretrained(tmp_path / "hf", cfg, pol, params)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert ((out / name).stat().st_mode & 0o777) == 0o666 & ~umask, name
