@@ -15,6 +15,7 @@ from absl import logging as absl_logging
 from jaxlm import cli, distributed
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
+from jaxlm.errors import JaxlmError
 
 
 def define_flags():
@@ -49,6 +50,9 @@ def main(argv):
 
     try:
         result = run_lib.run(cfg, F.workdir, log=say)
+    except JaxlmError as e:  # the console gets it once, from cli; the log file gets it at INFO
+        logger.info("error: %s", e)
+        raise
     except Exception:
         logger.exception("the run failed; see %s", log_file)
         raise

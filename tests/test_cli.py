@@ -131,3 +131,9 @@ def test_help_lists_the_flags(tool, flag):
     res = _cli([tool, "--help"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert flag in res.stdout + res.stderr
+
+
+def test_main_resume_with_another_config(run_dir):
+    res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={run_dir}", "--config.log.wandb_mode=disabled"])
+    _assert_one_error(res, "the config differs from the one this run was started with")
+    assert "cannot schedule new futures" not in res.stderr
