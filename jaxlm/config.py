@@ -94,10 +94,12 @@ def set_by_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None
     try:
         for p in parents:
             node = getattr(node, p)
-        if leaf not in node:  # a locked ConfigDict refuses it too; this names the whole path
-            raise AttributeError(f"unknown key{_did_you_mean(leaf, node.keys())}")
-        setattr(node, leaf, value)
-    except (AttributeError, KeyError, TypeError) as e:
+        setattr(node, leaf, value)  # locked: an unknown key is refused, with ml_collections' suggestion
+    except (AttributeError, KeyError) as e:
+        hint = one_line(e)
+        hint = hint[hint.index("Did you mean"):] if "Did you mean" in hint else hint
+        raise ConfigError(f"config.{dotted}: unknown key; {hint}") from None
+    except TypeError as e:
         raise ConfigError(f"config.{dotted}={value!r}: {one_line(e)}") from None
 
 
