@@ -148,7 +148,7 @@ def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_l
 def _stats(s_BHTS, mask_TS) -> ScoreStats:
     """Max/min over unmasked scores. NaN is propagated explicitly: XLA's CPU backend drops NaNs
     from max/min reductions by default (fast min/max), which would hide a broken layer."""
-    f32 = precision.STATS_DTYPE
+    f32 = precision.FP32
     s = s_BHTS.astype(f32)
     has_nan = jnp.any(jnp.where(mask_TS, jnp.isnan(s), False))
     nan = jnp.asarray(jnp.nan, f32)

@@ -286,7 +286,7 @@ class GPT2(nnx.Module):
         """Float32 logits against the tied token table; the table's padding rows masked."""
         cfg, compute = self.cfg, self.policy.compute_dtype
         logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
-                                      out_dtype=precision.LOGITS_DTYPE, precision=self.policy.matmul_precision)
+                                      out_dtype=precision.FP32, precision=self.policy.matmul_precision)
         logits_BTV = constrain(logits_BTV, "logits")
         if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
             real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
@@ -369,7 +369,7 @@ def constrain(x: jax.Array, kind: str) -> jax.Array:
 
 
 def _rms(x):
-    x = x.astype(precision.STATS_DTYPE)
+    x = x.astype(precision.FP32)
     return jnp.sqrt(jnp.mean(x * x))
 
 

@@ -8,7 +8,7 @@ A :class:`Policy` has three fields:
 
 Named regimes are presets (see ``REGIMES``); any field may be overridden explicitly.
 Whatever the regime, LayerNorm statistics, the final logits, their log-softmax and the
-loss are float32 (``STATS_DTYPE``/``LOGITS_DTYPE``): those are not policy choices.
+loss are float32 (``FP32``): those are not policy choices.
 
 The regimes follow Mistral's study of GPT-2 training stability:
 
@@ -38,8 +38,8 @@ import numpy as np
 from jaxlm.errors import ConfigError
 
 # Dtypes that are fixed whatever the regime.
-STATS_DTYPE = jnp.float32  # LayerNorm statistics, telemetry reductions
-LOGITS_DTYPE = jnp.float32  # final logits, log-softmax and loss
+# float32 whatever the regime: the final logits, their log-softmax and the loss; LayerNorm and
+# telemetry statistics; the loss scale; Megatron's multiply-back of scaled scores.
 FP32 = jnp.float32
 
 DTYPES: dict[str, Any] = {

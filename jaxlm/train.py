@@ -116,7 +116,7 @@ class Trainer:
             return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_i), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.LOGITS_DTYPE)), (micro, jnp.arange(n)))
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.FP32)), (micro, jnp.arange(n)))
         return loss / n, jax.tree.map(lambda g: g / n, grads)
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
