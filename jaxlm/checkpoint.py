@@ -43,13 +43,15 @@ from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain: for a failed Orbax read, TensorStore's own message."""
+def describe(error: BaseException) -> str:
+    """'Type: message' of the innermost exception of a chain (for a failed Orbax read, TensorStore's own
+    message, not the spec of the array it was reading), on one line, at most about 300 characters."""
     seen = set()
     while (nxt := error.__cause__ or error.__context__) is not None and id(nxt) not in seen:
         seen.add(id(error))
         error = nxt
-    return error
+    text = config_lib.one_line(error)
+    return f"{type(error).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
 
 
 _ORPHAN_FILTERS_INSTALLED = []
@@ -214,12 +216,8 @@ class Checkpointer:
     def _set_aside(self, step: int, error: Exception) -> None:
         bad = self.directory / str(step)
         aside = bad.with_name(f"{step}.corrupt-{int(time.time())}")
-        root = _root_cause(error)
-        cause = config_lib.one_line(root)
-        if len(cause) > 300:
-            cause = cause[:300] + "..."
         # warn_explicit: one line, without a source line under it
-        warnings.warn_explicit(f"checkpoint {bad} cannot be restored ({type(root).__name__}: {cause}); moved to "
+        warnings.warn_explicit(f"checkpoint {bad} cannot be restored ({describe(error)}); moved to "
                                f"{aside.name}, using the previous one", UserWarning, "jaxlm.checkpoint", 0)
         if jax.process_index() == 0 and bad.exists():
             bad.rename(aside)
@@ -241,6 +239,15 @@ class Checkpointer:
                 raise CheckpointError(f"contents differ from the fingerprints saved with the checkpoint "
                                       f"(damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
         return r["state"], r["data"], r["meta"], step
+
+    def restore_or_fail(self, step: int):
+        """``restore``, a damaged checkpoint being a CheckpointError that names it and the cause."""
+        _drop_orphaned_read_errors()  # were the read to fail
+        try:
+            return self.restore(step)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read ({describe(e)}); "
+                                  f"choose another --step (saved: {self.steps()})") from None
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

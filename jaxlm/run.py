@@ -169,12 +169,7 @@ def load_run(workdir, step: int | None = None, mesh=None):
     try:
         if meta.get("state_signature") not in (None, ckpt.signature):
             raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
-        try:
-            state, _, meta, step = ckpt.restore(step)
-        except Exception as e:  # same structure, yet unreadable: damaged on disk
-            raise CheckpointError(
-                f"checkpoint {directory / str(step)} cannot be read ({type(e).__name__}: "
-                f"{config_lib.one_line(e)[:300]}); choose another --step (saved: {steps})") from None
+        state, _, meta, step = ckpt.restore_or_fail(step)
     finally:
         ckpt.manager.close()
     return cfg, trainer, state, meta, step
