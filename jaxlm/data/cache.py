@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -194,6 +195,15 @@ def _init_worker(tok: tok_lib.Tokenizer) -> None:
     global _worker_tok
     _worker_tok = tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent stops the pool
+    # A parent killed with SIGKILL never closes the task queue (each worker holds its write end too),
+    # so a worker would wait for tasks forever: it exits when it finds itself orphaned.
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None = None,
