@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # '' = WORKDIR/data; a shared directory is fine
     c.data.max_docs = 0  # 0 = all documents (a cap for quick experiments)
     c.data.prefetch = 2  # batches buffered ahead by the loader
+    # processes tokenizing the corpus when the token cache is built; 0 or 1 = in this process
+    # (SentencePiece's threads over all cores). The rows are the same bytes for any count.
+    c.data.workers = 1
 
     # --- optim ---------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()

@@ -33,7 +33,7 @@ CONFIGS_DIR = Path(configs.__file__).resolve().parent
 # Config fields that never change a run's results; everything else must match on resume.
 NEUTRAL_FIELDS = (
     "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
-    "train.stop_on_nonfinite", "data.prefetch", "data.cache_dir", "data.tfds_data_dir",
+    "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "train.deterministic",
 )
 # What a field meant in configs saved before it existed, where that differs from its default.

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+from jax.experimental import multihost_utils
+
 from jaxlm.data.cache import TokenCache, build
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 
@@ -18,8 +21,25 @@ def cache_root(cfg, workdir: str | Path) -> Path:
 
 
 def prepare(cfg, workdir: str | Path, log=print) -> TokenCache:
-    """The tokenizer and token cache for this config (built if missing; atomic)."""
-    return build(cfg.data, cfg.train.seq_len, cache_root(cfg, workdir), log=log)
+    """The tokenizer and token cache for this config (built if missing; atomic).
+
+    On a multi-process run process 0 trains the tokenizer and builds the cache while the others
+    wait at a barrier; then they find it (a shared data.cache_dir) or, where each host has its own
+    directory, build their own copy.
+    """
+    root = cache_root(cfg, workdir)
+    if jax.process_count() == 1:
+        return build(cfg.data, cfg.train.seq_len, root, log=log)
+    cache, error = None, None
+    if jax.process_index() == 0:
+        try:
+            cache = build(cfg.data, cfg.train.seq_len, root, log=log)
+        except Exception as e:  # reach the barrier anyway, so the others are not left waiting
+            error = e
+    multihost_utils.sync_global_devices("jaxlm.data.prepare")
+    if error is not None:
+        raise error
+    return cache or build(cfg.data, cfg.train.seq_len, root, log=log)
 
 
 def train_loader(cache: TokenCache, cfg, **kw) -> Loader:

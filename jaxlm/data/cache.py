@@ -12,23 +12,38 @@ Documents are concatenated in corpus order, each followed by EOS, and cut into r
 shorter than a row is dropped (counted in the manifest). Rows are a flat binary that
 ``np.memmap`` opens in place: random access like array_record, with no per-record decoding.
 
-Everything is written to a temporary sibling directory and renamed into place at the end, so an
-interrupted build never leaves a directory a later run would use (a directory without its
+The build reads the documents in corpus order in this process and cuts them into shards of
+``SHARD_DOCS`` documents; ``data.workers`` processes tokenize the shards (0 or 1: this process,
+SentencePiece's threads over all cores), each into a token file named after its index and a digest
+of its documents. This process then concatenates the shards' tokens in order and writes the rows,
+so the rows are the same bytes whatever the worker count. The work happens in a directory stable
+per key, ``tokens/.build-<key>/``, held by an ``fcntl`` lock (released by the kernel when its owner
+dies, even by SIGKILL): a second live builder of the same cache waits for the first and uses its
+result; a build run again after a kill reuses the finished shards. The rows, the tokenizer and the
+manifest (written last) go to ``.build-<key>/out``, renamed to ``tokens/<key>`` when complete, so
+an interrupted build never leaves a directory a later run would use (a directory without its
 manifest is never read).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -38,7 +53,12 @@ from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
 
 FORMAT_VERSION = 1
-_BATCH_DOCS = 512
+# Documents per shard: the unit of parallel tokenization and of resume after a kill. The rows do
+# not depend on it (shards are concatenated in order before rows are cut).
+SHARD_DOCS = 2048
+# A builder finding another live builder of the same cache waits this long for it, then fails.
+WAIT_S = 24 * 3600.0
+_POLL_S = 2.0
 
 
 def _key(obj) -> str:
@@ -136,7 +156,9 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     return tok_lib.Tokenizer.load(final / "tokenizer.model")
 
 
-def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: str) -> dict:
+def _write_split(shards: Iterable[tuple[int, np.ndarray]], tok: tok_lib.Tokenizer, seq_len: int, out: Path,
+                 desc: str) -> dict:
+    """Writes the rows of one split from its tokenized shards, (documents, tokens with EOS), in corpus order."""
     row = seq_len + 1
     dtype = tok.dtype()
     pending = np.zeros(0, dtype)
@@ -144,16 +166,9 @@ def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: st
     counts = np.zeros(tok.vocab_size, np.int64)
     bar = tqdm(desc=desc, unit=" docs", file=sys.stderr, mininterval=1.0, disable=None)
     with open(out, "wb") as f:
-        batch: list[str] = []
-
-        def flush():
-            nonlocal pending, n_docs, n_tokens, n_rows
-            if not batch:
-                return
-            ids = tok.encode(batch)
-            flat = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in ids])
-            counts[:] += np.bincount(flat, minlength=tok.vocab_size)
-            n_docs += len(batch)
+        for docs, flat in shards:
+            counts += np.bincount(flat, minlength=tok.vocab_size)
+            n_docs += docs
             n_tokens += flat.size
             pending = np.concatenate([pending, flat])
             full = pending.size // row
@@ -161,21 +176,207 @@ def _write_split(docs, tok: tok_lib.Tokenizer, seq_len: int, out: Path, desc: st
                 f.write(pending[: full * row].tobytes())
                 n_rows += full
                 pending = pending[full * row:]
-            bar.update(len(batch))
+            bar.update(docs)
             bar.set_postfix(tokens=f"{n_tokens:,}")
-            batch.clear()
-
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= _BATCH_DOCS:
-                flush()
-        flush()
     bar.close()
     p = counts[counts > 0] / max(counts.sum(), 1)
     return {"documents": n_docs, "tokens": n_tokens, "sequences": n_rows,
             "dropped_tail_tokens": int(pending.size), "vocab_used": int((counts > 0).sum()),
             # the loss (nats/token) of the best context-free model: training must go well below it
             "unigram_entropy": round(float(-(p * np.log(p)).sum()), 6)}
+
+
+# --- shards: tokenized in worker processes, kept for resume ----------------------------------
+
+_worker_tok: tok_lib.Tokenizer | None = None
+
+
+def _init_worker(tok: tok_lib.Tokenizer) -> None:
+    global _worker_tok
+    _worker_tok = tok
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent stops the pool
+    # A parent killed with SIGKILL never closes the task queue (each worker holds its write end too),
+    # so a worker would wait for tasks forever: it exits when it finds itself orphaned.
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None = None,
+                    threads: int | None = 1) -> int:
+    """Tokenizes one shard into `path` (its documents' tokens, each followed by EOS), atomically. In a
+    worker process on one thread (the processes are the parallelism); in this process on all cores."""
+    tok = tok or _worker_tok
+    dtype = tok.dtype()
+    ids = tok.encode(docs, num_threads=threads)
+    flat = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in ids])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(flat.tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # a shard that exists is complete, also after a crash
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return int(flat.size)
+
+
+def _read_shard(path: Path, dtype) -> np.ndarray:
+    return np.fromfile(path, dtype=dtype)
+
+
+def _digest(docs: list[str]) -> str:
+    h = hashlib.blake2b(digest_size=10)
+    for d in docs:
+        b = d.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _groups(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    group: list[str] = []
+    for d in docs:
+        group.append(d)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+class _InProcess:
+    """The executor for data.workers <= 1: tokenizes at submission, with SentencePiece's threads."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def submit(self, fn, docs, path):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(fn(docs, path, self.tok, None))
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+def _executor(workers: int, tok):
+    if workers <= 1:
+        return _InProcess(tok)
+    # spawn, not fork: the parent is usually a multithreaded JAX process
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+        initargs=(tok,))
+
+
+@dataclasses.dataclass
+class _ShardCounts:
+    tokenized: int = 0
+    reused: int = 0
+
+
+def _tokenized_shards(docs: Iterable[str], tok, pool, shard_dir: Path, in_flight: int,
+                      counts: _ShardCounts) -> Iterator[tuple[int, np.ndarray]]:
+    """(documents, tokens) of each shard of `docs` in corpus order; a shard finished by an earlier,
+    interrupted build (same index, same documents) is read back instead of tokenized again."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    queue: collections.deque = collections.deque()
+    dtype = tok.dtype()
+    for i, group in enumerate(_groups(docs, SHARD_DOCS)):
+        path = shard_dir / f"{i:07d}-{_digest(group)}.bin"
+        if path.exists():
+            counts.reused += 1
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_result(None)
+        else:
+            counts.tokenized += 1
+            fut = pool.submit(_tokenize_shard, group, path)
+        queue.append((len(group), path, fut))
+        while len(queue) > in_flight:
+            n, p, f = queue.popleft()
+            f.result()
+            yield n, _read_shard(p, dtype)
+    while queue:
+        n, p, f = queue.popleft()
+        f.result()
+        yield n, _read_shard(p, dtype)
+
+
+# --- the build directory and its lock --------------------------------------------------------
+
+class _Lock:
+    """An exclusive ``fcntl`` lock on ``<work>/lock`` (the kernel drops it when its holder dies), with
+    the holder described in ``<work>/owner.json`` for the messages of those waiting."""
+
+    def __init__(self, work: Path):
+        self.work, self.fd = work, None
+
+    def try_acquire(self) -> bool:
+        self.work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.work / "lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        (self.work / "owner.json").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        return True
+
+    def owner_info(self) -> dict:
+        try:
+            return json.loads((self.work / "owner.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def owner(self) -> str:
+        o = self.owner_info()
+        try:
+            return f"process {o['pid']} on {o['host']} (since {o['since']})"
+        except KeyError:
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _hold(work: Path, final: Path, log, wait_s: float) -> _Lock | None:
+    """The build lock for `final`, or None once another builder has published it (waits while a
+    live builder holds it, up to `wait_s`)."""
+    lock = _Lock(work)
+    t0, said = time.monotonic(), False
+    while True:
+        if (final / "manifest.json").exists():
+            return None
+        if lock.try_acquire():
+            if (final / "manifest.json").exists():  # published between the check and the lock
+                shutil.rmtree(work, ignore_errors=True)
+                lock.release()
+                return None
+            return lock
+        if time.monotonic() - t0 > wait_s:
+            raise DataError(
+                f"{final}: {lock.owner()} has been building this token cache for over {wait_s:.0f}s (it holds "
+                f"{work / 'lock'}); wait for it, stop it, or use another data.cache_dir")
+        o = lock.owner_info()
+        if o.get("pid") == os.getppid() and o.get("host") == socket.gethostname():
+            raise DataError(
+                f"{final}: this is a tokenizing worker process of the build, building again: data.workers > 1 "
+                "starts its processes with spawn, which imports the main module, and the main module starts a "
+                "build at import; guard that code with `if __name__ == \"__main__\":`")
+        if not said:
+            log(f"waiting for {lock.owner()}, which is building {final}")
+            said = True
+        time.sleep(min(_POLL_S, max(wait_s, 0.01)))
 
 
 def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCache:
@@ -190,27 +391,42 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCac
     final = cache_root / "tokens" / key
     if (final / "manifest.json").exists():
         return TokenCache.open(final)
-
-    log(f"tokenizing {source.spec} into {final} (seq_len {seq_len})")
-    tmp = _tmp_dir(final.parent, key)
-    try:  # whatever stops the build (an error, SIGINT, SIGTERM) removes its temporary directory
-        return _build_into(tmp, final, source, tok, data_cfg, seq_len, fingerprint, key, log)
+    workers = int(data_cfg.get("workers", 1))
+    if workers < 0:
+        raise DataError(f"data.workers={workers}: must be 0 or 1 (tokenize in this process) or more (processes)")
+    work = final.parent / f".build-{key}"
+    lock = _hold(work, final, log, WAIT_S)
+    if lock is None:
+        return TokenCache.open(final)
+    try:  # an error, SIGINT or SIGTERM leaves the finished shards for the next build (and the lock free)
+        log(f"tokenizing {source.spec} into {final} (seq_len {seq_len}, "
+            f"{f'{workers} worker processes' if workers > 1 else 'in this process'})")
+        return _build_into(work, final, source, tok, data_cfg, seq_len, fingerprint, key, workers, log)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
 
 
-def _build_into(tmp: Path, final: Path, source, tok, data_cfg, seq_len: int, fingerprint: dict, key: str,
-                log) -> TokenCache:
+def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fingerprint: dict, key: str,
+                workers: int, log) -> TokenCache:
     t0 = time.time()
-    splits, counters = {}, sources_lib.Counters()
-    for split in sources_lib.SPLITS:
-        source.counters = sources_lib.Counters()
-        splits[split] = _write_split(source.documents(split), tok, seq_len, tmp / f"{split}.bin", split)
-        # What reading noticed, counted once per document read: without a native validation split
-        # each pass reads the whole corpus, so the train pass has seen everything.
-        if split == "train" or source.has_validation:
-            for f in ("empty_documents", "replaced_bytes_documents", "missing_field"):
-                setattr(counters, f, getattr(counters, f) + getattr(source.counters, f))
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # rows are cheap to write again from the shards
+    out.mkdir(parents=True)
+    splits, counters, shard_counts = {}, sources_lib.Counters(), _ShardCounts()
+    pool = _executor(workers, tok)
+    try:
+        for split in sources_lib.SPLITS:
+            source.counters = sources_lib.Counters()
+            shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
+                                       2 * workers + 1, shard_counts)
+            splits[split] = _write_split(shards, tok, seq_len, out / f"{split}.bin", split)
+            # What reading noticed, counted once per document read: without a native validation split
+            # each pass reads the whole corpus, so the train pass has seen everything.
+            if split == "train" or source.has_validation:
+                for f in ("empty_documents", "replaced_bytes_documents", "missing_field"):
+                    setattr(counters, f, getattr(counters, f) + getattr(source.counters, f))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     counters = {k: v for k, v in dataclasses.asdict(counters).items() if k != "documents"}
     if splits["train"]["documents"] == 0:
         raise DataError(f"data.source={data_cfg.source!r}: the corpus is empty or all whitespace")
@@ -219,18 +435,24 @@ def _build_into(tmp: Path, final: Path, source, tok, data_cfg, seq_len: int, fin
             f"data.source={data_cfg.source!r}: {splits['train']['tokens']} training tokens make no sequence of "
             f"train.seq_len+1={seq_len + 1} tokens; use a larger corpus or a shorter train.seq_len"
         )
-    (tmp / "tokenizer.model").write_bytes(tok.proto)
+    (out / "tokenizer.model").write_bytes(tok.proto)
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "fingerprint": fingerprint, "source": source.spec,
         "seq_len": seq_len, "dtype": np.dtype(tok.dtype()).name, "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id, "tokenizer_sha256": tok.sha256, "splits": splits, "counters": counters,
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _publish(tmp, final)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _publish(out, final)
+    shutil.rmtree(work / "shards", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # the lock file too: waiters find the manifest first
     s = splits["train"]
     if counters["replaced_bytes_documents"]:
         log(f"warning: {counters['replaced_bytes_documents']:,} documents had bytes that are not UTF-8; they were "
             "replaced by U+FFFD (the counts are in the cache's manifest.json)")
+    tokens = s["tokens"] + splits["validation"]["tokens"]
+    reused = f", {shard_counts.reused} reused from an interrupted build" if shard_counts.reused else ""
+    dt = time.time() - t0
     log(f"cached {s['documents']:,} documents, {s['tokens']:,} tokens, {s['sequences']:,} training sequences "
-        f"(+{splits['validation']['sequences']:,} validation) in {time.time() - t0:.1f}s")
+        f"(+{splits['validation']['sequences']:,} validation) in {dt:.1f}s ({tokens / max(dt, 1e-9):,.0f} tokens/s; "
+        f"{shard_counts.tokenized} shards tokenized{reused})")
     return TokenCache.open(final)
