@@ -51,7 +51,7 @@ def load_text(run_cfg, meta: dict, data_spec: str | None = None, max_docs: int =
     if data_spec:
         data_cfg.source, data_cfg.val_fraction, split = data_spec, 0.0, "train"  # every document
     data_cfg.max_docs = max_docs or data_cfg.max_docs
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(meta["data"]["tokenizer"])
     docs = list(sources_lib.open_source(data_cfg).documents(split))
     if not docs:
         raise DataError(f"--data={data_spec or 'the run validation split'}: no documents to evaluate on")
