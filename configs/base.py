@@ -58,7 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.doc_separator = ""  # files: split each file into documents on this string; '' = whole file
     c.data.tfds_data_dir = ""  # tfds: where prepared datasets live
     c.data.val_fraction = 0.0005  # held-out share of documents when the source has no split
-    c.data.tokenizer = ""  # path to a SentencePiece .model; '' = train one on the corpus
+    # PATH.model (SentencePiece) | hf:DIR (Hugging Face: tokenizer.json, or GPT-2's vocab.json + merges.txt);
+    # '' = train one on the corpus
+    c.data.tokenizer = ""
+    # what is trained: sentencepiece (BPE, byte fallback) | byte_bpe (GPT-2-style byte-level BPE, HF format)
+    c.data.tokenizer_kind = "sentencepiece"
     c.data.vocab_size = 8192  # when training the tokenizer
     c.data.tokenizer_max_docs = 20_000  # documents sampled to train the tokenizer
     c.data.tokenizer_max_chars = 50_000_000

@@ -133,7 +133,7 @@ def encode_stream(tok, docs: list[str], what: str) -> Text:
 
 def load_text(run_cfg, meta: dict, data_spec: str | None = None, max_docs: int = 0) -> Text:
     """A run's evaluation text (its validation split, or `data_spec`) as one token stream."""
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(meta["data"]["tokenizer"])
     docs = documents(data_spec or run_cfg.data.source, run_cfg.data, "train" if data_spec else "validation", max_docs)
     return encode_stream(tok, docs, data_spec or "the run's validation split")
 
@@ -291,7 +291,7 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
     """Evaluates checkpoint `step` (the newest by default) or every checkpoint of a run."""
     workdir = Path(workdir)
     cfg, trainer, state, meta, last = run_lib.load_run(workdir, step)
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(meta["data"]["tokenizer"])
     ev = _evaluator(data_spec, cfg.data, tok, trainer.model_cfg.n_positions, context, stride, max_docs,
                     min(cfg.train.seq_len, trainer.model_cfg.n_positions), log)
     steps = checkpoint.saved_steps(workdir) if all_steps else [last]

@@ -2,19 +2,21 @@
 
     python -m jaxlm.export --workdir=DIR [--step=N] --to-hf=OUT
 
-The tokenizer (SentencePiece ``tokenizer.model``) is copied beside the weights; transformers'
-``GPT2LMHeadModel.from_pretrained(OUT)`` loads the model.
+The run's tokenizer is written beside the weights: SentencePiece's ``tokenizer.model``, or a Hugging
+Face tokenizer's files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json), so that
+transformers' ``GPT2LMHeadModel.from_pretrained(OUT)`` loads the model and, for the latter,
+``AutoTokenizer.from_pretrained(OUT)`` the tokenizer.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from absl import flags
 
 from jaxlm import cli, hf
 from jaxlm import run as run_lib
+from jaxlm.data import tokenizer as tok_lib
 
 
 def export(workdir, out, step: int | None = None) -> Path:
@@ -22,9 +24,9 @@ def export(workdir, out, step: int | None = None) -> Path:
     cfg, trainer, state, meta, step = run_lib.load_run(workdir, step)
     out = hf.save_pretrained(out, trainer.model_cfg, trainer.policy, state.params,
                              eos_token_id=int(meta["data"]["eos_id"]))
-    tok = Path(meta["data"]["tokenizer"])
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.model")
+    spec = meta["data"]["tokenizer"]
+    if tok_lib.spec_path(spec).exists():  # (a run whose cache was deleted exports without it)
+        tok_lib.load(spec).save(out)
     return out
 
 

@@ -59,7 +59,7 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
         "jaxlm_commit": telemetry.git_commit(config_lib.SOURCE_ROOT), "environment": telemetry.environment(mesh),
         "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
         "flops_per_token": trainer.flops_per_token, "attention_impl": trainer.attention,
-        "data": {"cache": str(cache.path), "tokenizer": str(cache.tokenizer_path), "vocab_size": vocab,
+        "data": {"cache": str(cache.path), "tokenizer": cache.tokenizer_spec, "vocab_size": vocab,
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })

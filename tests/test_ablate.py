@@ -153,7 +153,7 @@ def test_eval_cli_all_steps_writes_csv_and_plot(grid):
 def test_generation_with_kv_cache_equals_without(grid):
     out, _ = grid
     _, trainer, state, meta, _ = run_lib.load_run(out / "cells" / "fp16_upcast-lson-s21")
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(meta["data"]["tokenizer"])
     prompt = tok.encode(["def __init__(self"])[0]
     args = (trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, prompt, 24)
     cached = generate.generate(*args, temperature=0.0)

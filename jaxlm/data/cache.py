@@ -2,9 +2,10 @@
 
 Layout under ``data.cache_dir`` (default ``WORKDIR/data``)::
 
-    tokenizers/<key>/tokenizer.model     a trained tokenizer, keyed by (source, vocab settings)
+    tokenizers/<key>/tokenizer.model     a trained tokenizer, keyed by (source, vocab settings[, kind])
+                                         (tokenizer.model for SentencePiece, hf/ for a byte-level BPE)
     tokens/<key>/manifest.json           documents, tokens, sequences per split; how it was made
-    tokens/<key>/tokenizer.model         the tokenizer the tokens were made with
+    tokens/<key>/tokenizer.model         the tokenizer the tokens were made with (or hf/: tokenizer.json, ...)
     tokens/<key>/{train,validation}.bin  uint16/uint32 rows of seq_len+1 tokens (random access)
 
 A token directory's key hashes (source fingerprint, tokenizer sha256, seq_len, format version).
@@ -70,7 +71,7 @@ def _publish(tmp: Path, final: Path) -> Path:
     try:
         os.rename(tmp, final)
     except OSError:
-        if (final / "manifest.json").exists() or (final / "tokenizer.model").exists():
+        if (final / "manifest.json").exists() or tok_lib.stored(final):
             shutil.rmtree(tmp, ignore_errors=True)  # same content, built concurrently
         else:
             raise
@@ -113,11 +114,17 @@ class TokenCache:
         return self.manifest["seq_len"]
 
     @property
-    def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.model"
+    def tokenizer_spec(self) -> str:
+        """What ``tokenizer.load`` takes: the ``tokenizer.model`` path, or ``hf:<path>/hf``."""
+        return tok_lib.stored(self.path) or str(self.path / "tokenizer.model")
 
-    def tokenizer(self) -> tok_lib.Tokenizer:
-        return tok_lib.Tokenizer.load(self.tokenizer_path)
+    @property
+    def tokenizer_path(self) -> Path:
+        """The tokenizer's file (SentencePiece) or directory (Hugging Face)."""
+        return tok_lib.spec_path(self.tokenizer_spec)
+
+    def tokenizer(self) -> tok_lib.AnyTokenizer:
+        return tok_lib.load(self.tokenizer_spec)
 
     def split(self, name: str) -> np.ndarray:
         info = self.manifest["splits"][name]
@@ -128,32 +135,43 @@ class TokenCache:
 
     @classmethod
     def open(cls, path: Path) -> "TokenCache":
-        return cls(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
+        cache = cls(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
+        tok_lib.check_dtype(cache.manifest["vocab_size"], cache.manifest["dtype"], f"token cache {path}")
+        return cache
 
 
-def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print) -> tok_lib.Tokenizer:
-    """The configured tokenizer: ``data.tokenizer`` if set, else trained once and cached."""
+def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print) -> tok_lib.AnyTokenizer:
+    """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
+    and cached."""
     if data_cfg.tokenizer:
-        return tok_lib.Tokenizer.load(data_cfg.tokenizer)
-    key = _key({"v": FORMAT_VERSION, "source": source.fingerprint(), "vocab": data_cfg.vocab_size,
-                "max_docs": data_cfg.tokenizer_max_docs, "max_chars": data_cfg.tokenizer_max_chars,
-                "val_fraction": data_cfg.val_fraction})
+        return tok_lib.load(data_cfg.tokenizer)
+    kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
+    if kind not in tok_lib.TRAINERS:
+        raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tok_lib.TRAINERS)}")
+    fields = {"v": FORMAT_VERSION, "source": source.fingerprint(), "vocab": data_cfg.vocab_size,
+              "max_docs": data_cfg.tokenizer_max_docs, "max_chars": data_cfg.tokenizer_max_chars,
+              "val_fraction": data_cfg.val_fraction}
+    if kind != tok_lib.DEFAULT_KIND:  # the default stays out of the key: caches built before it keep theirs
+        fields["kind"] = kind
+    key = _key(fields)
     final = cache_root / "tokenizers" / key
-    if (final / "tokenizer.model").exists():
-        return tok_lib.Tokenizer.load(final / "tokenizer.model")
-    log(f"training a {data_cfg.vocab_size}-piece SentencePiece BPE tokenizer on {source.spec} "
+    if spec := tok_lib.stored(final):
+        return tok_lib.load(spec)
+    what = "SentencePiece BPE" if kind == "sentencepiece" else "byte-level BPE"
+    log(f"training a {data_cfg.vocab_size}-piece {what} tokenizer on {source.spec} "
         f"(up to {data_cfg.tokenizer_max_docs} documents)")
     t0 = time.time()
-    tok = tok_lib.train(source.documents("train"), data_cfg.vocab_size,
-                        max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
+    tok = tok_lib.TRAINERS[kind](source.documents("train"), data_cfg.vocab_size,
+                                 max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
     tmp = _tmp_dir(final.parent, key)
     try:
-        (tmp / "tokenizer.model").write_bytes(tok.proto)
+        tok_lib.store(tok, tmp)
         _publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"tokenizer trained in {time.time() - t0:.1f}s -> {final / 'tokenizer.model'}")
-    return tok_lib.Tokenizer.load(final / "tokenizer.model")
+    spec = tok_lib.stored(final)
+    log(f"tokenizer trained in {time.time() - t0:.1f}s -> {tok_lib.spec_path(spec)}")
+    return tok_lib.load(spec)
 
 
 def _write_split(shards: Iterable[tuple[int, np.ndarray]], tok: tok_lib.Tokenizer, seq_len: int, out: Path,
@@ -384,6 +402,7 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCac
     cache_root = Path(cache_root)
     source = sources_lib.open_source(data_cfg)
     tok = tokenizer_for(data_cfg, source, cache_root, log)
+    tok_lib.check_dtype(tok.vocab_size, tok.dtype(), f"data.tokenizer={data_cfg.tokenizer or '<trained>'!r}")
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
                    "has_validation": source.has_validation}
@@ -435,7 +454,7 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
             f"data.source={data_cfg.source!r}: {splits['train']['tokens']} training tokens make no sequence of "
             f"train.seq_len+1={seq_len + 1} tokens; use a larger corpus or a shorter train.seq_len"
         )
-    (out / "tokenizer.model").write_bytes(tok.proto)
+    tok_lib.store(tok, out)
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "fingerprint": fingerprint, "source": source.spec,
         "seq_len": seq_len, "dtype": np.dtype(tok.dtype()).name, "vocab_size": tok.vocab_size,

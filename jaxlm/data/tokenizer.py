@@ -1,15 +1,31 @@
-"""SentencePiece tokenizer: train one (BPE, byte fallback, fixed inputs) or load a given ``.model``.
+"""Tokenizers: SentencePiece (``PATH.model``) or Hugging Face byte-level BPE (``hf:DIR``), one interface.
 
-Trained models are lossless on any text: no normalisation, whitespace kept as is, unknown
-characters fall back to bytes, so ``decode(encode(text)) == text``. Document boundaries are
-marked by ``eos_id``. Training is deterministic: the same documents (first ``max_docs``, at most
-``max_chars`` characters, in corpus order), no input shuffling, a fixed thread count.
+    tok = tokenizer.load(spec)        # "PATH.model" | "hf:DIR" (tokenizer.json, or GPT-2's vocab.json + merges.txt)
+    tok.encode(texts) -> list[list[int]]  (a batch, in parallel over cores; no EOS added)
+    tok.decode(ids) -> str;  tok.eos_id, tok.vocab_size, tok.sha256 (content hash: cache keys), tok.dtype(),
+    tok.kind ("sentencepiece" | "hf"), tok.save(dir) -> the spec of the files written into dir
+
+A tokenizer is trained on the corpus when none is given, of ``data.tokenizer_kind``:
+
+``sentencepiece`` (:func:`train`): BPE with byte fallback, fixed inputs. Lossless on any text: no
+normalisation, whitespace kept as is, unknown characters fall back to bytes, so
+``decode(encode(text)) == text``. Training is deterministic: the same documents (first ``max_docs``,
+at most ``max_chars`` characters, in corpus order), no input shuffling, a fixed thread count.
+
+``byte_bpe`` (:func:`train_byte_bpe`): GPT-2's scheme, trained with the ``tokenizers`` library: the
+ByteLevel pre-tokenizer (GPT-2's split regex, no prefix space) over the same documents, ByteLevel
+decoder, ``<|endoftext|>`` as EOS. Lossless too, deterministic, and saved in Hugging Face's format
+(tokenizer.json, vocab.json + merges.txt, tokenizer_config.json), so ``transformers.AutoTokenizer``
+loads it. As in transformers, ``<|endoftext|>`` written inside a text encodes as the EOS token.
+
+Document boundaries are marked by ``eos_id``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +33,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from jaxlm.errors import DataError
 
@@ -26,8 +44,31 @@ UNK_ID, EOS_ID = 0, 1
 # must give the same tokenizer on every machine and every host of a multi-host run.
 TRAIN_THREADS = 8
 
+DEFAULT_KIND = "sentencepiece"  # data.tokenizer_kind: what is trained when data.tokenizer is ''
+HF_PREFIX = "hf:"
+EOS_TOKEN = "<|endoftext|>"  # GPT-2's end of text, the EOS of byte_bpe and of GPT-2 files
+HF_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def dtype_for(vocab_size: int):
+    """The row dtype of a token cache: uint16 while every id fits, else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def check_dtype(vocab_size: int, dtype, where: str) -> None:
+    """Fails if `dtype` cannot hold every id of a `vocab_size` vocabulary."""
+    dt = np.dtype(dtype)
+    if vocab_size - 1 > np.iinfo(dt).max:
+        raise DataError(f"{where}: {dt.name} cannot hold token ids up to {vocab_size - 1} (vocabulary of "
+                        f"{vocab_size}); a vocabulary over 65536 needs uint32 rows. Delete that cache directory to "
+                        "rebuild it")
+
 
 class Tokenizer:
+    """A SentencePiece model."""
+
+    kind = "sentencepiece"
+
     def __init__(self, model_bytes: bytes, path: str | None = None):
         self.proto = model_bytes
         self.path = path
@@ -51,25 +92,218 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def dtype(self):
-        return np.uint16 if self.vocab_size <= 2**16 else np.uint32
+        return dtype_for(self.vocab_size)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes ``tokenizer.model`` into `directory`; returns its spec (the path)."""
+        path = Path(directory) / "tokenizer.model"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.proto)
+        return str(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"data.tokenizer={str(path)!r} is a directory; write hf:{path} for a Hugging Face "
+                            "tokenizer (tokenizer.json, or vocab.json + merges.txt), or give a SentencePiece .model")
         if not path.is_file():
-            raise DataError(f"data.tokenizer={str(path)!r}: no such file; give a SentencePiece .model or '' to train one")
+            raise DataError(f"data.tokenizer={str(path)!r}: no such file; give a SentencePiece .model, hf:DIR for a "
+                            "Hugging Face tokenizer, or '' to train one")
         try:
             return cls(path.read_bytes(), str(path))
         except RuntimeError as e:
             raise DataError(f"data.tokenizer={str(path)!r}: not a SentencePiece model ({e})") from None
 
 
-def _lines(docs: Iterable[str], max_docs: int, max_chars: int):
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` BPE tokenizer (byte-level, or with byte fallback), e.g. GPT-2's."""
+
+    kind = "hf"
+
+    def __init__(self, tk: tokenizers.Tokenizer, *, eos_token: str = EOS_TOKEN, config: dict | None = None,
+                 special_tokens_map: dict | None = None, path: str | None = None):
+        self.tk, self.path = tk, path
+        self.json = tk.to_str()
+        self.eos_token = eos_token
+        eos = tk.token_to_id(eos_token)
+        if eos is None:
+            raise DataError(f"data.tokenizer={_spec(path)!r}: the EOS token {eos_token!r} is not in the vocabulary; "
+                            "jaxlm needs one to separate documents")
+        self.eos_id = int(eos)
+        # max id + 1: the ids the model's table must cover, also where added tokens leave a gap
+        self.vocab_size = max(tk.get_vocab(with_added_tokens=True).values()) + 1
+        # the whole pipeline as tokenizers serialises it, and the EOS chosen: what decides the tokens
+        self.sha256 = hashlib.sha256(self.json.encode() + b"\0eos=" + eos_token.encode()).hexdigest()
+        self.byte_level = _has_type(json.loads(self.json).get("pre_tokenizer"), "ByteLevel")
+        self.config = config if config is not None else self._default_config()
+        self.special_tokens_map = special_tokens_map if special_tokens_map is not None else {
+            k: eos_token for k in ("bos_token", "eos_token", "unk_token")}
+
+    def _default_config(self) -> dict:
+        # GPT2Tokenizer for a byte-level BPE (GPT-2's own class), else the generic tokenizer.json class
+        return {"tokenizer_class": "GPT2Tokenizer" if self.byte_level else "PreTrainedTokenizerFast",
+                "bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token,
+                "add_prefix_space": False, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+                "model_max_length": 2**30}
+
+    def encode(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """Token ids of each text (no EOS), in parallel over CPU cores (tokenizers' thread pool) unless
+        `num_threads` is 1."""
+        if num_threads == 1:
+            return [self.tk.encode(t, add_special_tokens=False).ids for t in texts]
+        return [e.ids for e in self.tk.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def dtype(self):
+        return dtype_for(self.vocab_size)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes the Hugging Face files (tokenizer.json; vocab.json + merges.txt for a byte-level BPE;
+        tokenizer_config.json, special_tokens_map.json) into `directory`; returns its spec ``hf:DIR``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.json").write_text(self.json, encoding="utf-8")
+        if self.byte_level:
+            self.tk.model.save(str(d))  # vocab.json + merges.txt, as GPT-2 ships them
+        (d / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        (d / "special_tokens_map.json").write_text(json.dumps(self.special_tokens_map, indent=2, ensure_ascii=False) + "\n")
+        return HF_PREFIX + str(d)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+        d = Path(directory)
+        spec = HF_PREFIX + str(d)
+        if not d.is_dir():
+            raise DataError(f"data.tokenizer={spec!r}: no such directory")
+        config = _read_json(d / "tokenizer_config.json", spec)
+        special = _read_json(d / "special_tokens_map.json", spec)
+        eos = _token(config.get("eos_token")) or _token(special.get("eos_token")) or EOS_TOKEN
+        if (d / "tokenizer.json").is_file():
+            tk = _from_tokenizer_json(d / "tokenizer.json", spec)
+        else:
+            missing = [f for f in ("vocab.json", "merges.txt") if not (d / f).is_file()]
+            if missing:
+                raise DataError(f"data.tokenizer={spec!r}: no tokenizer.json, and no {' or '.join(missing)}; a Hugging "
+                                "Face tokenizer directory has tokenizer.json, or vocab.json + merges.txt (GPT-2)")
+            tk = _from_vocab_merges(d, spec, eos)
+        return cls(tk, eos_token=eos, config=config or None, special_tokens_map=special or None, path=str(d))
+
+
+AnyTokenizer = Tokenizer | HFTokenizer  # what load() returns: the interface in the module docstring
+
+
+def load(spec: str | os.PathLike) -> AnyTokenizer:
+    """The tokenizer of `spec`: ``hf:DIR`` (Hugging Face files) or a SentencePiece ``.model`` path."""
+    s = str(spec)
+    if s.startswith(HF_PREFIX):
+        return HFTokenizer.load(s[len(HF_PREFIX):])
+    return Tokenizer.load(s)
+
+
+def spec_path(spec: str) -> Path:
+    """The file (SentencePiece) or directory (``hf:DIR``) a spec names."""
+    s = str(spec)
+    return Path(s[len(HF_PREFIX):] if s.startswith(HF_PREFIX) else s)
+
+
+def store(tok: AnyTokenizer, directory: str | os.PathLike) -> str:
+    """Saves `tok` in a cache directory: ``tokenizer.model``, or the HF files under ``hf/``; returns its spec."""
+    return tok.save(directory if tok.kind == "sentencepiece" else Path(directory) / "hf")
+
+
+def stored(directory: str | os.PathLike) -> str | None:
+    """The spec of the tokenizer :func:`store` saved in `directory`, or None if there is none."""
+    d = Path(directory)
+    if (d / "hf" / "tokenizer.json").is_file():
+        return HF_PREFIX + str(d / "hf")
+    if (d / "tokenizer.model").is_file():
+        return str(d / "tokenizer.model")
+    return None
+
+
+def _spec(path) -> str:
+    return HF_PREFIX + str(path) if path else "<trained>"
+
+
+def _token(t) -> str | None:
+    """A special token as transformers writes it: a string, or a dict with its content."""
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def _read_json(path: Path, spec: str) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"data.tokenizer={spec!r}: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise DataError(f"data.tokenizer={spec!r}: {path.name} is not a JSON object")
+    return out
+
+
+def _has_type(node, name: str) -> bool:
+    """Whether a serialised component (a pre-tokenizer, maybe a Sequence of them) has one of type `name`."""
+    if isinstance(node, dict):
+        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_type(v, name) for v in node)
+    return False
+
+
+def _from_tokenizer_json(path: Path, spec: str) -> tokenizers.Tokenizer:
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"data.tokenizer={spec!r}: tokenizer.json is not valid JSON ({e})") from None
+    model = (obj.get("model") or {}) if isinstance(obj, dict) else {}
+    kind = model.get("type") or ("BPE" if "merges" in model else None)
+    if kind != "BPE":
+        raise DataError(f"data.tokenizer={spec!r}: tokenizer.json has a {kind or 'unknown'} model; jaxlm takes BPE "
+                        "tokenizers that cover every byte (byte-level like GPT-2's, or with byte fallback)")
+    if not (_has_type(obj.get("pre_tokenizer"), "ByteLevel") or model.get("byte_fallback")):
+        raise DataError(f"data.tokenizer={spec!r}: tokenizer.json is a BPE that is neither byte-level (no ByteLevel "
+                        "pre-tokenizer) nor byte fallback, so some text would have no tokens; use a byte-level BPE")
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise DataError(f"data.tokenizer={spec!r}: tokenizers cannot read tokenizer.json ({e})") from None
+
+
+def _byte_level(tk: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """GPT-2's pipeline around a BPE model (as transformers' GPT2 converter builds it)."""
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def _from_vocab_merges(d: Path, spec: str, eos: str) -> tokenizers.Tokenizer:
+    try:
+        tk = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"data.tokenizer={spec!r}: vocab.json + merges.txt cannot be read ({e})") from None
+    if tk.token_to_id(eos) is not None:  # special, as transformers registers it: never split, matched in text
+        tk.add_special_tokens([tokenizers.AddedToken(eos, special=True, normalized=False)])
+    return tk
+
+
+def _first(docs: Iterable[str], max_docs: int, max_chars: int):
+    """The first documents: at most `max_docs`, stopping once `max_chars` characters are read (0 = no limit)."""
     chars = 0
     for i, doc in enumerate(docs):
         if (max_docs and i >= max_docs) or (max_chars and chars >= max_chars):
             return
         chars += len(doc)
+        yield doc
+
+
+def _lines(docs: Iterable[str], max_docs: int, max_chars: int):
+    for doc in _first(docs, max_docs, max_chars):
         for line in doc.split("\n"):
             if line.strip():
                 yield line
@@ -115,6 +349,36 @@ def train(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000, max_c
     if lines.error is not None:
         raise lines.error from None
     return Tokenizer(buf.getvalue())
+
+
+def train_byte_bpe(docs: Iterable[str], vocab_size: int, *, max_docs: int = 20_000,
+                   max_chars: int = 50_000_000) -> HFTokenizer:
+    """Trains a GPT-2-style byte-level BPE (``tokenizers``) on the first documents of `docs`: the 256
+    byte symbols, ``<|endoftext|>`` (id 0, the EOS), then merges up to `vocab_size` (fewer if the
+    corpus runs out of pairs). Deterministic: merges are chosen by count, ties by pair, whatever the
+    thread count."""
+    floor = len(pre_tokenizers.ByteLevel.alphabet()) + 1
+    if vocab_size < floor:
+        raise DataError(f"data.vocab_size={vocab_size} is too small for a byte-level BPE: at least {floor} "
+                        f"(256 bytes + {EOS_TOKEN})")
+    seen = [0]
+
+    def counted():
+        for doc in _first(docs, max_docs, max_chars):
+            seen[0] += 1
+            yield doc
+
+    tk = _byte_level(tokenizers.Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(counted(), trainer)  # an exception raised reading the corpus comes back as is
+    if not seen[0]:
+        raise DataError("the corpus has no text to train a tokenizer on; check data.source")
+    return HFTokenizer(tk)
+
+
+# data.tokenizer_kind -> the trainer (both take docs, vocab_size, max_docs=, max_chars=)
+TRAINERS = {"sentencepiece": train, "byte_bpe": train_byte_bpe}
 
 
 class _Guarded:
