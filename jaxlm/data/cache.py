@@ -209,13 +209,14 @@ def _write_split(shards: Iterable[tuple[int, np.ndarray]], tok: tok_lib.Tokenize
 _worker_tok: tok_lib.Tokenizer | None = None
 
 
-def _init_worker(tok: tok_lib.Tokenizer) -> None:
+def _init_worker(tok: tok_lib.Tokenizer, parent: int) -> None:
     global _worker_tok
     _worker_tok = tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent stops the pool
     # A parent killed with SIGKILL never closes the task queue (each worker holds its write end too),
-    # so a worker would wait for tasks forever: it exits when it finds itself orphaned.
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    # so a worker would wait for tasks forever: it exits when it finds itself orphaned. The parent's pid
+    # comes from the parent: a worker still starting when it died would see its new parent here.
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -290,7 +291,7 @@ def _executor(workers: int, tok):
     # spawn, not fork: the parent is usually a multithreaded JAX process
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(tok,))
+        initargs=(tok, os.getpid()))
 
 
 @dataclasses.dataclass
