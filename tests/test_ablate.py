@@ -146,6 +146,8 @@ def test_eval_cli_all_steps_writes_csv_and_plot(grid):
     rows = (run / "eval.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,perplexity,bits_per_byte") and len(rows) == 1 + 2  # steps 0 and 40
     assert (run / "eval.png").read_bytes().startswith(PNG)
+    assert f"wrote {run / 'eval.csv'} and {run / 'eval.png'}" in res.stderr  # says where
+    assert "method: every token of the text scored once" in res.stderr  # and how it differs from training's
     assert float(rows[2].split(",")[1]) < float(rows[1].split(",")[1])  # trained beats initial
 
 

@@ -308,3 +308,32 @@ def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
     assert spec.num_threads == tokenizer.TRAIN_THREADS
     # encoding in parallel is the same as encoding on one thread
     assert reference.encode(docs[:20], num_threads=1) == reference.encode(docs[:20], num_threads=16)
+
+
+def test_a_malformed_line_met_while_training_the_tokenizer_arrives_unchanged():
+    """The corpus is read inside SentencePiece's C++ trainer; the error must not come back wrapped."""
+
+    def docs():
+        yield "some text to learn from " * 50
+        raise DataError("corpus.jsonl:2: not valid JSON (Expecting value); fix or remove the line")
+
+    with pytest.raises(DataError) as e:
+        tokenizer.train(docs(), 300)
+    assert str(e.value) == "corpus.jsonl:2: not valid JSON (Expecting value); fix or remove the line"
+
+
+def test_stale_build_directories_of_dead_processes_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".tmp-key-{socket.gethostname()}-{dead}-abcd1234"
+    live = tmp_path / f".tmp-key-{socket.gethostname()}-1-abcd1234"  # pid 1 is alive
+    other_host = tmp_path / f".tmp-key-elsewhere-{dead}-abcd1234"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "partial.bin").write_bytes(b"x" * 100)
+    fresh = cache_lib._tmp_dir(tmp_path, "key")
+    assert fresh.exists() and not stale.exists() and live.exists() and other_host.exists()

@@ -125,3 +125,11 @@ def test_gpu_bench_suite_dry_run():
     assert "--out=/tmp/out dir/small-fast.json" in fast
     assert not any(a.startswith("--config.") for a in mistral) and "--nobaseline" in mistral
     assert "--config.model.remat=dots" in remat and "--batch_per_device=16" in remat
+
+
+@pytest.mark.parametrize("script", ["tpu_vm.sh", "slurm.sh", "gke.sh", "bench_gpu.sh"])
+def test_launchers_answer_help(script):
+    for flag in ("--help", "-h"):
+        out = subprocess.run(["bash", str(LAUNCH / script), flag], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert f"launch/{script}" in out.stdout and "unknown argument" not in out.stderr
