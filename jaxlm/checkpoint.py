@@ -289,7 +289,14 @@ class Signals:
         if self._raise:
             raise Interrupted(self.received)
 
+    def check(self) -> None:
+        """Raises Interrupted if a signal came during startup: the handler's own raise can land where
+        Python ignores exceptions (a garbage-collection callback), so startup also checks between steps."""
+        if self._raise and self.received:
+            raise Interrupted(self.received)
+
     def training(self) -> None:
+        self.check()
         self._raise = False
 
     def __exit__(self, *exc):

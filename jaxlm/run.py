@@ -46,6 +46,7 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
     config_lib.validate(cfg, backend=jax.default_backend())
     mesh = sharding.make_mesh(cfg.mesh)
     cache = data.prepare(cfg, workdir, log=say)
+    signals.check()
     vocab = cache.manifest["vocab_size"]
     trainer = train.Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
     say(_describe(trainer, mesh))
@@ -84,6 +85,7 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
             state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
             start = 0
             ckpt.save(0, state, data_state(0))
+        signals.check()
         loader.set_state(data_state(start))  # batch k is the one step k consumes
         batches = data.device_prefetch(loader, trainer.batch_sharding)
         eval_fn = _validation_batches(cache, cfg, trainer, say)
