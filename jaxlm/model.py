@@ -138,6 +138,11 @@ class Stats(nnx.Intermediate):
     """Per-layer telemetry the modules sow when ``collect_stats`` is set (see ``apply``)."""
 
 
+class Residual(nnx.Intermediate):
+    """The residual stream after the embedding and after each block, sown when ``collect_residuals``
+    is set (see ``apply``)."""
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *, rngs: nnx.Rngs):
         self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
@@ -209,6 +214,7 @@ class Block(nnx.Module):
         self.ln_2 = _layernorm(cfg, policy, rngs)
         self.mlp = MLP(cfg, policy, rngs=rngs)
         self.collect_stats = False
+        self.collect_residuals = False
 
     def __call__(self, x_BTD, key=None, cache: attn_lib.KVCache | None = None):
         """(x + attn(ln_1(x)), then + mlp(ln_2(x)); this layer's updated cache)."""
@@ -221,6 +227,8 @@ class Block(nnx.Module):
             x_BTD = constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
         if self.collect_stats:
             self.sow(Stats, "resid_rms", _rms(x_BTD))
+        if self.collect_residuals:
+            self.sow(Residual, "residual", x_BTD)
         return x_BTD, cache
 
 
@@ -234,6 +242,7 @@ class GPT2(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         self.cfg, self.policy = cfg, policy
         self.collect_stats = False
+        self.collect_residuals = False
         init = nnx.initializers.normal(cfg.initializer_range)
         emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, rngs=rngs)
         self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, embedding_init=_zero_padded(init, cfg.vocab_size),
@@ -266,6 +275,8 @@ class GPT2(nnx.Module):
         with jax.named_scope("embed"):
             x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
             x_BTD = dropout(constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
+        if self.collect_residuals:
+            self.sow(Residual, "residual", x_BTD)
         block_fn = self._block_fn(cache)
         new_cache = []
         for i, block in enumerate(self.h):
@@ -278,7 +289,7 @@ class GPT2(nnx.Module):
     def _block_fn(self, cache):
         """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
         policy = REMAT_POLICIES[self.cfg.remat]
-        if policy is None or cache is not None or self.collect_stats:
+        if policy is None or cache is not None or self.collect_stats or self.collect_residuals:
             return Block.__call__
         return nnx.remat(Block.__call__, policy=policy)
 
@@ -392,16 +403,28 @@ def abstract(cfg: GPT2Config, policy: precision.Policy):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, **kwargs):
+def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_residuals: bool = False, **kwargs):
     """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits.
 
     With `collect_stats=True` returns (output, stats): per layer (float32/bool of shape (n_layer,))
     resid_rms, attn_max, attn_min, nonfinite -- what explains an unstable run. The modules sow them
     only then (a static flag), so without it the program has none of their ops.
+
+    With `collect_residuals=True` (and not `collect_stats`) returns (output, residuals): the residual
+    stream after the embedding (with its dropout) and after each block, stacked (n_layer + 1, B, T, D)
+    in the compute dtype -- what ``jaxlm.probe`` reads. Sown only then, like the statistics.
     """
     model = nnx.merge(graphdef, params)
     if not isinstance(tokens_BT, jax.core.Tracer):  # called eagerly: check the ids (under jit the data path does)
         check_token_ids(tokens_BT, model.cfg.vocab_size)
+    if collect_residuals:
+        if collect_stats:
+            raise ValueError("apply: collect_stats and collect_residuals are separate passes; ask for one")
+        model.set_attributes(collect_residuals=True)
+        out, sown = nnx.capture(model, Residual)(tokens_BT, **kwargs)
+        embed = nnx.to_pure_dict(sown)["residual"][0]
+        blocks = [nnx.to_pure_dict(sown["h"][i])["residual"][0] for i in range(model.cfg.n_layer)]
+        return out, jnp.stack([embed, *blocks])
     if not collect_stats:
         return model(tokens_BT, **kwargs)
     model.set_attributes(collect_stats=True)

@@ -1,0 +1,1 @@
+"""Probing classifiers over training: what each layer of each checkpoint encodes (see ``jaxlm.probe.study``)."""
