@@ -155,7 +155,7 @@ def probe(x_LNF, y_CN, classes_C, xt_LMF, yt_CM, *, seed: int = 0, hp: ProbeSett
     portion ends. The training examples are used in the order given (shuffle them first).
     """
     x, xt = standardize(np.asarray(x_LNF, np.float64), np.asarray(xt_LMF, np.float64))
-    dtype = precision.STATS_DTYPE
+    dtype = precision.FP32
     N = x.shape[1]
     ends = portion_ends(N, hp.min_first)
     classes_C = np.asarray(classes_C)

@@ -122,7 +122,7 @@ def hf_source(hf_dir, *, tokenizer: str, data: str, out=None, max_docs: int = 20
 @jax.jit(static_argnums=0)
 def _residuals(graphdef, params, tokens_BT):
     _, res = model_lib.apply(graphdef, params, tokens_BT, collect_residuals=True)
-    return res.astype(precision.STATS_DTYPE)  # (L+1, B, T, D)
+    return res.astype(precision.FP32)  # (L+1, B, T, D)
 
 
 def features(graphdef, params, data: tasks_lib.ProbeData, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
