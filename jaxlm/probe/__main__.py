@@ -1,7 +1,7 @@
 """Probe a run's checkpoints (or a Hugging Face GPT-2) layer by layer; compare seeds.
 
     python -m jaxlm.probe --workdir=RUN [--step=N | --all-steps | --steps=0,100,1000] [--tasks=position,bm25]
-    python -m jaxlm.probe --hf=DIR --tokenizer=PATH.model --data=SPEC [--tasks=...]
+    python -m jaxlm.probe --hf=DIR --tokenizer=hf:DIR|PATH.model --data=SPEC [--tasks=...]
     python -m jaxlm.probe report RUN_A RUN_B ... --out=DIR
 
 Writes ``RUN/probe/<task>.json``, ``.csv`` and ``.png`` (see ``jaxlm.probe.study`` and

@@ -70,7 +70,7 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
     workdir = Path(workdir)
     steps = resolve_steps(checkpoint.saved_steps(workdir), step, steps, all_steps, str(workdir / "checkpoints"))
     meta = checkpoint.read_meta(workdir, steps[-1])
-    tok = tok_lib.Tokenizer.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(meta["data"]["tokenizer"])
     cache_path = Path(meta["data"]["cache"])
     if not (cache_path / "manifest.json").exists():  # the run directory was moved: look inside it
         cache_path = workdir / "data" / "tokens" / cache_path.name
@@ -98,7 +98,7 @@ def hf_source(hf_dir, *, tokenizer: str, data: str, out=None, max_docs: int = 20
         raise ConfigError("--hf needs --tokenizer (the model's tokenizer) and --data (a data.source spec whose "
                           "validation split is probed and whose train split gives the corpus statistics)")
     cfg, _, graphdef, params = hf_lib.load_pretrained(hf_dir)
-    tok = tok_lib.Tokenizer.load(tokenizer)
+    tok = tok_lib.load(tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"--tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}: not its tokenizer")
     data_cfg = base_config.get_config().data

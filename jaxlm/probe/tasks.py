@@ -76,7 +76,7 @@ TASKS = TOKEN_TASKS + PAIR_TASKS
 NEEDS_TEXT = ("word_start", "bracket_depth", "capitalised_span")  # need each token's text
 K1, B = 1.2, 0.75
 ZIPF_CLASSES, PREV_TOP, REPEAT_CLASSES, MAX_DEPTH = 8, 15, 8, 3
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the cache key: bump it when an example or label definition changes
 
 
 @dataclasses.dataclass(frozen=True)
