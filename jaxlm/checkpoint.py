@@ -252,15 +252,15 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    # --- preemption -------------------------------------------------------------------------------
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived before training started (while data, model or checkpoint were prepared)."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived before training started (while data, model or checkpoint were prepared).
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` (a checkpoint thought corrupt, a
+    failed read) may take it for an error of its own."""
 
 
 class Signals:

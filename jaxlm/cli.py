@@ -19,6 +19,7 @@ library too. ``run`` then gives each tool the same behaviour:
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from typing import Callable, NoReturn
@@ -45,9 +46,11 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         except JaxlmError as e:
             fail(e)
         except OSError as e:  # a path the user gave that cannot be read or written (permissions, a file, no space)
-            if e.filename is None:
-                raise
-            fail(f"{e.filename}: {e.strerror}; check the path and its permissions")
+            if e.filename is not None:
+                fail(f"{e.filename}: {e.strerror}; check the path and its permissions")
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                fail(f"{e.strerror}; free space (or use a writable directory) and run the same command again")
+            raise
 
     app.run(guarded, flags_parser=parse_flags)
 

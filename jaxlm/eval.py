@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -177,6 +178,7 @@ def _vocab_size(graphdef, params) -> int:
     return nnx.merge(graphdef, params).cfg.vocab_size
 
 
+@functools.cache  # one compiled function per model structure: --all-steps reuses it
 def _nll_fn(graphdef):
     @jax.jit
     def fn(params, x):
@@ -229,21 +231,28 @@ def lambada(graphdef, params, tok, examples: list[tuple[str, str]], n_positions:
         n_cont = len(whole) - len(ctx)
         if n_cont <= 0:
             raise DataError("lambada: a passage's last word adds no token to its context")
-        x = np.asarray(whole[-(n_positions + 1):], np.int32)
-        ll, hit = fn(params, jnp.asarray(x), n_cont)
+        tokens = whole[-(n_positions + 1):]
+        # padded to a power of two (one compilation per length bucket, not per passage)
+        x = np.zeros(min(1 << (len(tokens) - 1).bit_length(), n_positions + 1), np.int32)
+        x[: len(tokens)] = tokens
+        ll, hit = fn(params, jnp.asarray(x), len(tokens), n_cont)
         loglik.append(float(ll))
         greedy.append(bool(hit))
     return {"accuracy": float(np.mean(greedy)), "perplexity": telemetry.perplexity(-float(np.mean(loglik))),
             "documents": len(examples)}
 
 
+@functools.cache
 def _continuation_fn(graphdef):
-    @jax.jit(static_argnums=2)
-    def fn(params, x, n_cont):
-        logp = jax.nn.log_softmax(model_lib.apply(graphdef, params, x[None, :-1])[0])
-        logp_c, target = logp[-n_cont:], x[-n_cont:]
-        ll = jnp.take_along_axis(logp_c, target[:, None], axis=-1).sum()
-        return ll, jnp.all(jnp.argmax(logp_c, axis=-1) == target)
+    """(log-likelihood, all greedy) of the last `n_cont` of the first `length` tokens of `x` (padded)."""
+    @jax.jit
+    def fn(params, x, length, n_cont):
+        logp = jax.nn.log_softmax(model_lib.apply(graphdef, params, x[None, :-1])[0])  # logp[p] predicts x[p+1]
+        target = x[1:]
+        p = jnp.arange(target.shape[0])
+        cont = (p >= length - 1 - n_cont) & (p < length - 1)
+        ll = jnp.sum(jnp.where(cont, jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0], 0.0))
+        return ll, jnp.all(jnp.where(cont, jnp.argmax(logp, axis=-1) == target, True))
     return fn
 
 

@@ -130,8 +130,8 @@ def git_commit(repo: Path) -> str:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece",
-              "ml-collections", "tensorflow-datasets", "wandb"):
+    for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "tokenizers",
+              "safetensors", "ml-collections", "tensorflow-datasets", "wandb"):
         try:
             out[p] = metadata.version(p)
         except metadata.PackageNotFoundError:

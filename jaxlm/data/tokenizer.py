@@ -397,6 +397,6 @@ class _Guarded:
             return next(self.it)
         except StopIteration:
             raise
-        except Exception as e:
+        except BaseException as e:  # a signal's Interrupted or ^C too: re-raised once the trainer returns
             self.error = e
             raise StopIteration from None
