@@ -132,13 +132,6 @@ def encode_stream(tok, docs: list[str], what: str) -> Text:
     return Text(stream, sum(len(d.encode("utf-8")) for d in docs), len(docs))
 
 
-def load_text(run_cfg, meta: dict, data_spec: str | None = None, max_docs: int = 0) -> Text:
-    """A run's evaluation text (its validation split, or `data_spec`) as one token stream."""
-    tok = tok_lib.load(meta["data"]["tokenizer"])
-    docs = documents(data_spec or run_cfg.data.source, run_cfg.data, "train" if data_spec else "validation", max_docs)
-    return encode_stream(tok, docs, data_spec or "the run's validation split")
-
-
 # --- sliding-window perplexity -----------------------------------------------------------------
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

@@ -10,6 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def train_tiny_run(root: Path, **overrides) -> Path:
+    """A two-step tiny run (checkpoints at steps 0, 1 and 2) on a made-up corpus, trained in-process."""
+    from jaxlm import config
+    from jaxlm import run as run_lib
+
+    corpus = write_word_corpus(root / "corpus", 30)
+    cfg = config.load(ROOT / "configs" / "tiny.py", {
+        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2,
+        "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),),
+        **overrides})
+    run_lib.run(cfg, root / "run", log=lambda s: None)
+    return root / "run"
+
+
 def write_word_corpus(d: Path, n_docs: int, words_per_doc: int = 400, seed: int = 0) -> Path:
     """Text files of random made-up words: a small corpus a tokenizer can learn quickly."""
     import numpy as np

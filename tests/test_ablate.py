@@ -104,7 +104,8 @@ def test_eval_perplexity_equals_exp_mean_token_loss(grid):
     out, _ = grid
     run = out / "cells" / "fp16_upcast-lson-s21"
     cfg, trainer, state, meta, step = run_lib.load_run(run)
-    text = eval_lib.load_text(cfg, meta, max_docs=3)
+    text = eval_lib.encode_stream(tok_lib.load(meta["data"]["tokenizer"]),
+                                  eval_lib.documents(cfg.data.source, cfg.data, "validation", 3), "validation")
     # independently: non-overlapping windows, log-softmax in numpy
     ctx = cfg.train.seq_len
     toks = text.tokens

@@ -8,10 +8,7 @@ import sys
 
 import pytest
 
-from jaxlm import config
-from jaxlm import run as run_lib
-
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, train_tiny_run
 
 pytestmark = pytest.mark.slow  # each case starts a python process
 
@@ -35,13 +32,7 @@ def _assert_one_error(res, *fragments):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A two-step tiny run with a checkpoint at step 2."""
-    tmp = tmp_path_factory.mktemp("cli")
-    corpus = write_word_corpus(tmp / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
-        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2,
-        "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),)})
-    run_lib.run(cfg, tmp / "run", log=lambda s: None)
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.mark.parametrize("args, fragment", [

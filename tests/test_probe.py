@@ -13,13 +13,12 @@ import pytest
 from flax import nnx
 from rank_bm25 import BM25Okapi
 
-from jaxlm import config, model, precision
-from jaxlm import run as run_lib
+from jaxlm import model, precision
 from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.probe import mdl, report, study
 from jaxlm.probe import tasks as tasks_lib
 
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, train_tiny_run
 
 FAST = mdl.ProbeSettings(max_steps=300)
 
@@ -211,14 +210,7 @@ def test_bad_inputs_fail_with_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A two-step tiny run with checkpoints at steps 0, 1 and 2."""
-    tmp = tmp_path_factory.mktemp("probe")
-    corpus = write_word_corpus(tmp / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
-        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2,
-        "train.seq_len": 32, "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
-        "checkpoint.stages": ((1, 10),)})
-    run_lib.run(cfg, tmp / "run", log=lambda s: None)
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("probe"), **{"train.seq_len": 32})
 
 
 def _cli(args, timeout=300):

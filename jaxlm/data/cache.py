@@ -463,7 +463,6 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _publish(out, final)
-    shutil.rmtree(work / "shards", ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)  # the lock file too: waiters find the manifest first
     s = splits["train"]
     if counters["replaced_bytes_documents"]:
