@@ -1,6 +1,6 @@
 """Causal self-attention behind one function, with the precision of the scores chosen by a Policy.
 
-Two implementations:
+Three implementations:
 
 ``reference``  an einsum path that honours every precision regime exactly: QK^T is computed
                with result dtype ``policy.attn_dtype`` (so naive fp16 really overflows past
@@ -10,8 +10,14 @@ Two implementations:
 ``cudnn``      ``jax.nn.dot_product_attention(implementation="cudnn")``: fp16/bf16 inputs, fp32
                scores and softmax inside. Exact (up to summation order) only where the policy
                upcasts the scores (``*_upcast``), no attention dropout and no Megatron scaling.
-``auto``       cudnn where it is exact and available (a GPU, head size a multiple of 8 up to 128),
-               else reference.
+``flash``      ``jaxlm.flash``: a Pallas flash-attention kernel with the attention dropout inside,
+               fp32 scores and softmax like cudnn; on one GPU (elsewhere it runs interpreted, for
+               tests). Its dropout mask is the reference path's, so the two are the same function.
+``auto``       on a GPU, where exact: cudnn for passes without attention dropout, flash for
+               passes with it; else reference.
+
+Attention dropout draws its mask from ``flash.keep_mask`` (a hash of the layer's key and the
+position) in every implementation.
 
 Layer-index scaling, two flavours:
 
@@ -29,15 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm import precision
+from jaxlm import flash, precision
 from jaxlm.errors import ConfigError
 
-IMPLEMENTATIONS = ("auto", "reference", "cudnn")
+IMPLEMENTATIONS = ("auto", "reference", "cudnn", "flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,35 +100,47 @@ def resolve_implementation(
     dropout: bool,
     query_key_layer_scaling: bool,
     backend: str | None = None,
+    devices: int | None = None,
 ) -> str:
-    """Which implementation `impl` means for this policy; fails if cudnn was forced where it is not exact."""
+    """Which implementation `impl` means for this policy; fails if cudnn or flash was forced where it
+    is not the same function (or cannot run)."""
     if impl not in IMPLEMENTATIONS:
         raise ConfigError(f"model.attention_impl: unknown {impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
     if impl == "reference":
         return impl
     backend = backend or jax.default_backend()
-    reasons = []
-    if backend != "gpu":
-        reasons.append(f"the backend is {backend!r}, cuDNN needs a GPU")
+    devices = jax.device_count() if devices is None else devices
+    fused = []  # why neither fused kernel is this regime's function
     if not policy.computes_in_16bit:
-        reasons.append(f"cuDNN takes fp16/bf16 inputs only (compute dtype is {precision.dtype_name(policy.compute_dtype)})")
+        fused.append(f"the fused kernels take fp16/bf16 inputs only (compute dtype is "
+                     f"{precision.dtype_name(policy.compute_dtype)})")
     elif not policy.upcasts_attention:
-        reasons.append(
-            f"regime {policy.name!r} computes scores in {precision.dtype_name(policy.attn_dtype)}, "
-            "cuDNN in float32: not the same function"
-        )
-    if dropout:
-        reasons.append("attention dropout is not supported by jax.nn.dot_product_attention")
+        fused.append(f"regime {policy.name!r} computes scores in {precision.dtype_name(policy.attn_dtype)}, "
+                     "the fused kernels in float32: not the same function")
     if query_key_layer_scaling:
-        reasons.append("query_key_layer_scaling needs the fp32 multiply-back of the reference path")
+        fused.append("query_key_layer_scaling needs the fp32 multiply-back of the reference path")
+    cudnn = [f"the backend is {backend!r}, cuDNN needs a GPU"] if backend != "gpu" else []
+    cudnn += fused
+    if dropout:
+        cudnn.append("cuDNN's dropout seed is a compile-time constant in JAX (the same mask every step)")
     if head_dim % 8 or head_dim > 128:
-        reasons.append(f"head size {head_dim} is not a multiple of 8 up to 128")
+        cudnn.append(f"head size {head_dim} is not a multiple of 8 up to 128")
+    flash_reasons = list(fused) if backend == "gpu" else []  # elsewhere it runs interpreted: exact float32
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        flash_reasons.append(f"head size {head_dim} is not a power of two >= 16")
+    if devices > 1:
+        flash_reasons.append(f"the Pallas kernel is not partitioned over {devices} devices")
     if impl == "auto":
-        return "reference" if reasons else "cudnn"
+        if backend != "gpu":
+            return "reference"
+        if dropout:
+            return "reference" if flash_reasons else "flash"
+        return "reference" if cudnn else "cudnn"
+    reasons = cudnn if impl == "cudnn" else flash_reasons
     if reasons:
-        raise ConfigError("model.attention_impl='cudnn' cannot be used: " + "; ".join(reasons)
+        raise ConfigError(f"model.attention_impl={impl!r} cannot be used: " + "; ".join(reasons)
                           + ". Use 'auto' or 'reference'.")
-    return "cudnn"
+    return impl
 
 
 def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling):
@@ -170,14 +187,18 @@ def attention(
     query_key_layer_scaling: bool = False,
     implementation: str = "reference",
     mask_TS: jax.Array | None = None,
-    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
     collect_stats: bool = False,
 ) -> tuple[jax.Array, ScoreStats | None]:
     """Softmax(scaled QK^T, causal) V in the policy's dtypes; returns (out_BTHK, stats or None).
 
-    `implementation` must already be resolved ('reference' or 'cudnn'). `mask_TS` defaults to
-    the causal mask of equal query/key lengths. `probs_dropout` is applied to the probabilities
-    (reference path only). Stats are computed only when asked (the flag is static, so off is free).
+    `implementation` must already be resolved ('reference', 'cudnn' or 'flash'). `mask_TS` defaults to
+    the causal mask of equal query/key lengths. With a `dropout_key`, attention probabilities are
+    dropped at `dropout_rate` with ``flash.keep_mask``: the same mask in the reference path and the
+    kernel. 'flash' runs where its shapes allow (``flash.supported``, plain causal), else the
+    reference path, which is the same function. Stats are computed only when asked (the flag is
+    static, so off is free).
     """
     T, S = q_BTHK.shape[1], k_BSHK.shape[1]
     plain_causal = mask_TS is None
@@ -196,14 +217,22 @@ def attention(
         )
         stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
         return out, stats
-    if implementation != "reference":
+    if implementation == "flash" and plain_causal and T == S and flash.supported(T, q_BTHK.shape[-1]) is None:
+        out = flash.flash_attention(
+            q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
+            scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx), dropout_rate=dropout_rate,
+            dropout_key=dropout_key, interpret=jax.default_backend() != "gpu")
+        stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
+        return out, stats
+    if implementation not in ("reference", "flash"):
         raise ConfigError(f"attention(): implementation must be resolved first, got {implementation!r}")
 
     s_BHTS, sdt = _scores(q_BTHK, k_BSHK, policy, **kw)
     stats = _stats(s_BHTS, mask_TS) if collect_stats else None
     s_BHTS = jnp.where(mask_TS, s_BHTS, precision.finfo_min(sdt))
     probs_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(cdt)
-    if probs_dropout is not None:
-        probs_BHTS = probs_dropout(probs_BHTS)
+    if dropout_key is not None and dropout_rate > 0:
+        keep_BHTS = flash.reference_keep_mask(dropout_key, q_BTHK.shape[0], q_BTHK.shape[2], T, S, dropout_rate)
+        probs_BHTS = jax.lax.select(keep_BHTS, probs_BHTS / (1.0 - dropout_rate), jnp.zeros_like(probs_BHTS))
     out_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS, v_BSHK.astype(cdt), precision=policy.matmul_precision)
     return out_BTHK, stats

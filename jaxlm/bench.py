@@ -17,8 +17,9 @@ as soon as it is measured, so a run cut short keeps what it measured. --profile=
 3 steps per regime and prints where the device time goes, by model part and by op (``jaxlm.profiling``).
 
 When torch and transformers import, the same shape and per-device batch run first, on one device,
-as HF ``GPT2LMHeadModel`` (SDPA attention, AdamW; on CUDA bf16 autocast, fused AdamW and
-torch.compile), and the table gives jaxlm/baseline tokens/s per device.
+as HF ``GPT2LMHeadModel`` with the config's dropout rates (SDPA attention, with its dropout when
+attn_pdrop > 0; AdamW; on CUDA bf16 autocast, fused AdamW and torch.compile), and the table gives
+jaxlm/baseline tokens/s per device. --compile_only reports each regime's memory plan instead.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def define_flags():
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
     flags.DEFINE_string("out", None, "Write the results as JSON here.")
     flags.DEFINE_bool("baseline", True, "Also time the PyTorch/HF baseline when importable.")
+    flags.DEFINE_bool("compile_only", False, "Compile each regime's step and report XLA's planned memory "
+                      "(arguments, outputs, temporaries) without running it: a memory plan on any machine.")
     flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
     flags.DEFINE_string("profile", None, "Also trace 3 steps per regime into DIR/<regime> (jax.profiler) "
                         "and print where the device time goes (jaxlm.profiling); DIR/<regime>.txt.")
@@ -117,6 +120,22 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
         # one large matmul in the regime's compute dtype: what this chip delivers for that dtype
         "matmul_ceiling_tflops": matmul_ceiling_tflops(trainer.policy),
     }
+
+
+def plan_regime(cfg, regime: str, batch_size: int) -> dict:
+    """The compiled step's memory plan without running it (abstract inputs: nothing is allocated)."""
+    cfg = config_lib.with_overrides(cfg, {"precision.regime": regime})
+    cfg.train.batch_size, cfg.train.micro_batch_size = batch_size, 0
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size
+    trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), vocab)
+    batch = jax.ShapeDtypeStruct((batch_size, cfg.train.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)
+    t = time.perf_counter()
+    compiled = trainer.train_step.lower(train.abstract_state(trainer), batch).compile()
+    m = compiled.memory_analysis()
+    return {"regime": regime, "params": trainer.n_params, "batch": batch_size, "seq_len": cfg.train.seq_len,
+            "attention": trainer.attention, "remat": cfg.model.remat, "loss_chunk": cfg.model.loss_chunk,
+            "compile_s": time.perf_counter() - t, "step_memory_gib": _planned_memory_gib(compiled),
+            "temp_memory_gib": m.temp_size_in_bytes / 2**30, "backend": jax.default_backend()}
 
 
 def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int,
@@ -211,6 +230,8 @@ def torch_baseline(cfg, steps: int, warmup: int, batch_size: int) -> dict | None
     return {"regime": "torch " + ("bf16 autocast" if cuda else "fp32"), "compiled": compiled,
             "first_step_s": first_s, "step_s": step_s, "tokens_per_s": batch_size * cfg.train.seq_len / step_s,
             "peak_memory_gib": peak_gib, "vocab_size": vocab, "torch": torch.__version__,
+            # the recipe's dropout, as the jaxlm rows run it (SDPA drops attention probabilities in-kernel)
+            "dropout": {"embd": m.embd_pdrop, "attn": m.attn_pdrop, "resid": m.resid_pdrop},
             "transformers": transformers.__version__}
 
 
@@ -264,6 +285,19 @@ def main(argv):
     for regime in F.regimes:  # a typo fails now, not after the first regimes ran
         config_lib.policy(config_lib.with_overrides(cfg, {"precision.regime": regime}))
     xla_flags = config_lib.set_xla_flags(cfg)  # before the backend starts, as jaxlm.main does
+    if F.compile_only:
+        batch = global_batch(cfg, F.batch_per_device)
+        results = []
+        for regime in F.regimes:
+            r = plan_regime(cfg, regime, batch)
+            results.append(r)
+            print(f"{regime}: batch {batch} x {cfg.train.seq_len}, loss_chunk {r['loss_chunk']}, remat {r['remat']}, "
+                  f"attention {r['attention']} on {r['backend']}: step memory {r['step_memory_gib']:.2f} GiB, "
+                  f"of which temporaries {r['temp_memory_gib']:.2f} GiB (compiled in {r['compile_s']:.0f} s)", flush=True)
+            if F.out:
+                files.atomic_write_json(F.out, telemetry.jsonable({"environment": telemetry.environment(),
+                                                                   "results": results}), indent=2)
+        return
     # The baseline runs first, on one device: JAX preallocates most of the GPU when its backend
     # starts, which would leave torch a quarter of it.
     baseline = None

@@ -41,7 +41,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
@@ -175,8 +174,7 @@ def _vocab_size(graphdef, params) -> int:
 def _nll_fn(graphdef):
     @jax.jit
     def fn(params, x):
-        logits = model_lib.apply(graphdef, params, x[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:])
+        return model_lib.token_losses(graphdef, params, x[:, :-1], x[:, 1:])[0]
     return fn
 
 

@@ -55,6 +55,11 @@ class GPT2Config:
     # at zero and their logits are masked, so the function is the unpadded model's (1 = no padding;
     # 128 makes GPT-2's 50257 an aligned 50304 for the tensor cores and for tensor parallelism).
     vocab_multiple: int = 128
+    # The loss takes the head (logits, log-softmax, cross-entropy) this many sequence positions at
+    # a time, every batch row at once, and recomputes each chunk's logits in the backward pass, so
+    # the full float32 (B, T, V) logits and their gradient never exist at once (0 = one chunk of
+    # the whole sequence). The same function up to float32 summation order.
+    loss_chunk: int = 128
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
@@ -78,6 +83,9 @@ class GPT2Config:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat: unknown {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk: sequence positions per loss chunk, >= 0 (0 = no chunking); "
+                              f"got {self.loss_chunk!r}")
 
     @property
     def head_dim(self) -> int:
@@ -177,7 +185,7 @@ class Attention(nnx.Module):
                 inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
                 query_key_layer_scaling=cfg.query_key_layer_scaling,
                 implementation=self._implementation(probs_key), mask_TS=mask_TS,
-                probs_dropout=functools.partial(dropout, rate=cfg.attn_pdrop, key=probs_key),
+                dropout_rate=cfg.attn_pdrop, dropout_key=probs_key,
                 collect_stats=self.collect_stats,
             )
         if self.collect_stats:
@@ -266,6 +274,23 @@ class GPT2(nnx.Module):
         `dropout_key=None` means evaluation (no dropout). Positions default to 0.. (after the
         cache's filled positions). Per-layer statistics: ``apply(..., collect_stats=True)``.
         """
+        x_BTD, wte_VD, new_cache = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key,
+                                              cache=cache)
+        with jax.named_scope("head"):
+            logits_BTV = self._head(x_BTD, wte_VD)
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def token_losses(self, tokens_BT, targets_BT, *, positions_BT=None, dropout_key=None):
+        """Per-token cross-entropy of `targets_BT` and log Z (the log-sum-exp of the logits), both
+        float32 (B, T); the head runs ``cfg.loss_chunk`` positions at a time (see GPT2Config)."""
+        x_BTD, wte_VD, _ = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key)
+        with jax.named_scope("loss"):
+            return chunked_cross_entropy(functools.partial(self._head, wte_VD=wte_VD), x_BTD, targets_BT,
+                                         self.cfg.loss_chunk)
+
+    def trunk(self, tokens_BT, *, positions_BT=None, dropout_key=None, cache=None):
+        """Everything before the head: (ln_f's output (B, T, D), the token table as the head uses it,
+        the updated cache or None)."""
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = _positions(cfg, tokens_BT.shape[-1], cache)
@@ -282,9 +307,7 @@ class GPT2(nnx.Module):
         for i, block in enumerate(self.h):
             x_BTD, layer_cache = block_fn(block, x_BTD, keys[i], None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        with jax.named_scope("head"):
-            logits_BTV = self._head(self.ln_f(x_BTD), wte_VD)
-        return logits_BTV if cache is None else (logits_BTV, tuple(new_cache))
+        return self.ln_f(x_BTD), wte_VD, None if cache is None else tuple(new_cache)
 
     def _block_fn(self, cache):
         """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
@@ -315,6 +338,35 @@ def _positions(cfg: GPT2Config, T: int, cache):
     return start + jnp.arange(T)[None, :]
 
 
+def chunked_cross_entropy(head, x_BTD, targets_BT, chunk: int):
+    """(cross-entropy, log Z) per token, float32 (B, T), of ``head(x) -> float32 logits``, `chunk`
+    positions at a time (0 or >= T: one piece).
+
+    A ``lax.scan`` over position chunks of every batch row (the batch axis, and its sharding, stay
+    whole) with each chunk under ``jax.checkpoint``: the forward keeps no logits, the backward
+    recomputes one chunk's logits at a time, and the scan sums the head weights' gradient over
+    chunks. The last chunk is padded with masked positions where `chunk` does not divide T.
+    """
+    def piece(x_BcD, t_Bc):
+        logits_BcV = head(x_BcD)
+        logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        target_Bc = jnp.take_along_axis(logits_BcV, t_Bc[..., None], axis=-1)[..., 0]
+        return logz_Bc - target_Bc, logz_Bc
+
+    B, T, D = x_BTD.shape
+    if chunk <= 0 or chunk >= T:
+        return piece(x_BTD, targets_BT)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    xs = (x_BTD.reshape(B, n, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, n, chunk).swapaxes(0, 1))
+    _, (nll_nBc, logz_nBc) = jax.lax.scan(lambda c, a: (c, jax.checkpoint(piece)(*a)), None, xs)
+    unchunk = lambda a_nBc: a_nBc.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return unchunk(nll_nBc), unchunk(logz_nBc)
+
+
 def _split(key, n: int) -> tuple:
     return tuple(jax.random.split(key, n)) if key is not None else (None,) * n
 
@@ -327,8 +379,9 @@ def _resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
 def _attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
     """The attention implementation without attention dropout and with it, decided once per model.
 
-    They differ where cuDNN serves evaluation but training drops attention probabilities out (cuDNN
-    cannot). None: `attention_impl` forces cuDNN, which cannot run a pass with attention dropout.
+    They differ where cuDNN serves evaluation and the flash kernel the training passes, which drop
+    attention probabilities out. None: `attention_impl` forces an implementation that cannot run a
+    pass with attention dropout (cuDNN).
     """
     plain = attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=False)
     if cfg.attn_pdrop == 0:
@@ -434,6 +487,15 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_r
     attn = {k: jnp.stack([layer["attn"][k][0] for layer in layers]) for k in ("attn_max", "attn_min", "nonfinite")}
     return out, {"resid_rms": rms, "attn_max": attn["attn_max"], "attn_min": attn["attn_min"],
                  "nonfinite": attn["nonfinite"] | ~jnp.isfinite(rms)}
+
+
+def token_losses(graphdef, params, tokens_BT, targets_BT, **kwargs):
+    """(cross-entropy, log Z), float32 (B, T): what training, validation and evaluation score, without
+    the full logits (``GPT2.token_losses``); pure, so it jits. `kwargs` as ``GPT2.__call__``'s."""
+    model = nnx.merge(graphdef, params)
+    if not isinstance(tokens_BT, jax.core.Tracer):
+        check_token_ids(tokens_BT, model.cfg.vocab_size)
+    return model.token_losses(tokens_BT, targets_BT, **kwargs)
 
 
 def empty_cache(cfg: GPT2Config, batch: int, dtype) -> tuple[attn_lib.KVCache, ...]:

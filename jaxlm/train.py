@@ -93,17 +93,23 @@ class Trainer:
     def _loss(self, params, batch_BT1, key, scale):
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
         with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.LOGICAL_RULES)
-            logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
-        with jax.named_scope("loss"):
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            nll, _ = model_lib.token_losses(self.graphdef, params, tokens, targets,
+                                            dropout_key=key if self.dropout else None)
+        loss = nll.mean()
         return loss * scale, loss
 
-    def _grads(self, params, batch, key, scale):
+    @staticmethod
+    def step_key(rng, step, micro_batch):
+        """The dropout key of one micro-batch of one step: a pure function of (train.seed's rng, step,
+        micro-batch), so a resumed run draws the same masks. The model splits it per layer."""
+        return jax.random.fold_in(jax.random.fold_in(rng, step), micro_batch)
+
+    def _grads(self, params, batch, rng, step, scale):
         """Mean loss and mean (scaled) gradients over the micro-batches of `batch`."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         n = self.batch_size // self.micro
         if n == 1:
-            (_, loss), grads = grad_fn(params, batch, key, scale)
+            (_, loss), grads = grad_fn(params, batch, self.step_key(rng, step, 0), scale)
             return loss, grads
         # Micro-batch j takes rows j, j+n, j+2n, ...: each one spread over every data-parallel device.
         micro = batch.reshape(self.micro, n, -1).swapaxes(0, 1)
@@ -112,7 +118,7 @@ class Trainer:
         def body(carry, xs):
             g_acc, loss_acc = carry
             mb, i = xs
-            (_, loss_i), g = grad_fn(params, mb, jax.random.fold_in(key, i), scale)
+            (_, loss_i), g = grad_fn(params, mb, self.step_key(rng, step, i), scale)
             return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_i), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -121,8 +127,7 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         scale = state.loss_scale["scale"]
-        key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = self._grads(state.params, batch, key, scale)
+        loss, grads = self._grads(state.params, batch, state.rng, state.step, scale)
         with jax.named_scope("optimizer"):  # unscaling, the finite check, clipping, AdamW, the skip
             grads = jax.tree.map(lambda g: (g / scale).astype(self.policy.grad_dtype), grads)
             finite = precision.all_finite(grads) & jnp.isfinite(loss)

@@ -13,6 +13,7 @@ PACKAGE = ROOT / "jaxlm"
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
+    ["jaxlm.flash"],
     ["jaxlm.attention"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",

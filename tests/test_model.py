@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -56,7 +57,7 @@ def test_initialisation_follows_gpt2():
     ({"model.n_head": 5}, r"model.n_embd=64 is not divisible by model.n_head=5"),
     ({"precision.regime": "fp8"}, r"precision.regime.*'fp8'.*allowed: fp32, bf16"),
     ({"train.seq_len": 512}, r"train.seq_len=512 exceeds model.n_positions=128"),
-    ({"model.attention_impl": "flash"}, r"model.attention_impl.*'flash'.*auto, reference, cudnn"),
+    ({"model.attention_impl": "fused"}, r"model.attention_impl.*'fused'.*auto, reference, cudnn, flash"),
     ({"model.attn_pdrop": 1.5}, r"model.attn_pdrop"),
     ({"model.remat": "some"}, r"model.remat: unknown 'some'; allowed: none, dots, full"),
 ])
@@ -174,3 +175,48 @@ def test_layernorm_variance_is_two_pass_like_pytorch():
     x = 3000.0 + np.random.RandomState(0).randn(4, 256).astype(np.float32) * 0.05
     ref = (x.astype(np.float64) - x.mean(-1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), ref, atol=2e-2)  # torch: 7e-3; E[x^2]-mean^2: 43
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 16])  # one piece; 5 does not divide T=16 (a padded last chunk)
+def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk):
+    """The training loss never materialises the (B, T, V) logits, yet equals optax's cross-entropy
+    of the full logits: loss within 1e-6, every gradient (the tied table's included) within 1e-5."""
+    cfg = model.GPT2Config(vocab_size=61, vocab_multiple=16, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, loss_chunk=chunk)
+    gd, p = model.create(cfg, precision.policy("fp32"), 0)
+    toks = jax.random.randint(jax.random.key(1), (3, 17), 0, 61)
+
+    def full(p):
+        logits = model.apply(gd, p, toks[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+    def chunked(p):
+        return model.token_losses(gd, p, toks[:, :-1], toks[:, 1:])[0].mean()
+
+    (l_full, g_full), (l_chunk, g_chunk) = (jax.jit(jax.value_and_grad(f))(p) for f in (full, chunked))
+    assert abs(float(l_full) - float(l_chunk)) <= 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_full), jax.tree.leaves(g_chunk)):
+        rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))  # relative error of each gradient tensor
+        assert rel <= 1e-5, (jax.tree_util.keystr(path), rel)
+    # log Z is the log-sum-exp over the real vocabulary (padding rows masked)
+    logz = model.token_losses(gd, p, toks[:, :-1], toks[:, 1:])[1]
+    ref = jax.nn.logsumexp(model.apply(gd, p, toks[:, :-1])[..., :61], axis=-1)
+    np.testing.assert_allclose(logz, ref, rtol=1e-6)
+
+
+def test_chunked_loss_keeps_no_logits_for_the_backward_pass():
+    """With chunks, the residuals saved for the backward pass hold no (B, T, V)-sized array (eager
+    vjp: the residuals are concrete arrays in the backward function)."""
+    cfg = model.GPT2Config(vocab_size=4096, vocab_multiple=1, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, loss_chunk=8)
+    gd, p = model.create(cfg, precision.policy("fp32"), 0)
+    toks = jax.random.randint(jax.random.key(1), (2, 65), 0, 4096)
+    saved = {}
+    for chunk in (0, 8):
+        g = model.GPT2Config(**{**cfg.__dict__, "loss_chunk": chunk})
+        gd_c, _ = model.create(g, precision.policy("fp32"), 0)
+        _, backward = jax.vjp(lambda p: model.token_losses(gd_c, p, toks[:, :-1], toks[:, 1:])[0].mean(), p)
+        saved[chunk] = max(x.size for x in jax.tree.leaves(backward))
+    logits_size = 2 * 64 * 4096
+    assert saved[0] >= logits_size  # unchunked: the logits (or their softmax) are kept
+    assert saved[8] <= 4096 * 32  # chunked: nothing larger than the (V, D) token table itself
