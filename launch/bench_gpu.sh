@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU throughput suite behind PERFORMANCE.md, on this machine's GPU(s).
 #   launch/bench_gpu.sh [--dry-run] [--sizes "small medium"] [--batch B] [--python PY] OUTDIR [-- extra jaxlm.bench flags]
-# For each size (configs/gpt2_<size>.py, or a config file's path), three runs of python -m jaxlm.bench:
+# For each size (configs/gpt2_<size>.py, or a config file's path), four runs of python -m jaxlm.bench:
 #   fast     every regime; attention dropout 0 (so cuDNN attention where it is exact), deterministic
 #            ops off, the PyTorch/HF baseline;
-#   mistral  the upcast regimes as Mistral trains (dropout 0.1, so reference attention; deterministic ops on);
+#   mistral  the upcast regimes as Mistral trains (dropout 0.1, so the flash kernel on one GPU;
+#            deterministic ops on), with the HF baseline at the same dropout (SDPA drops in-kernel);
+#   nondet   mistral with deterministic ops off: the cost of train.deterministic on its own;
 #   remat    the upcast regimes as in fast, with model.remat=dots and twice the batch.
 # Each writes OUTDIR/<size>-<variant>.json and .txt; one that fails does not stop the others.
 set -uo pipefail
@@ -36,7 +38,9 @@ for size in $sizes; do
   case "$size" in *.py) cfg="--config=$size"; size="$(basename "$size" .py)" ;; *) cfg="--config=configs/gpt2_$size.py" ;; esac
   fast=(--config.model.attn_pdrop=0.0 --config.train.deterministic=False)
   run "$size-fast" "$cfg" --regimes=bf16,bf16_upcast,fp16_upcast,fp16,fp32 --batch_per_device="$batch" "${fast[@]}" "$@"
-  run "$size-mistral" "$cfg" --regimes=bf16_upcast,fp16_upcast --batch_per_device="$batch" --nobaseline "$@"
+  run "$size-mistral" "$cfg" --regimes=bf16_upcast,fp16_upcast --batch_per_device="$batch" "$@"
+  run "$size-nondet" "$cfg" --regimes=bf16_upcast,fp16_upcast --batch_per_device="$batch" \
+    --config.train.deterministic=False --nobaseline "$@"
   run "$size-remat" "$cfg" --regimes=bf16_upcast,fp16_upcast --batch_per_device="$((2 * batch))" \
     --config.model.remat=dots "${fast[@]}" --nobaseline "$@"
 done

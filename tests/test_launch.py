@@ -115,15 +115,17 @@ def test_distributed_detection(monkeypatch):
 
 def test_gpu_bench_suite_dry_run():
     cmds = _commands(_dry("bench_gpu.sh", "--sizes", "small medium", "--batch", "8", "/tmp/out dir", "--", "--steps=5"))
-    assert len(cmds) == 6
+    assert len(cmds) == 8
     for c in cmds:
         assert c[1:3] == ["-m", "jaxlm.bench"] and "--steps=5" in c
-    fast, mistral, remat = cmds[:3]
-    assert "--config=configs/gpt2_small.py" in fast and "--config=configs/gpt2_medium.py" in cmds[3]
+    fast, mistral, nondet, remat = cmds[:4]
+    assert "--config=configs/gpt2_small.py" in fast and "--config=configs/gpt2_medium.py" in cmds[4]
     assert "--regimes=bf16,bf16_upcast,fp16_upcast,fp16,fp32" in fast and "--batch_per_device=8" in fast
     assert "--config.model.attn_pdrop=0.0" in fast and "--config.train.deterministic=False" in fast
     assert "--out=/tmp/out dir/small-fast.json" in fast
-    assert not any(a.startswith("--config.") for a in mistral) and "--nobaseline" in mistral
+    # the recipe as configured, with its same-dropout HF baseline; then without deterministic ops only
+    assert not any(a.startswith("--config.") for a in mistral) and "--nobaseline" not in mistral
+    assert [a for a in nondet if a.startswith("--config.")] == ["--config.train.deterministic=False"]
     assert "--config.model.remat=dots" in remat and "--batch_per_device=16" in remat
 
 
