@@ -177,7 +177,7 @@ def test_layernorm_variance_is_two_pass_like_pytorch():
     np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), ref, atol=2e-2)  # torch: 7e-3; E[x^2]-mean^2: 43
 
 
-@pytest.mark.parametrize("chunk", [0, 5, 16])  # one piece; 5 does not divide T=16 (a padded last chunk)
+@pytest.mark.parametrize("chunk", [0, 5])  # one piece; 5 does not divide T=16 (a padded last chunk)
 def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk):
     """The training loss never materialises the (B, T, V) logits, yet equals optax's cross-entropy
     of the full logits: loss within 1e-6, every gradient (the tied table's included) within 1e-5."""
