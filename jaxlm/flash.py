@@ -184,8 +184,10 @@ def _specs(T, K, block_q, block_k):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
+    # Triton's compiler parameters also choose the Triton backend (not Mosaic GPU) on a GPU
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          interpret=interpret, name=name)
+                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+                          name=name)
 
 
 def _forward(q, k, v, seed, scale, rate, interpret):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from jaxlm import attention, config, flash, model, precision, sharding, telemetry, train
 
@@ -115,3 +116,25 @@ def test_dropout_keys_are_a_pure_function_of_seed_step_and_micro_batch():
     layer_keys = [jax.random.split(k, 3)[0] for k in jax.random.split(keys[0], cfg.model.n_layer + 1)[:-1]]
     masks = [flash.reference_keep_mask(k, 1, 1, 32, 32, 0.1) for k in layer_keys]
     assert bool(jnp.any(masks[0] != masks[1]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_the_kernels_lower_to_triton_for_a_gpu_without_a_score_matrix(dtype):
+    """Lowered for CUDA on this CPU (jax.export, no GPU needed): the forward and both backward
+    kernels become Triton custom calls, so every op in them has a Triton lowering, and the program
+    holds no (B, H, T, T) array: scores, probabilities and the mask stay inside the kernels."""
+    from jax import export
+
+    B, T, H, K = 2, 256, 4, 64
+    spec = jax.ShapeDtypeStruct((B, T, H, K), dtype)
+
+    def loss(q, k, v):
+        out = flash.flash_attention(q, k, v, scale=0.125, dropout_rate=0.1, dropout_key=jax.random.PRNGKey(0))
+        return jnp.sum(out.astype(F32))
+
+    exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        spec, spec, spec)
+    text = exported.mlir_module()
+    assert text.count("@__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
+    assert f"tensor<{B}x{H}x{T}x{T}x" not in text and f"tensor<{B}x{T}x{H}x{T}x" not in text
