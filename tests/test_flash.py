@@ -123,8 +123,6 @@ def test_the_kernels_lower_to_triton_for_a_gpu_without_a_score_matrix(dtype):
     """Lowered for CUDA on this CPU (jax.export, no GPU needed): the forward and both backward
     kernels become Triton custom calls, so every op in them has a Triton lowering, and the program
     holds no (B, H, T, T) array: scores, probabilities and the mask stay inside the kernels."""
-    from jax import export
-
     B, T, H, K = 2, 256, 4, 64
     spec = jax.ShapeDtypeStruct((B, T, H, K), dtype)
 
