@@ -22,6 +22,10 @@ Layer-index scaling, two flavours:
   the low-precision matmul and the product is multiplied back by (layer_idx+1) in fp32, where
   masking and softmax then run. The function is unchanged; only overflow is avoided.
 
+Soft-capping (``softcap`` c > 0, Gemma 2): the scaled scores become c·tanh(score/c) before masking,
+in the scores' dtype. The statistics describe the scores before the cap (what grows, and whether
+the product overflowed).
+
 Shapes: B batch, T query length, S key length, H heads, K head size.
 """
 
@@ -94,6 +98,7 @@ def resolve_implementation(
     head_dim: int,
     dropout: bool,
     query_key_layer_scaling: bool,
+    softcap: float = 0.0,
     backend: str | None = None,
 ) -> str:
     """Which implementation `impl` means for this policy; fails if cudnn was forced where it is not exact."""
@@ -116,6 +121,8 @@ def resolve_implementation(
         reasons.append("attention dropout is not supported by jax.nn.dot_product_attention")
     if query_key_layer_scaling:
         reasons.append("query_key_layer_scaling needs the fp32 multiply-back of the reference path")
+    if softcap:
+        reasons.append("attn_logit_softcap is not supported by jax.nn.dot_product_attention")
     if head_dim % 8 or head_dim > 128:
         reasons.append(f"head size {head_dim} is not a multiple of 8 up to 128")
     if impl == "auto":
@@ -168,6 +175,7 @@ def attention(
     layer_idx: int,
     inverse_layer_idx: bool = False,
     query_key_layer_scaling: bool = False,
+    softcap: float = 0.0,
     implementation: str = "reference",
     mask_TS: jax.Array | None = None,
     probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
@@ -201,6 +209,8 @@ def attention(
 
     s_BHTS, sdt = _scores(q_BTHK, k_BSHK, policy, **kw)
     stats = _stats(s_BHTS, mask_TS) if collect_stats else None
+    if softcap:
+        s_BHTS = jnp.asarray(softcap, sdt) * jnp.tanh(s_BHTS / jnp.asarray(softcap, sdt))
     s_BHTS = jnp.where(mask_TS, s_BHTS, precision.finfo_min(sdt))
     probs_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(cdt)
     if probs_dropout is not None:

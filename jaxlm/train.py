@@ -60,7 +60,7 @@ class Trainer:
         self.dropout = any(getattr(m, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
         self.attention = attn_lib.resolve_implementation(  # what the training step's attention runs
             m.attention_impl, self.policy, head_dim=m.head_dim, dropout=m.attn_pdrop > 0,
-            query_key_layer_scaling=m.query_key_layer_scaling)
+            query_key_layer_scaling=m.query_key_layer_scaling, softcap=m.attn_logit_softcap)
 
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.abstract_state = jax.eval_shape(self._init, jnp.zeros((), jnp.uint32))
@@ -96,7 +96,9 @@ class Trainer:
             logits = model_lib.apply(self.graphdef, params, tokens, dropout_key=key if self.dropout else None)
         with jax.named_scope("loss"):
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return loss * scale, loss
+            # model.z_loss: trained on, not reported (the loss stays the cross-entropy, comparable across runs)
+            objective = loss + model_lib.z_loss(logits, self.model_cfg.z_loss) if self.model_cfg.z_loss else loss
+        return objective * scale, loss
 
     def _grads(self, params, batch, key, scale):
         """Mean loss and mean (scaled) gradients over the micro-batches of `batch`."""
@@ -237,8 +239,7 @@ def loop(
             window = []
         if stats is not None:
             s = jax.device_get(stats)
-            record.update({telemetry.RESID_RMS: s["resid_rms"], telemetry.ATTN_MAX: s["attn_max"],
-                           telemetry.ATTN_MIN: s["attn_min"], telemetry.LAYER_NONFINITE: s["nonfinite"]})
+            record.update({telemetry.STATS_METRICS[k]: v for k, v in s.items()})
         if eval_batches is not None and eval_every and (step % eval_every == 0 or step == total):
             record.update(validation_metrics(trainer, state.params, eval_batches()))
         if record:
