@@ -504,8 +504,9 @@ def param_axes(name: str) -> tuple[str, ...]:
 @functools.cache
 def _declared_axes() -> dict[str, tuple[str, ...]]:
     """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
-    layer and every size (read off a small abstract model)."""
-    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference")
+    layer and every size (read off a small abstract model with every optional parameter: qk_norm on)."""
+    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference",
+                       qk_norm=True)
     _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]

@@ -147,6 +147,7 @@ def test_switches_off_are_todays_model():
     with pytest.raises(CheckpointError, match=r"model.attn_logit_softcap=5.0"):
         hf.config_to_hf(CFG.replace(attn_logit_softcap=5.0), precision.policy("fp32"))
     hf.config_to_hf(CFG.replace(z_loss=1e-4, query_key_layer_scaling=True), precision.policy("fp32"))  # export fine
+    assert model.param_axes("params.h.3.attn.k_norm.bias") == ("head_dim",)  # what the train step's sharding reads
     with pytest.raises(ConfigError, match=r"model.z_loss"):
         CFG.replace(z_loss=-1.0)
 
