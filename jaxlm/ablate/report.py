@@ -63,7 +63,7 @@ class Run:
     @property
     def init_loss(self) -> float:
         """The loss before the first update (step 1's loss is computed with the initial parameters)."""
-        first = self.records[0] if self.records else {}
+        first = next((r for r in self.records if T.LOSS in r), {})  # (the step-0 record holds the compile time)
         losses = first.get(T.STEP_LOSSES) or [first.get(T.LOSS, float("nan"))]
         return _num(losses[0])
 
