@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- precision: a regime preset; explicit dtypes ('' = the regime's) win --------------
     c.precision = ml_collections.ConfigDict()
-    c.precision.regime = "fp32"  # fp32 | bf16 | bf16_upcast | fp16 | fp16_upcast
+    c.precision.regime = "fp32"  # fp32 | bf16 | bf16_upcast | fp16 | fp16_upcast | fp8
     c.precision.param_dtype = ""
     c.precision.compute_dtype = ""
     c.precision.attn_dtype = ""

@@ -28,6 +28,10 @@ Layer-index scaling, two flavours:
   the low-precision matmul and the product is multiplied back by (layer_idx+1) in fp32, where
   masking and softmax then run. The function is unchanged; only overflow is avoided.
 
+Soft-capping (``softcap`` c > 0, Gemma 2): the scaled scores become c·tanh(score/c) before masking,
+in the scores' dtype. The statistics describe the scores before the cap (what grows, and whether
+the product overflowed).
+
 Shapes: B batch, T query length, S key length, H heads, K head size.
 """
 
@@ -99,6 +103,7 @@ def resolve_implementation(
     head_dim: int,
     dropout: bool,
     query_key_layer_scaling: bool,
+    softcap: float = 0.0,
     backend: str | None = None,
     devices: int | None = None,
 ) -> str:
@@ -119,6 +124,8 @@ def resolve_implementation(
                      "the fused kernels in float32: not the same function")
     if query_key_layer_scaling:
         fused.append("query_key_layer_scaling needs the fp32 multiply-back of the reference path")
+    if softcap:
+        fused.append("attn_logit_softcap is in the reference path only")
     cudnn = [f"the backend is {backend!r}, cuDNN needs a GPU"] if backend != "gpu" else []
     cudnn += fused
     if dropout:
@@ -185,6 +192,7 @@ def attention(
     layer_idx: int,
     inverse_layer_idx: bool = False,
     query_key_layer_scaling: bool = False,
+    softcap: float = 0.0,
     implementation: str = "reference",
     mask_TS: jax.Array | None = None,
     dropout_rate: float = 0.0,
@@ -217,7 +225,8 @@ def attention(
         )
         stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
         return out, stats
-    if implementation == "flash" and plain_causal and T == S and flash.supported(T, q_BTHK.shape[-1]) is None:
+    if (implementation == "flash" and plain_causal and T == S and not softcap
+            and flash.supported(T, q_BTHK.shape[-1]) is None):
         out = flash.flash_attention(
             q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
             scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx), dropout_rate=dropout_rate,
@@ -229,6 +238,8 @@ def attention(
 
     s_BHTS, sdt = _scores(q_BTHK, k_BSHK, policy, **kw)
     stats = _stats(s_BHTS, mask_TS) if collect_stats else None
+    if softcap:
+        s_BHTS = jnp.asarray(softcap, sdt) * jnp.tanh(s_BHTS / jnp.asarray(softcap, sdt))
     s_BHTS = jnp.where(mask_TS, s_BHTS, precision.finfo_min(sdt))
     probs_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(cdt)
     if dropout_key is not None and dropout_rate > 0:

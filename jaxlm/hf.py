@@ -99,8 +99,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> model_lib
     )
 
 
+def check_exportable(cfg: model_lib.GPT2Config) -> None:
+    """Fails naming the switches that make the model a function HF's GPT2LMHeadModel cannot compute.
+    (model.z_loss only changes training and query_key_layer_scaling only the arithmetic: both export.)"""
+    bad = [f"model.{f}={getattr(cfg, f)!r}" for f in ("qk_norm", "attn_logit_softcap") if getattr(cfg, f)]
+    if bad:
+        raise CheckpointError(f"cannot export to Hugging Face GPT-2: {', '.join(bad)} changes the model's function "
+                              "and GPT2LMHeadModel has no such option; keep the checkpoint in jaxlm's format")
+
+
 def config_to_hf(cfg: model_lib.GPT2Config, policy: precision.Policy,
                  eos_token_id: int | None = None) -> dict[str, Any]:
+    check_exportable(cfg)
     eos = cfg.vocab_size - 1 if eos_token_id is None else eos_token_id
     return {
         "model_type": "gpt2",

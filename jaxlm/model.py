@@ -60,6 +60,10 @@ class GPT2Config:
     # the full float32 (B, T, V) logits and their gradient never exist at once (0 = one chunk of
     # the whole sequence). The same function up to float32 summation order.
     loss_chunk: int = 128
+    # --- stability switches (Wortsman et al. 2023); off by default = GPT-2 as HF defines it ---------
+    qk_norm: bool = False  # LayerNorm (over head_dim, one scale/bias shared by the heads) on q and k; not HF-exportable
+    z_loss: float = 0.0  # coefficient of mean(log² Z) of the output softmax added to the training loss (PaLM)
+    attn_logit_softcap: float = 0.0  # c·tanh(score/c) on the scaled scores before masking (Gemma 2); 0 = off
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
@@ -86,6 +90,12 @@ class GPT2Config:
         if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk: sequence positions per loss chunk, >= 0 (0 = no chunking); "
                               f"got {self.loss_chunk!r}")
+        for f in ("z_loss", "attn_logit_softcap"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"model.{f}: a number >= 0 (0 = off), got {v!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"model.qk_norm: True or False, got {self.qk_norm!r}")
 
     @property
     def head_dim(self) -> int:
@@ -166,14 +176,21 @@ class Attention(nnx.Module):
         # its input is the heads side by side (H·K), split over devices as c_attn's output is
         self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
                               ("heads", "embed"), ("act_embed",))
+        if cfg.qk_norm:  # only then: with it off the parameters (and checkpoints) are GPT-2's
+            self.q_norm = _layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
+            self.k_norm = _layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
 
     def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None):
         """(output, cache with this call's keys and values appended); `keys`: probabilities' and output's dropout."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         probs_key, out_key = keys
+        if self.collect_stats and self.policy.fp8_matmuls:
+            _sow_fp8(self, x_BTD)
         qkv_BT3HK = constrain(self.c_attn(x_BTD), "qkv")
         q_BTHK, k_BSHK, v_BSHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+        if cfg.qk_norm:
+            q_BTHK, k_BSHK = self.q_norm(q_BTHK), self.k_norm(k_BSHK)
         mask_TS = None  # causal over the T positions
         if cache is not None:  # decoding: the queries also see every position written before
             mask_TS = cache.mask_TS(T)
@@ -183,7 +200,7 @@ class Attention(nnx.Module):
             out_BTHK, stats = attn_lib.attention(
                 q_BTHK, k_BSHK, v_BSHK, policy=self.policy, layer_idx=self.layer_idx,
                 inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
-                query_key_layer_scaling=cfg.query_key_layer_scaling,
+                query_key_layer_scaling=cfg.query_key_layer_scaling, softcap=cfg.attn_logit_softcap,
                 implementation=self._implementation(probs_key), mask_TS=mask_TS,
                 dropout_rate=cfg.attn_pdrop, dropout_key=probs_key,
                 collect_stats=self.collect_stats,
@@ -191,6 +208,8 @@ class Attention(nnx.Module):
         if self.collect_stats:
             for name, value in (("attn_max", stats.max), ("attn_min", stats.min), ("nonfinite", stats.nonfinite)):
                 self.sow(Stats, name, value)
+            if self.policy.fp8_matmuls:
+                _sow_fp8(self, out_BTHK.reshape(B, T, D))
         return dropout(self.c_proj(out_BTHK.reshape(B, T, D)), cfg.resid_pdrop, out_key), cache
 
     def _implementation(self, probs_key):
@@ -208,10 +227,21 @@ class MLP(nnx.Module):
         self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
                               ("mlp", "embed"), ("act_embed",))
         self.resid_pdrop = cfg.resid_pdrop
+        self.fp8_stats = policy.fp8_matmuls
+        self.collect_stats = False
 
     def __call__(self, x_BTD, key=None):
         h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
+        if self.collect_stats and self.fp8_stats:
+            _sow_fp8(self, x_BTD)
+            _sow_fp8(self, h_BTF)
         return dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
+
+
+def _sow_fp8(module: nnx.Module, x_in) -> None:
+    """Sows what e4m3 current scaling does to the input of one fp8 matmul (``precision.fp8_stats``)."""
+    for name, value in precision.fp8_stats(x_in, precision.E4M3).items():
+        module.sow(Stats, "fp8_" + name, value)
 
 
 class Block(nnx.Module):
@@ -373,7 +403,7 @@ def _split(key, n: int) -> tuple:
 
 def _resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
     return dict(impl=cfg.attention_impl, policy=policy, head_dim=cfg.head_dim,
-                query_key_layer_scaling=cfg.query_key_layer_scaling)
+                query_key_layer_scaling=cfg.query_key_layer_scaling, softcap=cfg.attn_logit_softcap)
 
 
 def _attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
@@ -408,22 +438,23 @@ def _axes(*names: str) -> dict:
 
 
 def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes):
-    """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape."""
+    """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape. Its
+    matmul is the policy's ``dot_general`` (float8 operands in the fp8 regime, else lax's)."""
     return nnx.LinearGeneral(
         d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
-        precision=policy.matmul_precision, rngs=rngs,
+        precision=policy.matmul_precision, dot_general=policy.dot_general, rngs=rngs,
         kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes),
     )
 
 
-def _layernorm(cfg, policy, rngs):
+def _layernorm(cfg, policy, rngs, features=None, axis_name="act_embed"):
     # Flax computes LayerNorm statistics in at least float32 whatever `dtype` is. The variance is
     # E[(x - mean)^2], two passes as PyTorch computes it: Flax's fast E[x^2] - mean^2 loses the
     # variance to cancellation when the features share a large mean.
-    return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
+    return nnx.LayerNorm(features or cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
                          param_dtype=policy.param_dtype, rngs=rngs, use_fast_variance=False,
-                         scale_metadata=_axes("act_embed"), bias_metadata=_axes("act_embed"))
+                         scale_metadata=_axes(axis_name), bias_metadata=_axes(axis_name))
 
 
 def constrain(x: jax.Array, kind: str) -> jax.Array:
@@ -460,8 +491,11 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_r
     """``GPT2.__call__`` on a (graphdef, params) pair; pure, so it jits.
 
     With `collect_stats=True` returns (output, stats): per layer (float32/bool of shape (n_layer,))
-    resid_rms, attn_max, attn_min, nonfinite -- what explains an unstable run. The modules sow them
-    only then (a static flag), so without it the program has none of their ops.
+    resid_rms, attn_max, attn_min, nonfinite -- what explains an unstable run; in the fp8 regime also
+    fp8_amax, fp8_saturated, fp8_underflow (over the layer's four Linear inputs: the largest amax and
+    the worst fraction, see ``precision.fp8_stats``); and scalars logit_mean (the mean output logit
+    over the vocabulary) and log_z (the mean log-partition function), the drift z-loss addresses.
+    The modules sow them only then (a static flag), so without it the program has none of their ops.
 
     With `collect_residuals=True` (and not `collect_stats`) returns (output, residuals): the residual
     stream after the embedding (with its dropout) and after each block, stacked (n_layer + 1, B, T, D)
@@ -485,8 +519,22 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_r
     layers = [nnx.to_pure_dict(sown["h"][i]) for i in range(model.cfg.n_layer)]  # each value: (sown once,)
     rms = jnp.stack([layer["resid_rms"][0] for layer in layers])
     attn = {k: jnp.stack([layer["attn"][k][0] for layer in layers]) for k in ("attn_max", "attn_min", "nonfinite")}
-    return out, {"resid_rms": rms, "attn_max": attn["attn_max"], "attn_min": attn["attn_min"],
-                 "nonfinite": attn["nonfinite"] | ~jnp.isfinite(rms)}
+    stats = {"resid_rms": rms, "attn_max": attn["attn_max"], "attn_min": attn["attn_min"],
+             "nonfinite": attn["nonfinite"] | ~jnp.isfinite(rms)}
+    if model.policy.fp8_matmuls:
+        for k in ("fp8_amax", "fp8_saturated", "fp8_underflow"):
+            stats[k] = jnp.stack([jnp.max(jnp.stack([*layer["attn"][k], *layer["mlp"][k]])) for layer in layers])
+    logits_BTV = out[0] if isinstance(out, tuple) else out
+    real_V = jnp.arange(logits_BTV.shape[-1]) < model.cfg.vocab_size
+    stats["logit_mean"] = jnp.sum(jnp.where(real_V, logits_BTV, 0.0)) / (logits_BTV[..., 0].size * model.cfg.vocab_size)
+    stats["log_z"] = jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1))
+    return out, stats
+
+
+def z_loss(log_z_BT: jax.Array, coefficient: float) -> jax.Array:
+    """coefficient · mean(log² Z), from the log-partition values ``token_losses`` returns (PaLM's
+    auxiliary loss; padding logits hold the float32 minimum and add nothing to Z)."""
+    return coefficient * jnp.mean(jnp.square(log_z_BT))
 
 
 def token_losses(graphdef, params, tokens_BT, targets_BT, **kwargs):
@@ -518,8 +566,9 @@ def param_axes(name: str) -> tuple[str, ...]:
 @functools.cache
 def _declared_axes() -> dict[str, tuple[str, ...]]:
     """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
-    layer and every size (read off a small abstract model)."""
-    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference")
+    layer and every size (read off a small abstract model with every optional parameter: qk_norm on)."""
+    probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference",
+                       qk_norm=True)
     _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]

@@ -20,6 +20,11 @@ The regimes follow Mistral's study of GPT-2 training stability:
 ``fp16_upcast``  as fp16, but Q and K are upcast and QK^T, scaling, masking and softmax run in
                  fp32; the probabilities are cast back to fp16 before multiplying V
                  (Hugging Face ``reorder_and_upcast_attn=True``; Mistral's fix).
+``fp8``          as bf16_upcast, but the large matmuls (QKV, attention output, MLP in and out: the
+                 model's Linear layers, ``Policy.dot_general``) take float8 operands: e4m3 inputs in
+                 the forward pass, e5m2 cotangents in the backward pass, each tensor with its own
+                 *current* power-of-two scale (from its amax, every step), float32 accumulation and
+                 the compute dtype out. The head, the attention core and LayerNorms are bf16_upcast's.
 
 Other modules never write ``jnp.float16`` and friends; they ask a policy (or use the
 constants below). ``tests/test_architecture.py`` enforces it.
@@ -82,6 +87,7 @@ class Policy:
     compute_dtype: Any = jnp.float32
     attn_dtype: Any = jnp.float32
     name: str = "fp32"
+    fp8_matmuls: bool = False  # the Linear layers' matmuls take float8 operands (the fp8 regime)
 
     def __post_init__(self):
         for f in ("param_dtype", "compute_dtype", "attn_dtype"):
@@ -115,10 +121,16 @@ class Policy:
         """fp16 anywhere in the forward pass means the gradients need dynamic loss scaling."""
         return jnp.float16 in (self.compute_dtype, self.attn_dtype, self.param_dtype)
 
+    @property
+    def dot_general(self):
+        """The Linear layers' ``dot_general``: None (lax.dot_general, the default) unless fp8_matmuls."""
+        return fp8_dot_general if self.fp8_matmuls else None
+
     def describe(self) -> str:
         return (
             f"{self.name}: params {dtype_name(self.param_dtype)}, compute {dtype_name(self.compute_dtype)}, "
             f"attention scores {dtype_name(self.attn_dtype)}"
+            + (f", Linear matmuls {dtype_name(E4M3)} forward / {dtype_name(E5M2)} backward" if self.fp8_matmuls else "")
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -127,6 +139,7 @@ class Policy:
             "param_dtype": dtype_name(self.param_dtype),
             "compute_dtype": dtype_name(self.compute_dtype),
             "attn_dtype": dtype_name(self.attn_dtype),
+            "fp8_matmuls": self.fp8_matmuls,
         }
 
 
@@ -137,7 +150,9 @@ REGIMES: dict[str, tuple[Any, Any, Any]] = {
     "bf16_upcast": (jnp.float32, jnp.bfloat16, jnp.float32),
     "fp16": (jnp.float32, jnp.float16, jnp.float16),
     "fp16_upcast": (jnp.float32, jnp.float16, jnp.float32),
+    "fp8": (jnp.float32, jnp.bfloat16, jnp.float32),
 }
+FP8_REGIMES = ("fp8",)  # regimes whose Linear matmuls take float8 operands
 
 
 def policy(
@@ -159,6 +174,7 @@ def policy(
         compute_dtype=c if compute_dtype is None else compute_dtype,
         attn_dtype=a if attn_dtype is None else attn_dtype,
         name=regime + ("+custom" if overridden else ""),
+        fp8_matmuls=regime in FP8_REGIMES,
     )
 
 
@@ -195,6 +211,96 @@ def _widening_einsum_bwd(spec, out_dtype, res, g):
 
 
 _widening_einsum.defvjp(_widening_einsum_fwd, _widening_einsum_bwd)
+
+
+# --- fp8 matmuls (the fp8 regime) ------------------------------------------------------------
+# Float8 formats (OCP FP8): e4m3 (max 448, 3 mantissa bits) for forward operands, e5m2 (max 57344,
+# 2 mantissa bits) for backward cotangents, as Transformer Engine's HYBRID recipe and cuBLASLt take.
+E4M3 = jnp.float8_e4m3fn
+E5M2 = jnp.float8_e5m2
+
+
+def fp8_scale(amax: jax.Array, fmt: Any) -> jax.Array:
+    """Current scaling: the largest power of two s with amax·s <= the format's max (1 for amax 0).
+    A power of two makes scaling and unscaling exact; only the cast to float8 rounds."""
+    amax = jnp.asarray(amax, FP32)
+    fmax = float(jnp.finfo(fmt).max)
+    ok = jnp.isfinite(amax) & (amax > 0)
+    _, e = jnp.frexp(fmax / jnp.where(ok, amax, 1.0))  # ratio = m·2^e, m in [0.5, 1): floor(log2) = e - 1, exactly
+    return jnp.where(ok, jnp.ldexp(jnp.ones((), FP32), e - 1), 1.0).astype(FP32)
+
+
+def fp8_quantize(x: jax.Array, fmt: Any, scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(x·scale saturated to ±max and cast to `fmt`, scale). `scale` defaults to current scaling from
+    x's own amax. Values past the range saturate at ±max (never inf); non-finite inputs stay non-finite."""
+    x32 = x.astype(FP32)
+    if scale is None:
+        scale = fp8_scale(jnp.max(jnp.abs(x32)), fmt)
+    fmax = float(jnp.finfo(fmt).max)
+    y = x32 * scale
+    y = jnp.where(jnp.isfinite(y), jnp.clip(y, -fmax, fmax), y)
+    return y.astype(fmt), scale
+
+
+def fp8_dequantize(q: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+    return (q.astype(FP32) / scale).astype(dtype)
+
+
+def fp8_qdq(x: jax.Array, fmt: Any) -> jax.Array:
+    """x rounded through `fmt` with current scaling, back in x's dtype (exact there: 16-bit types hold
+    every float8 value, and the scale is a power of two)."""
+    q, scale = fp8_quantize(x, fmt)
+    return fp8_dequantize(q, scale, x.dtype)
+
+
+def fp8_stats(x: jax.Array, fmt: Any = E4M3) -> dict[str, jax.Array]:
+    """What current scaling does to `x`: its amax, the fraction of entries saturated at the format's
+    range and the fraction of non-zero entries that underflow to zero (float32 scalars)."""
+    x32 = jnp.abs(x.astype(FP32))
+    q, _ = fp8_quantize(x, fmt)
+    q32 = jnp.abs(q.astype(FP32))
+    fmax = float(jnp.finfo(fmt).max)
+    n = max(x.size, 1)
+    return {"amax": jnp.max(x32),
+            "saturated": jnp.sum((q32 >= fmax) & (x32 * fp8_scale(jnp.max(x32), fmt) > fmax)) / n,
+            "underflow": jnp.sum((q32 == 0) & (x32 > 0)) / n}
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """``lax.dot_general`` with float8 operands (the fp8 regime's Linear layers; flax calls it with
+    its Linear's `precision`, ignored here). Forward: both operands rounded through e4m3 with current
+    per-tensor scaling, multiplied with float32 accumulation, the result in the operands' dtype.
+    Backward: the cotangent rounded through e5m2 (its own current scale), then the two transposed
+    products with the saved e4m3 operands, accumulated in float32 and returned in the operands' dtype.
+    Written as quantise → dequantise → dot, the pattern XLA's GPU compiler rewrites into a cuBLASLt
+    fp8 GEMM (not verified on a GPU here); elsewhere it is an exact emulation."""
+    del precision, out_sharding
+    out_dtype = np.dtype(preferred_element_type or lhs.dtype).name
+    return _fp8_dot(dimension_numbers, out_dtype, lhs, rhs)
+
+
+def _dot(dimension_numbers, out_dtype, a, b):
+    return jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=FP32).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fp8_dot(dimension_numbers, out_dtype, a, b):
+    return _dot(dimension_numbers, out_dtype, fp8_qdq(a, E4M3), fp8_qdq(b, E4M3))
+
+
+def _fp8_dot_fwd(dimension_numbers, out_dtype, a, b):
+    a8, b8 = fp8_qdq(a, E4M3), fp8_qdq(b, E4M3)
+    return _dot(dimension_numbers, out_dtype, a8, b8), (a8, b8)
+
+
+def _fp8_dot_bwd(dimension_numbers, out_dtype, res, g):
+    a8, b8 = res
+    g8 = fp8_qdq(g, E5M2)  # e5m2 values, exact in g's dtype (the compute dtype)
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, preferred_element_type=FP32), a8, b8)
+    return vjp(g8.astype(FP32))  # float32 accumulation; the products come back in the operands' dtype
+
+
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
 def finfo_min(dtype: Any) -> Any:

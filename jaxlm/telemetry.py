@@ -48,12 +48,22 @@ RESID_RMS = "layers/resid_rms"  # per layer (a list), residual stream RMS after 
 ATTN_MAX = "layers/attn_max"  # per layer, max pre-softmax attention score
 ATTN_MIN = "layers/attn_min"
 LAYER_NONFINITE = "layers/nonfinite"  # per layer, any non-finite score or activation
+FP8_AMAX = "layers/fp8_amax"  # fp8 regime, per layer: largest amax of the Linear layers' inputs
+FP8_SATURATED = "layers/fp8_saturated"  # ... the worst fraction of an input saturated at e4m3's range
+FP8_UNDERFLOW = "layers/fp8_underflow"  # ... the worst fraction of an input's non-zeros flushed to zero
+LOGIT_MEAN = "output/logit_mean"  # mean output logit over the vocabulary (at stats steps)
+LOG_Z = "output/log_z"  # mean log-partition function log Z of the output softmax (what z-loss pulls to 0)
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
 
 TRAIN_METRICS = (LOSS, STEP_LOSSES, PERPLEXITY, LR, GRAD_NORM, GRAD_NORM_CLIPPED, PARAM_NORM, UPDATE_NORM,
                  LOSS_SCALE, SKIPPED, NONFINITE, STEP_TIME, TOKENS_PER_S, MFU, DEVICE_MEMORY)
-LAYER_METRICS = (RESID_RMS, ATTN_MAX, ATTN_MIN, LAYER_NONFINITE)
+LAYER_METRICS = (RESID_RMS, ATTN_MAX, ATTN_MIN, LAYER_NONFINITE, FP8_AMAX, FP8_SATURATED, FP8_UNDERFLOW)
+OUTPUT_METRICS = (LOGIT_MEAN, LOG_Z)
+# the stats step's names (model.apply(collect_stats=True)) -> metric names
+STATS_METRICS = {"resid_rms": RESID_RMS, "attn_max": ATTN_MAX, "attn_min": ATTN_MIN, "nonfinite": LAYER_NONFINITE,
+                 "fp8_amax": FP8_AMAX, "fp8_saturated": FP8_SATURATED, "fp8_underflow": FP8_UNDERFLOW,
+                 "logit_mean": LOGIT_MEAN, "log_z": LOG_Z}
 EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
 
 

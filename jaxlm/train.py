@@ -60,7 +60,7 @@ class Trainer:
         self.dropout = any(getattr(m, f) > 0 for f in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
         self.attention = attn_lib.resolve_implementation(  # what the training step's attention runs
             m.attention_impl, self.policy, head_dim=m.head_dim, dropout=m.attn_pdrop > 0,
-            query_key_layer_scaling=m.query_key_layer_scaling)
+            query_key_layer_scaling=m.query_key_layer_scaling, softcap=m.attn_logit_softcap)
 
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.abstract_state = jax.eval_shape(self._init, jnp.zeros((), jnp.uint32))
@@ -93,10 +93,12 @@ class Trainer:
     def _loss(self, params, batch_BT1, key, scale):
         tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
         with sharding.use_mesh(self.mesh):  # the model's activation layouts (sharding.LOGICAL_RULES)
-            nll, _ = model_lib.token_losses(self.graphdef, params, tokens, targets,
-                                            dropout_key=key if self.dropout else None)
+            nll, log_z = model_lib.token_losses(self.graphdef, params, tokens, targets,
+                                                dropout_key=key if self.dropout else None)
         loss = nll.mean()
-        return loss * scale, loss
+        # model.z_loss: trained on, not reported (the loss stays the cross-entropy, comparable across runs)
+        objective = loss + model_lib.z_loss(log_z, self.model_cfg.z_loss) if self.model_cfg.z_loss else loss
+        return objective * scale, loss
 
     @staticmethod
     def step_key(rng, step, micro_batch):
@@ -242,8 +244,7 @@ def loop(
             window = []
         if stats is not None:
             s = jax.device_get(stats)
-            record.update({telemetry.RESID_RMS: s["resid_rms"], telemetry.ATTN_MAX: s["attn_max"],
-                           telemetry.ATTN_MIN: s["attn_min"], telemetry.LAYER_NONFINITE: s["nonfinite"]})
+            record.update({telemetry.STATS_METRICS[k]: v for k, v in s.items()})
         if eval_batches is not None and eval_every and (step % eval_every == 0 or step == total):
             record.update(validation_metrics(trainer, state.params, eval_batches()))
         if record:

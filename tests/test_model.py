@@ -55,7 +55,7 @@ def test_initialisation_follows_gpt2():
 
 @pytest.mark.parametrize("overrides,pattern", [
     ({"model.n_head": 5}, r"model.n_embd=64 is not divisible by model.n_head=5"),
-    ({"precision.regime": "fp8"}, r"precision.regime.*'fp8'.*allowed: fp32, bf16"),
+    ({"precision.regime": "fp4"}, r"precision.regime.*'fp4'.*allowed: fp32, bf16"),
     ({"train.seq_len": 512}, r"train.seq_len=512 exceeds model.n_positions=128"),
     ({"model.attention_impl": "fused"}, r"model.attention_impl.*'fused'.*auto, reference, cudnn, flash"),
     ({"model.attn_pdrop": 1.5}, r"model.attn_pdrop"),
@@ -102,8 +102,8 @@ def test_stats_are_free_when_off_and_per_layer_when_on():
     assert "is_finite" in str(jax.make_jaxpr(lambda p: model.apply(gd, p, toks, collect_stats=True))(p))
     logits, stats = model.apply(gd, p, toks, collect_stats=True)
     np.testing.assert_allclose(logits, model.apply(gd, p, toks), atol=1e-6)
-    assert set(stats) == {"resid_rms", "attn_max", "attn_min", "nonfinite"}
-    assert all(v.shape == (3,) for v in stats.values())
+    assert set(stats) == {"resid_rms", "attn_max", "attn_min", "nonfinite", "logit_mean", "log_z"}
+    assert all(stats[k].shape == (3,) for k in ("resid_rms", "attn_max", "attn_min", "nonfinite"))
     assert (stats["attn_max"] >= stats["attn_min"]).all() and (stats["resid_rms"] > 0).all()
 
 

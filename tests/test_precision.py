@@ -22,8 +22,8 @@ def test_regime_presets():
 
 
 def test_unknown_regime_and_dtype_name_the_field():
-    with pytest.raises(ConfigError, match=r"precision.regime.*'fp8'.*fp32, bf16, bf16_upcast, fp16, fp16_upcast"):
-        precision.policy("fp8")
+    with pytest.raises(ConfigError, match=r"precision.regime.*'fp4'.*fp32, bf16, bf16_upcast, fp16, fp16_upcast, fp8"):
+        precision.policy("fp4")
     with pytest.raises(ConfigError, match=r"precision.compute_dtype.*'int8'"):
         precision.policy("fp32", compute_dtype="int8")
 

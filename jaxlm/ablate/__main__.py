@@ -2,8 +2,15 @@
 
 Run a grid (then write its report into OUT/report):
 
-    python -m jaxlm.ablate --config=configs/stress_fp16.py --regimes=fp32,bf16,fp16,fp16_upcast \
-        --layer-scaling=off,on --seeds=21,49,81 --steps=N --out=DIR [--config.*=...]
+    python -m jaxlm.ablate --config=configs/stress_fp16.py --regimes=fp32,bf16,fp16,fp16_upcast,fp8 \
+        --layer-scaling=none,hf,megatron --lrs=3e-4,1e-3,3e-3,1e-2,3e-2 \
+        --switch=model.qk_norm=off,on --switch=model.z_loss=0,1e-4 \
+        --seeds=21,49 --steps=N --out=DIR [--config.*=...]
+
+The grid is the product of the regimes, every switch's values and the seeds. ``--switch KEY=V1,V2``
+(repeatable) sweeps any config field; ``--lrs`` is ``--switch optim.lr=...`` and ``--layer-scaling``
+is ``--switch layer_scaling=...`` (none | hf | megatron; off/on = none/hf). Several grids may share
+one OUT (a fractional design): finished cells are skipped, and the report covers all of OUT/cells.
 
 Build a report from run directories, also from several machines:
 
@@ -26,8 +33,12 @@ from jaxlm.errors import ConfigError
 def define_flags():
     cli.define_config("config", "Base config of every cell, e.g. configs/stress_fp16.py.")
     flags.DEFINE_list("regimes", ["fp32", "bf16", "fp16", "fp16_upcast"], "Precision regimes.")
-    flags.DEFINE_list("layer_scaling", ["off", "on"], "scale_attn_by_inverse_layer_idx values.")
+    flags.DEFINE_list("layer_scaling", None, "Layer-index scaling: none | hf (scale_attn_by_inverse_layer_idx) | "
+                      "megatron (query_key_layer_scaling); off/on = none/hf. Default: the config's.")
     flags.DEFINE_alias("layer-scaling", "layer_scaling")
+    flags.DEFINE_list("lrs", None, "Learning rates (optim.lr) to sweep. Default: the config's.")
+    flags.DEFINE_multi_string("switch", [], "KEY=V1,V2,...: a config field to sweep, e.g. model.qk_norm=off,on "
+                              "(repeatable).")
     flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
     flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
     flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
@@ -50,7 +61,11 @@ def main(argv):
     config_lib.validate(cfg)
     config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
     seeds = F.seeds or list(cfg.train.seeds)
-    cells = grid.cells(F.regimes, grid.parse_switch(F.layer_scaling), seeds)
+    switches = [grid.parse_switch(f"{grid.LAYER_SCALING_KEY}={','.join(F.layer_scaling)}")] if F.layer_scaling else []
+    switches += [grid.parse_switch(s) for s in F.switch]
+    if F.lrs:
+        switches.append(grid.parse_switch(f"optim.lr={','.join(F.lrs)}"))
+    cells = grid.cells(F.regimes, seeds, switches)
     for c in cells:  # fail on a bad regime before the first cell trains
         grid.cell_config(cfg, c, Path(F.out), F.steps)
     status = grid.run_grid(cfg, cells, F.out, F.steps, log=lambda s: print(s, file=sys.stderr))

@@ -1,8 +1,10 @@
-"""Run a regime × layer-scaling × seed grid, one ordinary run directory per cell.
+"""Run a grid of cells -- precision regime × config switches × seed -- one ordinary run directory per cell.
 
-Cells run one after another in this process. A finished cell (its ``done.json``) is skipped; an
-interrupted one resumes from its checkpoint, like any run. The data cache is shared by the cells
-(``OUT/data`` unless ``data.cache_dir`` is set).
+A cell is a regime, a seed and any config overrides (``Cell.overrides``): a learning rate, a model
+switch, a layer-scaling flavour. ``cells`` takes their product. Cells run one after another in this
+process. A finished cell (its ``done.json``) is skipped; an interrupted one resumes from its
+checkpoint, like any run. The data cache is shared by the cells (``OUT/data`` unless
+``data.cache_dir`` is set).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -21,34 +24,92 @@ from jaxlm import run as run_lib
 from jaxlm import telemetry
 from jaxlm.errors import ConfigError
 
+# Layer-index scaling as one switch: its value -> (scale_attn_by_inverse_layer_idx, query_key_layer_scaling).
+# 'off'/'on' are the old --layer-scaling values (none/hf).
+LAYER_SCALING = {"none": (False, False), "off": (False, False), "hf": (True, False), "on": (True, False),
+                 "megatron": (False, True)}
+LAYER_SCALING_KEY = "layer_scaling"  # a --switch key of its own (it sets two model fields)
+_SHORT = {"optim.lr": "lr", LAYER_SCALING_KEY: "ls"}  # name tokens without a separator
+
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
     regime: str
-    layer_scaling: bool
     seed: int
+    switches: tuple[tuple[str, str], ...] = ()  # (key, value as written), in the grid's order
 
     @property
     def name(self) -> str:
-        return f"{self.regime}-ls{'on' if self.layer_scaling else 'off'}-s{self.seed}"
+        parts = [self.regime]
+        for key, value in self.switches:
+            parts.append(f"{_SHORT[key]}{value}" if key in _SHORT else f"{key.rsplit('.', 1)[-1]}-{value}")
+        return "-".join([*parts, f"s{self.seed}"])
+
+    def overrides(self, cfg) -> dict[str, Any]:
+        """The config overrides of this cell's switches (values typed as the config's fields)."""
+        over: dict[str, Any] = {}
+        for key, value in self.switches:
+            if key == LAYER_SCALING_KEY:
+                hf, megatron = LAYER_SCALING[value]
+                over["model.scale_attn_by_inverse_layer_idx"] = hf
+                over["model.query_key_layer_scaling"] = megatron
+            else:
+                over[key] = typed_value(cfg, key, value)
+        return over
 
 
-def cells(regimes, layer_scaling, seeds) -> list[Cell]:
-    return [Cell(r, ls, int(s)) for r, ls, s in itertools.product(regimes, layer_scaling, seeds)]
+def parse_switch(spec: str) -> tuple[str, list[str]]:
+    """'model.qk_norm=off,on' -> ('model.qk_norm', ['off', 'on'])."""
+    key, sep, values = spec.partition("=")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not vals:
+        raise ConfigError(f"--switch={spec!r}: expected KEY=V1,V2,... e.g. model.qk_norm=off,on")
+    key = key.strip()
+    if key == LAYER_SCALING_KEY:
+        bad = [v for v in vals if v not in LAYER_SCALING]
+        if bad:
+            raise ConfigError(f"--switch {LAYER_SCALING_KEY}: unknown {bad[0]!r}; allowed: none, hf, megatron "
+                              "(off/on mean none/hf)")
+    return key, vals
 
 
-def parse_switch(values) -> list[bool]:
+def typed_value(cfg, key: str, text: str) -> Any:
+    """`text` as the type of config field `key` (on/off/true/false for booleans)."""
+    node = cfg
+    try:
+        for p in key.split("."):
+            node = node[p]
+    except (KeyError, AttributeError):
+        raise ConfigError(f"--switch {key}: unknown config key") from None
+    t = text.lower()
+    try:
+        if isinstance(node, bool):
+            if t not in ("on", "off", "true", "false"):
+                raise ValueError
+            return t in ("on", "true")
+        if isinstance(node, int):
+            return int(text)
+        if isinstance(node, float):
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"--switch {key}={text!r}: expected a {type(node).__name__} like the config's "
+                          f"{node!r}" + (" (on/off)" if isinstance(node, bool) else "")) from None
+    return text
+
+
+def cells(regimes, seeds, switches=()) -> list[Cell]:
+    """The product regime × each switch's values × seed; `switches`: [(key, [values])] in name order."""
+    keys = [k for k, _ in switches]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"a grid switch is given twice: {sorted(k for k in keys if keys.count(k) > 1)[0]}")
     out = []
-    for v in values:
-        v = str(v).lower()
-        if v not in ("on", "off", "true", "false"):
-            raise ConfigError(f"--layer-scaling: expected on/off, got {v!r}")
-        out.append(v in ("on", "true"))
+    for regime, *values, seed in itertools.product(regimes, *[v for _, v in switches], seeds):
+        out.append(Cell(regime, int(seed), tuple(zip(keys, values))))
     return out
 
 
 def cell_config(cfg, cell: Cell, out: Path, steps: int | None):
-    over = {"precision.regime": cell.regime, "model.scale_attn_by_inverse_layer_idx": cell.layer_scaling,
+    over = {"precision.regime": cell.regime, **cell.overrides(cfg),
             "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data")}
     if steps:
         over["train.steps"] = steps

@@ -2,7 +2,13 @@
 report.html and PNG plots.
 
 A run directory is any folder holding ``run.json`` and ``metrics.jsonl`` (what ``jaxlm.main``
-writes). Runs are grouped by (accelerator kind, regime, layer scaling); seeds are aggregated.
+writes). Runs are grouped by (accelerator kind, configuration): the regime, the model's stability
+switches that are on (layer scaling, qk_norm, z_loss, softcap) and, when the runs have several, the
+learning rate; seeds are aggregated.
+
+With several learning rates the report adds the learning-rate sweep of Wortsman et al. (2023):
+final loss vs LR per configuration, the LR sensitivity of each (``lr_sensitivity``), and the max
+attention logit vs step at the highest LR.
 """
 
 from __future__ import annotations
@@ -31,14 +37,45 @@ class Run:
     seed: int
     records: list[dict]
     done: dict | None = None
+    model: dict = field(default_factory=dict)  # the run's model config section
+    lr: float = 0.0
+    show_lr: bool = False  # the label names the LR (set when the runs have several)
 
     @property
     def group(self) -> tuple[str, str]:
         return self.device, self.label
 
     @property
+    def config_label(self) -> str:
+        """The regime and the model's stability switches that are on (what a LR sweep varies over)."""
+        m = self.model
+        out = self.regime + (" +layer-scale" if self.layer_scaling else "")
+        out += " +megatron-scale" if m.get("query_key_layer_scaling") else ""
+        out += " +qk_norm" if m.get("qk_norm") else ""
+        out += f" +z_loss={m['z_loss']:g}" if m.get("z_loss") else ""
+        out += f" +softcap={m['attn_logit_softcap']:g}" if m.get("attn_logit_softcap") else ""
+        return out
+
+    @property
     def label(self) -> str:
-        return self.regime + (" +layer-scale" if self.layer_scaling else "")
+        return self.config_label + (f" lr={self.lr:g}" if self.show_lr else "")
+
+    @property
+    def init_loss(self) -> float:
+        """The loss before the first update (step 1's loss is computed with the initial parameters)."""
+        first = next((r for r in self.records if T.LOSS in r), {})  # (the step-0 record holds the compile time)
+        losses = first.get(T.STEP_LOSSES) or [first.get(T.LOSS, float("nan"))]
+        return _num(losses[0])
+
+    @property
+    def final_loss(self) -> float:
+        """The last validation loss (else the last training loss); NaN if the run stopped early or ended
+        non-finite -- a diverged run."""
+        if (self.done or {}).get("stopped"):
+            return float("nan")
+        v = self.last(T.EVAL_LOSS)
+        v = self.last(T.LOSS) if v is None else v
+        return float("nan") if v is None else v
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of a scalar metric; 'nan'/'inf' strings become floats."""
@@ -87,10 +124,40 @@ def find_runs(dirs) -> list[Run]:
             meta = json.loads(meta_file.read_text())
             records, _ = T.read_metrics(run_dir / "metrics.jsonl")
             done = json.loads((run_dir / "done.json").read_text()) if (run_dir / "done.json").exists() else None
+            model = meta["config"]["model"]
             runs.append(Run(run_dir, meta["environment"]["device_kind"], meta["precision"]["name"],
-                             bool(meta["config"]["model"]["scale_attn_by_inverse_layer_idx"]),
-                             int(meta["config"]["train"]["seed"]), records, done))
+                             bool(model["scale_attn_by_inverse_layer_idx"]),
+                             int(meta["config"]["train"]["seed"]), records, done, model,
+                             float(meta["config"]["optim"]["lr"])))
+    if len({r.lr for r in runs}) > 1:
+        for r in runs:
+            r.show_lr = True
     return runs
+
+
+# --- learning-rate sensitivity (Wortsman et al. 2023, section 3.2) -------------------------------
+
+def lr_sensitivity(points: dict[float, list[tuple[float, float]]]) -> dict:
+    """LR sensitivity of one configuration from {lr: [(final loss, loss at init) per seed]}:
+    E over the LRs of [min(loss(η), loss at init) − the best such loss over the LRs], where loss(η) is
+    the mean over seeds of each seed's min(final, init) and a diverged (non-finite) run counts as its
+    loss at init. Also the best LR and loss, and the smallest LR at which a seed diverged (non-finite
+    or not below its initial loss), or None."""
+    clamped = {lr: float(np.mean([init if not math.isfinite(f) else min(f, init) for f, init in seeds]))
+               for lr, seeds in sorted(points.items())}
+    best_lr = min(clamped, key=clamped.get)
+    best = clamped[best_lr]
+    diverged = [lr for lr, seeds in sorted(points.items()) if any(not math.isfinite(f) or f >= i for f, i in seeds)]
+    return {"sensitivity": float(np.mean([v - best for v in clamped.values()])), "best_lr": best_lr,
+            "best_loss": best, "diverges_at": diverged[0] if diverged else None, "losses": clamped}
+
+
+def lr_points(runs) -> dict:
+    """{(device, config label): {lr: [(final loss, init loss) per seed]}}."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        out[(r.device, r.config_label)][r.lr].append((r.final_loss, r.init_loss))
+    return out
 
 
 # --- document blocks rendered to both Markdown and HTML ----------------------------------------
@@ -295,6 +362,95 @@ def plot_final_layers(by_group, key, path, ylabel, title):
     plt.close(fig)
 
 
+def plot_lr_sweep(points, path):
+    """Final loss vs LR per configuration (log-x; mean over seeds, min-max band); a diverged run is
+    drawn at its loss at init, with an x."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = _color_map(points)
+    for i, (g, by_lr) in enumerate(points.items()):
+        lrs = sorted(by_lr)
+        vals = [[init if not math.isfinite(f) else min(f, init) for f, init in by_lr[lr]] for lr in lrs]
+        mean = [np.mean(v) for v in vals]
+        ax.plot(lrs, mean, color=colors[g], label=_group_label(g), **_line_style(i, len(lrs)))
+        if max(len(v) for v in vals) > 1:
+            ax.fill_between(lrs, [min(v) for v in vals], [max(v) for v in vals], color=colors[g], alpha=0.15)
+        bad = [(lr, init) for lr in lrs for f, init in by_lr[lr] if not math.isfinite(f)]
+        if bad:
+            ax.scatter(*zip(*bad), marker="x", s=60, color=colors[g], zorder=5)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="final loss (nats/token)",
+           title="Final loss vs learning rate (mean over seeds, band: min-max; x: diverged, drawn at init loss)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_at_top_lr(runs, key, path, ylabel, title, per_layer=True):
+    """`key` vs step (its max over layers if per layer) at the highest LR, per configuration, first seed."""
+    plt = _plt()
+    top = max(r.lr for r in runs)
+    chosen: dict = {}
+    for r in sorted(runs, key=lambda r: r.seed):
+        if r.lr == top:
+            chosen.setdefault((r.device, r.config_label), r)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = _color_map(chosen)
+    for i, (g, r) in enumerate(chosen.items()):
+        if per_layer:
+            steps, vals = r.layers(key)
+            vals = np.nanmax(np.where(np.isfinite(vals), np.abs(vals), np.nan), axis=1) if len(steps) else vals
+        else:
+            steps, vals = r.series(key)
+        if len(steps):
+            ax.plot(steps, vals, color=colors[g], label=_group_label(g), **_line_style(i, len(steps)))
+        bad = r.first_nonfinite_step()
+        if bad is not None:
+            ax.axvline(bad, color=colors[g], ls=":", lw=1)
+    ax.set(xlabel="step", ylabel=ylabel, title=f"{title} at the highest LR ({top:g}); dotted: first non-finite step")
+    ax.title.set_fontsize(9)
+    if per_layer:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+LR_PLOTS = ("lr_sweep.png", "attn_max_top_lr.png", "log_z_top_lr.png")
+
+
+def _lr_section(doc, runs, out: Path) -> None:
+    points = lr_points(runs)
+    plot_lr_sweep(points, out / "lr_sweep.png")
+    plot_at_top_lr(runs, T.ATTN_MAX, out / "attn_max_top_lr.png", "max attention score (over layers)",
+                   "Max pre-softmax attention score")
+    plot_at_top_lr(runs, T.LOG_Z, out / "log_z_top_lr.png", "mean log Z", "Output log-partition function",
+                   per_layer=False)
+    doc.h("Learning-rate sensitivity")
+    doc.p("Per configuration (Wortsman et al. 2023): LR sensitivity = mean over the LRs of [min(final loss, "
+          "loss at init) − the best over the LRs], final losses averaged over seeds, a diverged run counted at "
+          "its loss at init. 'diverges at': the smallest LR at which a seed ended non-finite or not below its "
+          "initial loss.")
+    rows = []
+    for (device, label), by_lr in points.items():
+        s = lr_sensitivity(by_lr)
+        seeds = sorted({len(v) for v in by_lr.values()})
+        rows.append([device, label, ", ".join(f"{lr:g}" for lr in sorted(by_lr)), "/".join(map(str, seeds)),
+                     f"{s['sensitivity']:.3f}", f"{s['best_lr']:g}", f"{s['best_loss']:.3f}",
+                     "none" if s["diverges_at"] is None else f"{s['diverges_at']:g}",
+                     " ".join(f"{s['losses'][lr]:.2f}" for lr in sorted(by_lr))])
+    doc.table(["accelerator", "configuration", "LRs", "seeds", "LR sensitivity", "best LR", "best loss",
+               "diverges at", "loss per LR"], rows)
+    for name, caption in (("lr_sweep.png", "Final loss vs learning rate per configuration."),
+                          ("attn_max_top_lr.png", "Max attention score (over layers) vs step at the highest LR."),
+                          ("log_z_top_lr.png", "Mean output log Z vs step at the highest LR (what z-loss pulls to 0).")):
+        doc.img(name, caption)
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 PLOTS = ("loss.png", "loss_scale.png", "grad_norm.png", "attn_max_heatmap.png", "resid_rms_heatmap.png",
@@ -325,7 +481,7 @@ def build(dirs, out) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     by_group: dict = defaultdict(list)
-    for r in sorted(runs, key=lambda r: (r.device, r.regime, r.layer_scaling, r.seed)):
+    for r in sorted(runs, key=lambda r: (r.device, r.config_label, r.lr, r.seed)):
         by_group[r.group].append(r)
 
     with warnings.catch_warnings():  # all-NaN slices are expected where a regime diverged
@@ -388,6 +544,10 @@ def build(dirs, out) -> Path:
     }
     for name in PLOTS:
         doc.img(name, captions[name])
+    if len({r.lr for r in runs}) > 1:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(Mean of empty slice|All-NaN slice)", category=RuntimeWarning)
+            _lr_section(doc, runs, out)
     files.atomic_write(out / "report.md", doc.markdown())
     files.atomic_write(out / "report.html", doc.html("jaxlm precision ablation"))
     return out / "report.md"
