@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 import warnings
-from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm import config as config_lib
-from jaxlm import naming, telemetry
+from jaxlm import naming, paths, telemetry
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
@@ -123,8 +123,9 @@ class Checkpointer:
     def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False,
                  signals: "Signals | None" = None):
         self.cfg, self.meta = cfg, meta or {}
-        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.directory = paths.resolve(workdir) / "checkpoints"  # Orbax writes gs:// directly (tensorstore)
         self.total = int(cfg.train.steps)
+        self.before_save: Callable[[], None] | None = None
         stages = tuple(tuple(int(x) for x in s) for s in cfg.checkpoint.stages)
         self.stages = stages
         self.abstract_state = abstract_state
@@ -149,6 +150,8 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict) -> None:
         if step in self.manager.all_steps():
             return
+        if self.before_save is not None:  # the run's metrics history, written up to this step first
+            self.before_save()
         meta = dict(self.meta, step=step, state_signature=self.signature, fingerprints=fingerprints(state))
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -320,7 +323,7 @@ def other_layout(path, meta: dict, diffs: list[str]) -> str:
 
 def _reader(workdir) -> "Checkpointer":
     """A read-only Checkpointer of a run directory, for its steps and metadata (no config needed)."""
-    directory = Path(workdir) / "checkpoints"
+    directory = paths.path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"--workdir={workdir}: no checkpoints directory; is this a jaxlm run directory?")
     probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {

@@ -90,8 +90,9 @@ def require(**values) -> None:
 
 
 def quiet_library_logs() -> None:
-    """Only warnings and errors reach the console, and of Orbax's only errors: its warnings describe its
-    own bookkeeping (a read-only manager, intervals), and jaxlm reports what matters about checkpoints."""
+    """Only warnings and errors reach the console, and of Orbax's and gcsfs's only errors: their warnings
+    describe their own bookkeeping (a read-only manager, intervals; a bucket's type without credentials),
+    and jaxlm reports what matters about checkpoints and object stores."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = absl_logging.get_absl_handler()
     handler.setLevel(logging.WARNING)
@@ -100,7 +101,7 @@ def quiet_library_logs() -> None:
 
 
 def _not_orbax_below_error(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or "orbax" not in record.pathname
+    return record.levelno >= logging.ERROR or not any(lib in record.pathname for lib in ("orbax", "gcsfs"))
 
 
 def _resolve_config_arg(arg: str) -> str:

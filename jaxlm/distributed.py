@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 
+from jaxlm import paths
 from jaxlm.errors import ConfigError
 
 
@@ -57,8 +58,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def process_log(workdir) -> Path:
-    """Every process appends its own log file, WORKDIR/logs/process-<i>.log (absl and Python logging)."""
-    path = Path(workdir) / "logs" / f"process-{jax.process_index()}.log"
+    """Every process appends its own log file, WORKDIR/logs/process-<i>.log (absl and Python logging).
+    For a workdir on an object store (no appends there) the file is local to each host:
+    ``paths.mirror(WORKDIR)/logs/process-<i>.log`` (``jaxlm.main`` prints where)."""
+    base = paths.mirror(workdir) if paths.is_remote(workdir) else Path(workdir)
+    path = base / "logs" / f"process-{jax.process_index()}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path)

@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from jaxlm import checkpoint, cli, files, hf, telemetry
+from jaxlm import checkpoint, cli, files, hf, paths, telemetry
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
@@ -289,9 +289,9 @@ def _say(r: dict) -> str:
 def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, data_spec: str | None = None,
                  context: int = 0, stride: int = 0, max_docs: int = 0, log=print) -> list[dict]:
     """Evaluates checkpoint `step` (the newest by default) or every checkpoint of a run."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     cfg, trainer, state, meta, last = run_lib.load_run(workdir, step)
-    tok = tok_lib.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
     ev = _evaluator(data_spec, cfg.data, tok, trainer.model_cfg.n_positions, context, stride, max_docs,
                     min(cfg.train.seq_len, trainer.model_cfg.n_positions), log)
     steps = checkpoint.saved_steps(workdir) if all_steps else [last]
@@ -347,7 +347,9 @@ def write_curve(rows: list[dict], out_dir: Path) -> None:
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "eval.png", dpi=110)
+    png = io.BytesIO()  # written through files: a local path or an object-store URL
+    fig.savefig(png, format="png", dpi=110)
+    files.atomic_write(out_dir / "eval.png", png.getvalue())
     plt.close(fig)
 
 

@@ -10,11 +10,12 @@ transformers' ``GPT2LMHeadModel.from_pretrained(OUT)`` loads the model and, for 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from absl import flags
 
-from jaxlm import cli, hf
+from jaxlm import cli, hf, paths
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 
@@ -22,11 +23,19 @@ from jaxlm.data import tokenizer as tok_lib
 def export(workdir, out, step: int | None = None) -> Path:
     """Writes checkpoint `step` (default: the newest) of run `workdir` as an HF GPT-2 directory `out`."""
     cfg, trainer, state, meta, step = run_lib.load_run(workdir, step)
+    url = out if paths.is_remote(out) else None
+    if url is not None:  # HF writes local files: a local directory, uploaded with its commit object last
+        paths.check_url(url, "--to_hf")
+        out = paths.mirror(url) / "export"
+        shutil.rmtree(out, ignore_errors=True)
     out = hf.save_pretrained(out, trainer.model_cfg, trainer.policy, state.params,
                              eos_token_id=int(meta["data"]["eos_id"]))
-    spec = meta["data"]["tokenizer"]
+    spec = run_lib.tokenizer_spec(meta)
     if tok_lib.spec_path(spec).exists():  # (a run whose cache was deleted exports without it)
         tok_lib.load(spec).save(out)
+    if url is not None:
+        paths.publish(out, url)
+        return paths.path(url)
     return out
 
 

@@ -12,7 +12,7 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxlm import cli, distributed
+from jaxlm import cli, distributed, paths
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm.errors import JaxlmError
@@ -32,6 +32,8 @@ def main(argv):
     cli.require(config=F.config, workdir=F.workdir)
     cfg = F.config
     config_lib.validate(cfg)  # before anything starts or is written
+    paths.check_url(F.workdir, "--workdir")
+    paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)
 
     how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
@@ -42,6 +44,8 @@ def main(argv):
     logger.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(), jax.process_count(),
                 how, jax.local_device_count(), jax.device_count())
     is_main = jax.process_index() == 0
+    if is_main and paths.is_remote(F.workdir):
+        print(f"per-process logs: {log_file.parent} (on each host; the workdir is an object store)", flush=True)
 
     def say(text):
         logger.info(text)

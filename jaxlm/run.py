@@ -14,13 +14,12 @@ count wrote it (eval, generate and export use it).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm import checkpoint, data, files, sharding, telemetry, train
+from jaxlm import checkpoint, data, files, paths, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.errors import CheckpointError, DataError
 
@@ -35,15 +34,17 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     say = log or (lambda s: print(s, flush=True) if is_main else None)
     with checkpoint.Signals() as signals:
         try:
-            return _run(cfg, Path(workdir), say, signals)
+            return _run(cfg, paths.path(workdir), say, signals)
         except checkpoint.Interrupted as e:
             say(f"interrupted by {e} before training started; run the same command again to start or resume")
             return train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
 
 
-def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResult:
+def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
+    paths.check_url(workdir, "--workdir")
+    paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     mesh = sharding.make_mesh(cfg.mesh)
     cache = data.prepare(cfg, workdir, log=say)
     signals.check()
@@ -60,7 +61,8 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
         "jaxlm_commit": telemetry.git_commit(config_lib.SOURCE_ROOT), "environment": telemetry.environment(mesh),
         "precision": trainer.policy.to_dict(), "n_params": trainer.n_params,
         "flops_per_token": trainer.flops_per_token, "attention_impl": trainer.attention,
-        "data": {"cache": str(cache.path), "tokenizer": cache.tokenizer_spec, "vocab_size": vocab,
+        "data": {"cache": str(cache.path), "cache_url": _cache_url(cfg, workdir, cache), "tokenizer": cache.tokenizer_spec,
+                 "vocab_size": vocab,
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })
@@ -91,6 +93,7 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
         eval_fn = _validation_batches(cache, cfg, trainer, say)
 
         tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
+        ckpt.before_save = lambda: tele.sync(force=True)
         result = train.LoopResult(state, start)
         if start < cfg.train.steps:
             t0 = time.perf_counter()
@@ -113,6 +116,26 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
             tele.close()
         ckpt.close()
     return result
+
+
+def _cache_url(cfg, workdir, cache) -> str | None:
+    """The token directory's URL when the cache root is an object store (cache.path is its local mirror)."""
+    root = data.cache_root(cfg, workdir)
+    if not paths.is_remote(root):
+        return None
+    return str(root / cache.path.relative_to(paths.mirror(root)).as_posix())
+
+
+def tokenizer_spec(meta: dict) -> str:
+    """The tokenizer a run was trained with, as ``tokenizer.load`` takes it: on this machine, or
+    fetched from the run's object-store cache into the local mirror."""
+    spec, url = meta["data"]["tokenizer"], meta["data"].get("cache_url")
+    if data.tokenizer.spec_path(spec).exists() or not url:
+        return spec
+    root, key = url.rsplit("/tokens/", 1)
+    local = paths.mirror(root) / "tokens" / key
+    paths.pull(url, local)
+    return spec.replace(meta["data"]["cache"], str(local), 1)
 
 
 def _describe(trainer: train.Trainer, mesh) -> str:
@@ -153,7 +176,7 @@ def load_run(workdir, step: int | None = None, mesh=None):
     Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
     """
     steps = checkpoint.saved_steps(workdir)
-    directory = Path(workdir) / "checkpoints"
+    directory = paths.path(workdir) / "checkpoints"
     if not steps:
         raise CheckpointError(f"{directory}: no complete checkpoint; train the run first (python -m jaxlm.main)")
     if step is None:

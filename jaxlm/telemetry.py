@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm import files, precision
+from jaxlm import files, paths, precision
 
 # --- metric names -------------------------------------------------------------------------
 STEP = "step"
@@ -178,7 +178,7 @@ def jsonable(x):
 def read_metrics(path) -> tuple[list[dict], int]:
     """The records of a metrics.jsonl, and how many lines could not be read (a torn last line)."""
     records, bad = [], 0
-    for line in Path(path).read_text().splitlines():
+    for line in paths.path(path).read_text().splitlines():
         if not line.strip():
             continue
         try:
@@ -202,9 +202,14 @@ def trim_metrics(path, last_step: int) -> int:
 class Telemetry:
     """Receives values and writes them; computes nothing about training."""
 
+    # A workdir on an object store (no appends there): metrics.jsonl is written to a local copy and
+    # the whole object uploaded (one atomic PUT) at most this often, at sync() and at close().
+    UPLOAD_EVERY_S = 30.0
+
     def __init__(self, workdir: str | Path, cfg, *, total_steps: int, start_step: int = 0,
                  run_metadata: dict | None = None, is_main: bool | None = None):
-        self.workdir = Path(workdir)
+        self.workdir = paths.path(workdir)
+        self.remote = paths.is_remote(self.workdir)
         self.is_main = jax.process_index() == 0 if is_main is None else is_main
         self.total_steps = total_steps
         self._bar = None
@@ -213,19 +218,27 @@ class Telemetry:
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        metrics = self.workdir / "metrics.jsonl"
+        self._metrics = self.workdir / "metrics.jsonl"
+        metrics = self._metrics
+        if self.remote:  # a local copy to append to
+            metrics = paths.mirror(self.workdir) / "metrics.jsonl"
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            metrics.write_text(self._metrics.read_text() if self._metrics.exists() else "")
         if metrics.exists():  # resuming: records past the restored step will be written again
             dropped = trim_metrics(metrics, start_step)
             if dropped:
-                self.message(f"warning: {metrics}: dropped {dropped} unreadable line(s), the end of a write "
+                self.message(f"warning: {self._metrics}: dropped {dropped} unreadable line(s), the end of a write "
                              "that a kill cut short")
+        self._local_metrics = metrics
         self._jsonl = open(metrics, "a")
+        self._uploaded = 0.0
+        self.sync(force=True)  # the trimmed history, before anything new
         if run_metadata is not None and not (self.workdir / "run.json").exists():
             files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         file=sys.stderr, disable=None, desc=f"train {Path(workdir).name}")
+                         file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
         self._t0, self._step0 = time.time(), start_step
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -234,6 +247,7 @@ class Telemetry:
         rec = {STEP: int(step), "time": time.time(), **jsonable(record)}
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
+        self.sync()
         if self._wandb is not None:
             flat = {}
             for k, v in rec.items():
@@ -275,11 +289,23 @@ class Telemetry:
         else:
             print(text, file=sys.stderr)
 
+    def sync(self, force: bool = False) -> None:
+        """Remote workdir: upload metrics.jsonl (whole, one atomic object write) if UPLOAD_EVERY_S has
+        passed or `force` (the run forces it at every checkpoint save, so a resumed run's history is
+        never shorter than its checkpoint). Local: nothing to do (every record is flushed)."""
+        if not (self.remote and self.is_main and self._jsonl is not None):
+            return
+        if force or time.time() - self._uploaded >= self.UPLOAD_EVERY_S:
+            files.atomic_write(self._metrics, self._local_metrics.read_bytes())
+            self._uploaded = time.time()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._jsonl is not None:
+            self.sync(force=True)
             self._jsonl.close()
+            self._jsonl = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -290,8 +316,10 @@ def _start_wandb(workdir: Path, cfg, meta):
     import wandb  # heavy (starts a service); only when a run logs to it
 
     run_id_file = workdir / "wandb_id"
+    local = paths.mirror(workdir) if paths.is_remote(workdir) else workdir  # wandb writes local files
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
     files.atomic_write(run_id_file, run_id)
-    return wandb.init(project=cfg.log.wandb_project, dir=str(workdir), mode=cfg.log.wandb_mode, id=run_id,
+    local.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
                       resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
                       settings=wandb.Settings(console="off", x_disable_stats=True))

@@ -3,8 +3,10 @@
 # `python -m jaxlm.main` on all workers, stream their output, and after a preemption recreate the
 # slice and run again (the run resumes from its last checkpoint), then delete it.
 #
-#   launch/tpu_vm.sh [--dry-run] [--env FILE] [STEP] -- --config=configs/gpt2_small.py --workdir=/mnt/runs/small
+#   launch/tpu_vm.sh [--dry-run] [--env FILE] [STEP] -- --config=configs/gpt2_small.py --workdir=gs://BUCKET/runs/small
 #
+# The workdir is a bucket (checkpoints via Orbax, metrics, token cache; no mount needed) or a
+# directory every worker shares (a Filestore or gcsfuse mount). Per-process logs stay on each worker.
 # STEP: all (default: create, setup, train with retries, delete) | create | setup | train | logs | delete
 # --dry-run prints every command instead of running it. Settings: launch/tpu.env.
 set -euo pipefail
@@ -24,7 +26,7 @@ done
 source "$env_file"
 jaxlm_args=("$@")
 if [[ "$step" =~ ^(all|train)$ ]] && ! printf '%s\n' "${jaxlm_args[@]}" | grep -q -- '^--workdir='; then
-  echo "give the jaxlm arguments after --, including --config=... and --workdir=... (shared storage)" >&2; exit 2
+  echo "give the jaxlm arguments after --, including --config=... and --workdir=... (gs://BUCKET/DIR or shared storage)" >&2; exit 2
 fi
 
 run() {  # run a command, or print it (shell-quoted) with --dry-run
@@ -41,7 +43,7 @@ create() {
 setup() {
   run "${tpu[@]}" scp --recurse --worker=all "${where[@]}" "$here/.." "$TPU_NAME:~/$REMOTE_DIR"
   run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all \
-    --command="cd ~/$REMOTE_DIR && python3 -m pip install -q 'jax[tpu]' -r requirements.txt"
+    --command="cd ~/$REMOTE_DIR && python3 -m pip install -q 'jax[tpu]' -r requirements.txt -e '.[gcs]'"
 }
 train_once() {
   local cmd; cmd="cd ~/$REMOTE_DIR && python3 -m jaxlm.main$(printf ' %q' "${jaxlm_args[@]}")"
@@ -52,8 +54,12 @@ state() {
   "${tpu[@]}" describe "$TPU_NAME" "${where[@]}" --format='value(state)' 2>/dev/null || echo GONE
 }
 logs() {
-  local workdir; workdir=$(printf '%s\n' "${jaxlm_args[@]}" | sed -n 's/^--workdir=//p')
-  run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="tail -n 50 -F ${workdir:-.}/logs/process-*.log"
+  local workdir dir; workdir=$(printf '%s\n' "${jaxlm_args[@]}" | sed -n 's/^--workdir=//p')
+  dir="${workdir:-.}"
+  if [[ "$workdir" == *://* ]]; then  # logs of a bucket workdir are local to each worker (jaxlm.paths.mirror)
+    dir="\$(cd ~/$REMOTE_DIR && python3 -c 'import sys; from jaxlm import paths; print(paths.mirror(sys.argv[1]))' $(printf '%q' "$workdir"))"
+  fi
+  run "${tpu[@]}" ssh "$TPU_NAME" "${where[@]}" --worker=all --command="tail -n 50 -F $dir/logs/process-*.log"
 }
 delete() { run "${tpu[@]}" delete "$TPU_NAME" "${where[@]}" --quiet; }
 

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "jaxlm"
 # layout table describes the same order.
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
-    ["jaxlm.naming", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
+    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],
     ["jaxlm.model"],

@@ -135,3 +135,14 @@ def test_launchers_answer_help(script):
         out = subprocess.run(["bash", str(LAUNCH / script), flag], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert f"launch/{script}" in out.stdout and "unknown argument" not in out.stderr
+
+
+def test_tpu_vm_takes_a_bucket_workdir_and_finds_its_per_host_logs():
+    args = ["--config=configs/gpt2_small.py", "--workdir=gs://my-bucket/runs/small"]
+    cmds = _commands(_dry("tpu_vm.sh", "--", *args))
+    install = next(a for a in cmds[2] if a.startswith("--command="))
+    assert ".[gcs]" in install  # gcsfs: the gs:// file system
+    train = next(a for a in cmds[3] if a.startswith("--command="))
+    assert "--workdir=gs://my-bucket/runs/small" in train
+    logs = next(a for a in _commands(_dry("tpu_vm.sh", "logs", "--", *args))[0] if a.startswith("--command="))
+    assert "paths.mirror" in logs and "gs://my-bucket/runs/small" in logs and "/logs/process-*.log" in logs

@@ -12,34 +12,58 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm.data.cache import TokenCache, build
+from jaxlm import paths
+from jaxlm.data.cache import TokenCache, build, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 
 
-def cache_root(cfg, workdir: str | Path) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(workdir) / "data"
+def cache_root(cfg, workdir):
+    """Where the tokenizers and token caches live: data.cache_dir, else WORKDIR/data (a path or a URL)."""
+    return paths.path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.path(workdir) / "data"
 
 
-def prepare(cfg, workdir: str | Path, log=print) -> TokenCache:
+def prepare(cfg, workdir, log=print) -> TokenCache:
     """The tokenizer and token cache for this config (built if missing; atomic).
 
     On a multi-process run process 0 trains the tokenizer and builds the cache while the others
     wait at a barrier; then they find it (a shared data.cache_dir) or, where each host has its own
     directory, build their own copy.
+
+    A cache root on an object store (``gs://``) is mirrored in a local directory (``paths.mirror``):
+    the rows are memory-mapped, which needs a local file. A directory found committed in the store
+    is downloaded; one built here is uploaded by process 0, its commit object last (``paths.publish``),
+    so a build or an upload cut short is never taken for a complete cache.
     """
     root = cache_root(cfg, workdir)
+    local, fetch = root, None
+    if paths.is_remote(root):
+        local = paths.mirror(root)
+
+        def fetch(directory: Path) -> None:  # a directory of the local mirror, from the store if committed
+            paths.pull(root / directory.relative_to(local).as_posix(), directory)
+
+    def find_or_build() -> TokenCache:
+        cache = build(cfg.data, cfg.train.seq_len, local, log=log, fetch=fetch)
+        if fetch is not None and jax.process_index() == 0:
+            for directory in complete_directories(local):
+                url = root / directory.relative_to(local).as_posix()
+                if paths.committed(url) is None:
+                    log(f"uploading {directory.relative_to(local)} to {url}")
+                    paths.publish(directory, url)
+        return cache
+
     if jax.process_count() == 1:
-        return build(cfg.data, cfg.train.seq_len, root, log=log)
+        return find_or_build()
     cache, error = None, None
     if jax.process_index() == 0:
         try:
-            cache = build(cfg.data, cfg.train.seq_len, root, log=log)
+            cache = find_or_build()
         except Exception as e:  # reach the barrier anyway, so the others are not left waiting
             error = e
     multihost_utils.sync_global_devices("jaxlm.data.prepare")
     if error is not None:
         raise error
-    return cache or build(cfg.data, cfg.train.seq_len, root, log=log)
+    return cache or find_or_build()
 
 
 def train_loader(cache: TokenCache, cfg, **kw) -> Loader:

@@ -23,7 +23,8 @@ dies, even by SIGKILL): a second live builder of the same cache waits for the fi
 result; a build run again after a kill reuses the finished shards. The rows, the tokenizer and the
 manifest (written last) go to ``.build-<key>/out``, renamed to ``tokens/<key>`` when complete, so
 an interrupted build never leaves a directory a later run would use (a directory without its
-manifest is never read).
+manifest is never read). A cache root on an object store is built in a local mirror and uploaded
+with a commit object written last (``jaxlm.data.prepare``).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class TokenCache:
         return cache
 
 
-def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print) -> tok_lib.AnyTokenizer:
+def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print,
+                  fetch=None) -> tok_lib.AnyTokenizer:
     """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
     and cached."""
     if data_cfg.tokenizer:
@@ -155,6 +157,8 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
         fields["kind"] = kind
     key = _key(fields)
     final = cache_root / "tokenizers" / key
+    if fetch is not None:
+        fetch(final)
     if spec := tok_lib.stored(final):
         return tok_lib.load(spec)
     what = "SentencePiece BPE" if kind == "sentencepiece" else "byte-level BPE"
@@ -398,17 +402,31 @@ def _hold(work: Path, final: Path, log, wait_s: float) -> _Lock | None:
         time.sleep(min(_POLL_S, max(wait_s, 0.01)))
 
 
-def build(data_cfg, seq_len: int, cache_root: str | Path, log=print) -> TokenCache:
-    """The token cache for this data config and seq_len: found if built before, else built now."""
+def complete_directories(cache_root: Path) -> list[Path]:
+    """The finished tokenizer and token directories under `cache_root` (not the builds in progress)."""
+    out = []
+    for sub, done in (("tokenizers", tok_lib.stored), ("tokens", lambda d: (d / "manifest.json").exists())):
+        parent = Path(cache_root) / sub
+        if parent.is_dir():
+            out += [d for d in sorted(parent.iterdir()) if d.is_dir() and not d.name.startswith(".") and done(d)]
+    return out
+
+
+def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None) -> TokenCache:
+    """The token cache for this data config and seq_len: found if built before, else built now.
+    `fetch(directory)`, if given, may fill a tokenizer or token directory before it is looked for
+    (from an object store: ``jaxlm.data.prepare``)."""
     cache_root = Path(cache_root)
     source = sources_lib.open_source(data_cfg)
-    tok = tokenizer_for(data_cfg, source, cache_root, log)
+    tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch)
     tok_lib.check_dtype(tok.vocab_size, tok.dtype(), f"data.tokenizer={data_cfg.tokenizer or '<trained>'!r}")
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
                    "has_validation": source.has_validation}
     key = _key(fingerprint)
     final = cache_root / "tokens" / key
+    if fetch is not None:
+        fetch(final)
     if (final / "manifest.json").exists():
         return TokenCache.open(final)
     workers = int(data_cfg.get("workers", 1))
