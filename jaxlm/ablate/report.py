@@ -153,9 +153,12 @@ def lr_sensitivity(points: dict[float, list[tuple[float, float]]]) -> dict:
 
 
 def lr_points(runs) -> dict:
-    """{(device, config label): {lr: [(final loss, init loss) per seed]}}."""
+    """{(device, config label): {lr: [(final loss, init loss) per seed]}} of the finished runs (a run still
+    going or interrupted has no final loss yet)."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in runs:
+        if r.done is None:
+            continue
         out[(r.device, r.config_label)][r.lr].append((r.final_loss, r.init_loss))
     return out
 
