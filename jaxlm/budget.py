@@ -92,7 +92,8 @@ def lr_factor(optim_cfg, step, f):
         shape = jnp.where(f < start, 1.0, 1.0 - (1.0 - floor) * (f - start) / d)
     else:
         raise ConfigError(f"optim.schedule: unknown {name!r}; allowed under a budget: {', '.join(BUDGET_SCHEDULES)}")
-    shape = jnp.where(f >= 1.0, floor, shape)  # exactly the floor at the end, whatever rounding
+    if name != "constant":
+        shape = jnp.where(f >= 1.0, floor, shape)  # exactly the floor at the end, whatever rounding
     warm = int(optim_cfg.warmup_steps)
     if warm:
         shape = shape * jnp.minimum(jnp.asarray(step, precision.FP32) / warm, 1.0)
