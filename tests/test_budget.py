@@ -250,3 +250,55 @@ def test_kill_9_and_resume_ends_at_the_same_total_budget_with_f_continuing(corpu
     assert len(fs) == res.step and fs[:40] == fs_before[:40]  # the history up to the checkpoint is kept
     assert fs[40] == np.float32(spent_at_40 / 4.0)  # and f continues from the saved budget
     assert fs == sorted(fs) and fs[-1] < 1.0
+
+
+# --- studies by time: jaxlm.ablate --budget and the report's time panels ---------------------------
+
+def _fake_run(d, device, seed, evals, budget_="10m"):
+    """A run directory as jaxlm.main writes it, with periodic evaluations at (training seconds, val loss)."""
+    d.mkdir(parents=True)
+    meta = {"environment": {"device_kind": device}, "precision": {"name": "fp32"},
+            "config": {"model": {"scale_attn_by_inverse_layer_idx": False}, "train": {"seed": seed, "budget": budget_}}}
+    (d / "run.json").write_text(json.dumps(meta))
+    recs = [{"step": 100 * (i + 1), telemetry.LOSS: v, telemetry.EVAL_LOSS: v, telemetry.TRAIN_TIME: t}
+            for i, (t, v) in enumerate(evals)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "done.json").write_text(json.dumps({"step": 100 * len(evals), "stopped": None, "budget": {"seconds": 600}}))
+
+
+def test_report_by_time_ranks_within_each_accelerator_only(tmp_path):
+    from jaxlm.ablate import report
+    cells = tmp_path / "cells"
+    for seed, shift in ((21, 0.0), (49, 0.1)):
+        _fake_run(cells / f"crammed-s{seed}", "cpu", seed, [(60, 4.0 + shift), (300, 3.0 + shift), (600, 2.5 + shift)])
+        _fake_run(cells / f"mistral-s{seed}", "cpu", seed, [(60, 3.8 + shift), (300, 3.2 + shift), (600, 2.9 + shift)])
+    _fake_run(cells / "mistral-s81", "NVIDIA H100 80GB HBM3", 81, [(60, 2.0), (600, 1.0)], "20m")
+    md = report.build([cells], tmp_path / "report", target_loss=3.1).read_text()
+    assert (tmp_path / "report" / "loss_vs_time.png").read_bytes().startswith(b"\x89PNG")
+    rows = [line for line in md.splitlines() if line.startswith("| cpu |") or line.startswith("| NVIDIA")]
+    at_budget = [r for r in rows if "10m" in r or "20m" in r]
+    assert at_budget[0].startswith("| NVIDIA") and "| 1 | 20m |" in at_budget[0]  # ranked alone on its machine
+    assert "fp32 crammed | 1 | 10m | 2 | 300 ± 0 | 2.550 ± 0.050" in at_budget[1]
+    assert "fp32 mistral | 2 | 10m | 2 | 300 ± 0 | 2.950 ± 0.050" in at_budget[2]
+    to_target = [r for r in rows if r not in at_budget]
+    assert "fp32 crammed | 2/2 | 5.00 ± 0.00" in "".join(to_target)  # both seeds below 3.1 at 300 s
+    assert "fp32 mistral | 2/2 | 10.00 ± 0.00" in "".join(to_target)  # both only at 600 s
+    assert "NVIDIA H100 80GB HBM3 | fp32 mistral | 1/1 | 1.00" in "".join(to_target)
+    md = report.build([cells], tmp_path / "report2", target_loss=2.55).read_text()
+    assert "fp32 crammed | 1/2 | 10.00" in md  # seed 49 never gets there
+
+
+@pytest.mark.slow
+def test_ablate_budget_gives_every_cell_the_same_budget(corpus, tmp_path):
+    out = tmp_path / "grid"
+    over = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items() if k not in ("train.budget", "train.steps")}
+    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/tiny.py", "--regimes=fp32,bf16", "--layer-scaling=off",
+           "--seeds=21", "--budget=2s", "--target-loss=6", f"--out={out}"] + [f"--config.{k}={v}" for k, v in over.items()]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for cell in ("fp32-lsoff-s21", "bf16-lsoff-s21"):
+        done = json.loads((out / "cells" / cell / "done.json").read_text())
+        assert 2.0 <= done["budget"]["seconds"] < 3.0
+    md = (out / "report" / "report.md").read_text()
+    assert "At equal time" in md and "Time to validation loss 6" in md and "loss_vs_time.png" in md
