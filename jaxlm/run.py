@@ -93,7 +93,8 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
         else:
             state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
             start = 0
-            ckpt.save(0, state, data_state(0))
+            if meter is None:  # (under a budget, after the check that the warmup fits, below)
+                ckpt.save(0, state, data_state(0))
         signals.check()
         loader.set_state(data_state(start))  # batch k is the one step k consumes
         batches = data.device_prefetch(loader, trainer.batch_sharding)
@@ -108,8 +109,11 @@ def _run(cfg, workdir: Path, say, signals: checkpoint.Signals) -> train.LoopResu
             knobs = trainer.knobs(0.0 if replay is None else replay[start])
             trainer.train_step.lower(state, first, *knobs).compile()
             tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
-            if meter is not None and start < cfg.optim.warmup_steps:
-                _check_warmup_fits(trainer, state, first, meter, say)
+            if meter is not None:
+                if start < cfg.optim.warmup_steps:
+                    _check_warmup_fits(trainer, state, first, meter, say)
+                if restored is None:
+                    ckpt.save(0, state, data_state(0))
             batches = _chain([first], batches)
             signals.training()  # from here a signal saves the current step and stops
             result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,

@@ -201,8 +201,8 @@ class LoopResult:
     state: TrainState
     step: int
     stopped: str | None = None  # why the loop stopped early, if it did
-    budget_spent: bool = False  # stopped because the budget (or the replayed run's steps) ran out
     preempted: bool = False  # stopped by SIGTERM/SIGINT after saving: exit 0, resume later
+    budget_spent: bool = False  # stopped because the budget (or the replayed run's steps) ran out
 
 
 def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:

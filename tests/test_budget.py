@@ -207,6 +207,7 @@ def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp
     with pytest.raises(ConfigError, match=r"shorter than the warmup: optim.warmup_steps=100000 at the measured"):
         run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
     assert not [r for r in telemetry.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if telemetry.LOSS in r]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 KILL_AT_STEP = """
