@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU: --xla_gpu_deterministic_ops=true, so reruns are bit-identical (no atomics in scatter and
     # reductions; costs some speed, see README). CPU and TPU are deterministic anyway.
     c.train.deterministic = True
+    # --- budgeted training (jaxlm/budget.py): the schedule and the batch ramp read the budget fraction f
+    c.train.budget = "none"  # none (step-based) | wall-clock '15m', '2h', '90s' | FLOPs '1e18flops'
+    c.train.budget_replay = ""  # RUN: replay that finished budgeted run's per-step f exactly (step-based)
+    c.train.batch_ramp = 0.0  # >0: micro-batches trained on ramp with f, the full batch from f = this on
 
     # --- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -84,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.schedule = "linear"  # linear | cosine | constant (all after warmup)
     c.optim.warmup_steps = 4000
     c.optim.final_lr_ratio = 0.0  # end of decay, as a fraction of lr
+    # --- budget schedules (under train.budget every schedule reads f; these two only exist there)
+    c.optim.budget_peak = 0.5  # triangle: f where the lr peaks
+    c.optim.budget_decay = 0.2  # wsd: the final share of the budget that decays to the floor
 
     # --- mesh: device axes; -1 = the rest of the devices ------------------------------------
     c.mesh = ml_collections.ConfigDict()

@@ -87,16 +87,17 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
         trainer.batch_sharding)
     state = trainer.init(jnp.uint32(0))
     t = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch).compile()
+    knobs = trainer.knobs(1.0)  # under a train.budget: the full batch (none otherwise)
+    compiled = trainer.train_step.lower(state, batch, *knobs).compile()
     compile_s = time.perf_counter() - t
     step_memory = _planned_memory_gib(compiled)
     for _ in range(warmup):
-        state, m = compiled(state, batch)
+        state, m = compiled(state, batch, *knobs)
     jax.block_until_ready(m)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch)
+        state, m = compiled(state, batch, *knobs)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)

@@ -21,8 +21,8 @@ import ml_collections
 
 import configs
 from configs import base
+from jaxlm import budget, precision, sharding
 from jaxlm import model as model_lib
-from jaxlm import precision, sharding
 from jaxlm.errors import ConfigError
 
 # The jaxlm source tree (its git commit is recorded with every run).
@@ -202,8 +202,10 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
             raise ConfigError(f"mesh.{k}: a positive size or -1 (the rest), got {v}")
     if sum(cfg.mesh[k] == -1 for k in sharding.AXES) > 1:
         raise ConfigError(f"mesh: at most one of {'/'.join(sharding.AXES)} may be -1")
-    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule: unknown {cfg.optim.schedule!r}; allowed: linear, cosine, constant")
+    if cfg.optim.schedule not in budget.BUDGET_SCHEDULES:
+        raise ConfigError(f"optim.schedule: unknown {cfg.optim.schedule!r}; allowed: linear, cosine, constant "
+                          "(and by budget fraction, with train.budget: triangle, wsd)")
+    budget.validate(cfg)
     if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
     _check_stages(cfg.checkpoint.stages)

@@ -100,12 +100,11 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> model_lib
 
 
 def check_exportable(cfg: model_lib.GPT2Config) -> None:
-    """Fails naming the switches that make the model a function HF's GPT2LMHeadModel cannot compute.
-    (model.z_loss only changes training and query_key_layer_scaling only the arithmetic: both export.)"""
-    bad = [f"model.{f}={getattr(cfg, f)!r}" for f in ("qk_norm", "attn_logit_softcap") if getattr(cfg, f)]
-    if bad:
-        raise CheckpointError(f"cannot export to Hugging Face GPT-2: {', '.join(bad)} changes the model's function "
-                              "and GPT2LMHeadModel has no such option; keep the checkpoint in jaxlm's format")
+    """Fails naming the switches that make the model a function HF's GPT2LMHeadModel cannot compute."""
+    not_gpt2 = unexportable(cfg)
+    if not_gpt2:
+        raise CheckpointError(f"this model cannot be exported as a Hugging Face GPT-2: {'; '.join(not_gpt2)}; "
+                              "keep the checkpoint in jaxlm's format")
 
 
 def config_to_hf(cfg: model_lib.GPT2Config, policy: precision.Policy,
@@ -226,14 +225,33 @@ def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_over
     return cfg, policy, graphdef, params
 
 
+def unexportable(cfg: model_lib.GPT2Config) -> list[str]:
+    """Why `cfg`'s function is not a Hugging Face GPT2LMHeadModel's (empty: it is). model.use_bias=False
+    is exported, as zero biases: the same function; model.z_loss only changes training and
+    query_key_layer_scaling only the arithmetic: both export."""
+    why = [f"model.{f}={getattr(cfg, f)!r} (GPT2LMHeadModel has no such option)"
+           for f in ("qk_norm", "attn_logit_softcap") if getattr(cfg, f)]
+    if cfg.mlp_kind != "gelu":
+        why.append(f"model.mlp_kind={cfg.mlp_kind!r} (HF GPT-2's MLP is gelu_new without a gate)")
+    if cfg.ln_embed:
+        why.append("model.ln_embed=True (HF GPT-2 has no LayerNorm on the embedding)")
+    if not cfg.ln_final:
+        why.append("model.ln_final=False (HF GPT-2 always applies ln_f)")
+    return why
+
+
 def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, policy: precision.Policy,
                     params, eos_token_id: int | None = None) -> Path:
     """Writes config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    check_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = naming.flat(params)
     tensors = {}
     for ours, hf_name in name_map(cfg.n_layer).items():
+        if ours not in flat and ours.endswith(".bias") and not cfg.use_bias:  # model.use_bias=False: zero biases
+            kernel = flat[ours[: -len("bias")] + "kernel"]
+            flat[ours] = np.zeros(kernel.shape[1:], np.float32)
         arr = np.asarray(jax.device_get(flat[ours]), np.float32)
         if ours == TOKEN_TABLE:
             arr = arr[: cfg.vocab_size]  # without the padding rows (GPT2Config.vocab_multiple)

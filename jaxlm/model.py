@@ -64,6 +64,11 @@ class GPT2Config:
     qk_norm: bool = False  # LayerNorm (over head_dim, one scale/bias shared by the heads) on q and k; not HF-exportable
     z_loss: float = 0.0  # coefficient of mean(log² Z) of the output softmax added to the training loss (PaLM)
     attn_logit_softcap: float = 0.0  # c·tanh(score/c) on the scaled scores before masking (Gemma 2); 0 = off
+    # --- Cramming's switches (configs/crammed.py); the defaults are GPT-2's ---------------------
+    use_bias: bool = True  # biases in the Linear layers (False: none; HF export writes zeros)
+    mlp_kind: str = "gelu"  # gelu | gated_gelu: GELU(x W_a) * (x W_b), c_fc's 4d outputs split in two halves
+    ln_embed: bool = False  # a LayerNorm on the embedding's output (not in GPT-2, not HF-exportable)
+    ln_final: bool = True  # ln_f before the head (False: none, not HF-exportable)
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
@@ -85,6 +90,8 @@ class GPT2Config:
                 f"model.attention_impl: unknown {self.attention_impl!r}; "
                 f"allowed: {', '.join(attn_lib.IMPLEMENTATIONS)}"
             )
+        if self.mlp_kind not in MLP_KINDS:
+            raise ConfigError(f"model.mlp_kind: unknown {self.mlp_kind!r}; allowed: {', '.join(MLP_KINDS)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat: unknown {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
         if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
@@ -119,6 +126,8 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
 }
+
+MLP_KINDS = ("gelu", "gated_gelu")
 
 # Logical axes, the names jaxlm.sharding's one table maps to mesh axes:
 #   batch, length    a batch of sequences          vocab, positions  the embedding tables' rows
@@ -172,10 +181,10 @@ class Attention(nnx.Module):
         # heads of q, k and v alike (jaxlm/sharding.py); a flat 3d axis split over devices would
         # cut across q|k|v and cost a reshuffle of activations in every layer.
         self.c_attn = _linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs,
-                              ("embed", "qkv", "heads", "head_dim"), ("qkv", "heads", "head_dim"))
+                              ("embed", "qkv", "heads", "head_dim"), ("qkv", "heads", "head_dim"), cfg.use_bias)
         # its input is the heads side by side (H·K), split over devices as c_attn's output is
         self.c_proj = _linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
-                              ("heads", "embed"), ("act_embed",))
+                              ("heads", "embed"), ("act_embed",), cfg.use_bias)
         if cfg.qk_norm:  # only then: with it off the parameters (and checkpoints) are GPT-2's
             self.q_norm = _layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
             self.k_norm = _layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
@@ -223,17 +232,27 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, *, rngs: nnx.Rngs):
         d = cfg.n_embd
-        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs, ("embed", "mlp"), ("mlp",))
-        self.c_proj = _linear(4 * d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
-                              ("mlp", "embed"), ("act_embed",))
+        # gated_gelu (Cramming's GLU): c_fc's 4d outputs are two halves, GELU(a) * b, so the hidden width is 2d
+        # and c_proj is (2d, d): fewer parameters than GPT-2's MLP, as in Cramming (which keeps the width).
+        self.gated = cfg.mlp_kind == "gated_gelu"
+        hidden = 2 * d if self.gated else 4 * d
+        self.c_fc = _linear(d, 4 * d, cfg.initializer_range, policy, rngs, ("embed", "mlp"), ("mlp",), cfg.use_bias)
+        self.c_proj = _linear(hidden, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
+                              ("mlp", "embed"), ("act_embed",), cfg.use_bias)
         self.resid_pdrop = cfg.resid_pdrop
         self.fp8_stats = policy.fp8_matmuls
         self.collect_stats = False
 
     def __call__(self, x_BTD, key=None):
-        h_BTF = jax.nn.gelu(constrain(self.c_fc(x_BTD), "mlp"), approximate=True)  # HF "gelu_new"
+        h_BTF = constrain(self.c_fc(x_BTD), "mlp")
         if self.collect_stats and self.fp8_stats:
             _sow_fp8(self, x_BTD)
+        if self.gated:
+            a_BTF, b_BTF = jnp.split(h_BTF, 2, axis=-1)
+            h_BTF = jax.nn.gelu(a_BTF, approximate=True) * b_BTF
+        else:
+            h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # HF "gelu_new"
+        if self.collect_stats and self.fp8_stats:
             _sow_fp8(self, h_BTF)
         return dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
 
@@ -289,7 +308,8 @@ class GPT2(nnx.Module):
                              embedding_metadata=_axes("positions", "embed"), **emb)
         impls = _attention_implementations(cfg, policy)
         self.h = nnx.List([Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)])
-        self.ln_f = _layernorm(cfg, policy, rngs)
+        self.ln_f = _layernorm(cfg, policy, rngs) if cfg.ln_final else None  # model.ln_final
+        self.ln_embed = _layernorm(cfg, policy, rngs) if cfg.ln_embed else None  # model.ln_embed (Cramming)
 
     def __call__(
         self,
@@ -329,6 +349,8 @@ class GPT2(nnx.Module):
         wte_VD = constrain(self.wte.embedding[...], "vocab_table")
         with jax.named_scope("embed"):
             x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
+            if self.ln_embed is not None:
+                x_BTD = self.ln_embed(x_BTD)
             x_BTD = dropout(constrain(x_BTD, "residual"), cfg.embd_pdrop, keys[-1])
         if self.collect_residuals:
             self.sow(Residual, "residual", x_BTD)
@@ -337,7 +359,7 @@ class GPT2(nnx.Module):
         for i, block in enumerate(self.h):
             x_BTD, layer_cache = block_fn(block, x_BTD, keys[i], None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        return self.ln_f(x_BTD), wte_VD, None if cache is None else tuple(new_cache)
+        return x_BTD if self.ln_f is None else self.ln_f(x_BTD), wte_VD, None if cache is None else tuple(new_cache)
 
     def _block_fn(self, cache):
         """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
@@ -437,11 +459,12 @@ def _axes(*names: str) -> dict:
     return {"out_sharding": names, "eager_sharding": False}
 
 
-def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes):
+def _linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes, use_bias=True):
     """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape. Its
-    matmul is the policy's ``dot_general`` (float8 operands in the fp8 regime, else lax's)."""
+    matmul is the policy's ``dot_general`` (float8 operands in the fp8 regime, else lax's).
+    `use_bias=False` (model.use_bias): no bias parameter at all."""
     return nnx.LinearGeneral(
-        d_in, d_out, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
+        d_in, d_out, use_bias=use_bias, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
         precision=policy.matmul_precision, dot_general=policy.dot_general, rngs=rngs,
         kernel_metadata=_axes(*kernel_axes), bias_metadata=_axes(*bias_axes),
@@ -566,9 +589,9 @@ def param_axes(name: str) -> tuple[str, ...]:
 @functools.cache
 def _declared_axes() -> dict[str, tuple[str, ...]]:
     """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
-    layer and every size (read off a small abstract model with every optional parameter: qk_norm on)."""
+    layer and every size (read off a small abstract model with every optional parameter present)."""
     probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference",
-                       qk_norm=True)
+                       qk_norm=True, ln_embed=True)
     _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]

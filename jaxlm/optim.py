@@ -48,3 +48,25 @@ def make(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, opt
     parts.append(optax.adamw(sched, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
                              weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
     return optax.chain(*parts), sched
+
+
+# --- under a budget (train.budget): the learning rate is set by the train step -----------------
+
+def make_budgeted(optim_cfg) -> optax.GradientTransformation:
+    """The same chain with AdamW wrapped in ``optax.inject_hyperparams``: its learning rate is a value
+    in the optimizer state, which the train step sets from ``budget.lr_factor(step, f)`` before each
+    update (``set_lr``), so it is checkpointed with the state and a new f never recompiles."""
+    parts = []
+    if optim_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    parts.append(adamw(learning_rate=float(optim_cfg.lr), b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+                       eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def set_lr(opt_state, lr):
+    """`opt_state` of ``make_budgeted``'s chain with AdamW's learning rate set to `lr`."""
+    *head, adamw = opt_state
+    hp = dict(adamw.hyperparams, learning_rate=jax.numpy.asarray(lr, adamw.hyperparams["learning_rate"].dtype))
+    return (*head, adamw._replace(hyperparams=hp))

@@ -13,15 +13,17 @@ count wrote it (eval, generate and export use it).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jaxlm import budget as budget_lib
 from jaxlm import checkpoint, data, files, paths, sharding, telemetry, train
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, DataError
+from jaxlm.errors import CheckpointError, ConfigError, DataError
 
 
 def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.LoopResult:
@@ -75,42 +77,65 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         loader = data.train_loader(cache, cfg)
         epoch_len = len(loader.rows)
 
+        replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
+        meter = budget_lib.Meter(trainer.budget) if trainer.budget is not None and replay is None else None
+
         def data_state(step):
-            return {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
+            d = {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
+            return d if meter is None else {**d, "budget": meter.state()}  # the budget spent, for resume
 
         if restored is not None:
             state, saved_data, _, start = restored
             if int(saved_data["next_index"]) != start:
                 raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
-            say(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+            if meter is not None:
+                meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}))
+            say(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
+                + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else ""))
         else:
             state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
             start = 0
-            ckpt.save(0, state, data_state(0))
+            if meter is None:  # (under a budget, after the check that the warmup fits, below)
+                ckpt.save(0, state, data_state(0))
         signals.check()
         loader.set_state(data_state(start))  # batch k is the one step k consumes
         batches = data.device_prefetch(loader, trainer.batch_sharding)
         eval_fn = _validation_batches(cache, cfg, trainer, say)
 
-        tele = telemetry.Telemetry(workdir, cfg, total_steps=cfg.train.steps, start_step=start, run_metadata=meta)
+        total = cfg.train.steps if replay is None else len(replay)
+        tele = telemetry.Telemetry(workdir, cfg, total_steps=total, start_step=start, run_metadata=meta)
         ckpt.before_save = lambda: tele.sync(force=True)
-        result = train.LoopResult(state, start)
-        if start < cfg.train.steps:
+        result = train.LoopResult(state, start, budget_spent=meter is not None and meter.done)
+        if start < total and not result.budget_spent:
             t0 = time.perf_counter()
             first = next(batches)
-            trainer.train_step.lower(state, first).compile()
+            knobs = trainer.knobs(0.0 if replay is None else replay[start])
+            trainer.train_step.lower(state, first, *knobs).compile()
             tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
+            if meter is not None:
+                if start < cfg.optim.warmup_steps:
+                    _check_warmup_fits(trainer, state, first, meter, say)
+                if restored is None:
+                    ckpt.save(0, state, data_state(0))
             batches = _chain([first], batches)
             signals.training()  # from here a signal saves the current step and stops
             result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,
-                                on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)))
+                                on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)),
+                                meter=meter, replay=replay)
+            if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
+                ckpt.save(result.step, result.state, data_state(result.step))
+                ckpt.manager.wait_until_finished()
         result.preempted = signals.received is not None
-        if is_main and not result.preempted and (result.stopped or result.step >= cfg.train.steps):
-            files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped})
+        finished = result.stopped or result.step >= total or result.budget_spent
+        if is_main and not result.preempted and finished:
+            files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped,
+                                                            **({"budget": meter.state()} if meter else {})})
         if result.stopped:
             tele.message(f"stopped: {result.stopped}")
         else:
-            tele.message(f"done: step {result.step} of {cfg.train.steps}; run directory {workdir}")
+            tele.message(f"done: step {result.step} of {total}; run directory {workdir}" if meter is None else
+                         f"done: budget {trainer.budget.describe(meter.spent)} spent at step {result.step}; "
+                         f"run directory {workdir}")
     finally:
         if tele is not None:
             tele.close()
@@ -136,6 +161,56 @@ def tokenizer_spec(meta: dict) -> str:
     local = paths.mirror(root) / "tokens" / key
     paths.pull(url, local)
     return spec.replace(meta["data"]["cache"], str(local), 1)
+
+
+def replay_fractions(run_dir) -> list[float]:
+    """Every step's budget fraction of a finished budgeted run (its metrics.jsonl), for train.budget_replay."""
+    path = paths.path(run_dir) / "metrics.jsonl"
+    if not (paths.path(run_dir) / "done.json").exists() or not path.exists():
+        raise ConfigError(f"train.budget_replay={str(run_dir)!r}: not a finished run (no done.json and "
+                          "metrics.jsonl); replay a budgeted run that has finished")
+    fractions: list[float] = []
+    for r in telemetry.read_metrics(path)[0]:
+        fs = r.get(telemetry.STEP_FRACTIONS)
+        if fs is None:
+            continue
+        if r[telemetry.STEP] != len(fractions) + len(fs):
+            raise ConfigError(f"train.budget_replay: {path} has a gap before step {r[telemetry.STEP]}; it cannot be "
+                              "replayed step by step")
+        fractions.extend(float(x) for x in fs)
+    if not fractions:
+        raise ConfigError(f"train.budget_replay: {path} logs no per-step budget fractions; was it a budgeted run "
+                          "(train.budget)?")
+    done = json.loads((paths.path(run_dir) / "done.json").read_text())
+    if int(done.get("step", -1)) != len(fractions):
+        raise ConfigError(f"train.budget_replay: {path} logs {len(fractions)} steps, done.json says {done.get('step')}")
+    return fractions
+
+
+def _check_warmup_fits(trainer, state, batch, meter, say) -> None:
+    """Under a budget, optim.warmup_steps must fit in it at the measured step rate: one ConfigError before
+    training if they do not. Times a step of the first (smallest, under train.batch_ramp) kind on a copy."""
+    warm = int(trainer.cfg.optim.warmup_steps)
+    knobs = trainer.knobs(0.0)
+    if meter.budget.kind == "flops":
+        per_step = int(knobs[0]["micro_batches"]) * trainer.micro * trainer.seq_len * trainer.flops_per_token
+        need, unit = warm * per_step, "FLOPs"
+    else:
+        scratch = jax.tree.map(jnp.copy, state)
+        scratch, m = trainer.train_step(scratch, batch, *knobs)  # (compiled already; warms the caches)
+        jax.block_until_ready(m)
+        t = time.perf_counter()
+        scratch, m = trainer.train_step(scratch, batch, *knobs)
+        jax.block_until_ready(m)
+        per_step, unit = time.perf_counter() - t, "s"
+        del scratch
+        need = warm * per_step
+    if need >= meter.budget.total - meter.spent:
+        raise ConfigError(
+            f"train.budget={trainer.cfg.train.budget!r} is shorter than the warmup: optim.warmup_steps={warm} "
+            f"at the measured {per_step:.3g} {unit}/step need {need:.3g} {unit} of the "
+            f"{meter.budget.total - meter.spent:.3g} left; raise the budget or lower optim.warmup_steps")
+    say(f"budget: {meter.budget.describe(meter.spent)} spent; the warmup takes about {need / meter.budget.total:.1%}")
 
 
 def _describe(trainer: train.Trainer, mesh) -> str:

@@ -55,6 +55,13 @@ LOGIT_MEAN = "output/logit_mean"  # mean output logit over the vocabulary (at st
 LOG_Z = "output/log_z"  # mean log-partition function log Z of the output softmax (what z-loss pulls to 0)
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
+# under a budget (train.budget)
+BUDGET_FRACTION = "budget/fraction"  # the budget fraction f the last step trained with
+STEP_FRACTIONS = "budget/step_fractions"  # every step's f since the last record (float32 values; replayable)
+STEP_LRS = "train/step_lrs"  # every step's learning rate since the last record
+MICRO_BATCHES = "budget/micro_batches"  # micro-batches the last step trained on (train.batch_ramp)
+BUDGET_SPENT = "budget/spent"  # seconds (wall-clock budget) or FLOPs charged so far
+TRAIN_TIME = "budget/train_time_s"  # seconds of training steps so far (compile, eval, saves not counted)
 
 TRAIN_METRICS = (LOSS, STEP_LOSSES, PERPLEXITY, LR, GRAD_NORM, GRAD_NORM_CLIPPED, PARAM_NORM, UPDATE_NORM,
                  LOSS_SCALE, SKIPPED, NONFINITE, STEP_TIME, TOKENS_PER_S, MFU, DEVICE_MEMORY)

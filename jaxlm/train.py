@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jaxlm import attention as attn_lib
+from jaxlm import budget as budget_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, precision, sharding, telemetry
@@ -44,7 +45,12 @@ class Trainer:
         self.model_cfg = config_lib.model_config(cfg, vocab_size)
         self.policy = config_lib.policy(cfg)
         self.ls_cfg = precision.loss_scale_config(cfg, self.policy)
-        self.tx, self.schedule = optim.make(cfg.optim, cfg.train.steps)
+        # Under a budget AdamW's learning rate is set by each step from (step, f); see _train_step.
+        self.budget = budget_lib.parse(cfg.train.budget)
+        if self.budget is None:
+            self.tx, self.schedule = optim.make(cfg.optim, cfg.train.steps)
+        else:
+            self.tx, self.schedule = optim.make_budgeted(cfg.optim), None
         self.graphdef, abstract_params = model_lib.abstract(self.model_cfg, self.policy)
         self.n_params = model_lib.count_params(abstract_params, self.model_cfg)  # the padding rows not counted
         self.seq_len = cfg.train.seq_len
@@ -67,12 +73,23 @@ class Trainer:
         self.state_sharding = sharding.state_shardings(self.abstract_state, mesh)
         repl = sharding.replicated(mesh)
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+        knobs = () if self.budget is None else (repl,)  # the budget knobs (see knobs())
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding, *knobs),
                                   out_shardings=(self.state_sharding, repl), donate_argnums=0)
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding.params, self.batch_sharding),
                                  out_shardings=repl)
         self.stats_step = jax.jit(self._stats_step, in_shardings=(self.state_sharding.params, self.batch_sharding),
                                   out_shardings=repl)
+
+    def knobs(self, f: float | None) -> tuple:
+        """The train step's arguments after (state, batch): none without a budget; under one, the budget
+        fraction f and the micro-batches to train on (train.batch_ramp), as traced scalars, so a new f
+        never recompiles."""
+        if self.budget is None:
+            return ()
+        n = self.batch_size // self.micro
+        k = budget_lib.active_micro_batches(f, n, float(self.cfg.train.batch_ramp))
+        return ({"fraction": np.asarray(f, precision.FP32), "micro_batches": np.asarray(k, np.int32)},)
 
     @property
     def flops_per_token(self) -> float:
@@ -106,8 +123,9 @@ class Trainer:
         micro-batch), so a resumed run draws the same masks. The model splits it per layer."""
         return jax.random.fold_in(jax.random.fold_in(rng, step), micro_batch)
 
-    def _grads(self, params, batch, rng, step, scale):
-        """Mean loss and mean (scaled) gradients over the micro-batches of `batch`."""
+    def _grads(self, params, batch, rng, step, scale, active=None):
+        """Mean loss and mean (scaled) gradients over the micro-batches of `batch`; with `active` (a traced
+        int, train.batch_ramp) over its first `active` micro-batches only, the others not computed."""
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         n = self.batch_size // self.micro
         if n == 1:
@@ -124,17 +142,33 @@ class Trainer:
             return (jax.tree.map(jnp.add, g_acc, g), loss_acc + loss_i), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.FP32)), (micro, jnp.arange(n)))
-        return loss / n, jax.tree.map(lambda g: g / n, grads)
+        count = n
+        if active is not None:  # the batch ramp: micro-batches past `active` are skipped (lax.cond), not computed
+            full_body = body
 
-    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+            def body(carry, xs):
+                return jax.lax.cond(xs[1] < active, full_body, lambda c, _: (c, None), carry, xs)
+
+            count = active.astype(precision.FP32)
+        (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), precision.FP32)), (micro, jnp.arange(n)))
+        return loss / count, jax.tree.map(lambda g: g / count, grads)
+
+    def _train_step(self, state: TrainState, batch, knobs: dict | None = None) -> tuple[TrainState, dict]:
+        """One update; `knobs` (under a budget, see knobs()) carries the budget fraction and the micro-batch count."""
         scale = state.loss_scale["scale"]
-        loss, grads = self._grads(state.params, batch, state.rng, state.step, scale)
+        active = None if knobs is None or self.batch_size == self.micro else knobs["micro_batches"]
+        loss, grads = self._grads(state.params, batch, state.rng, state.step, scale, active)
+        opt_state_in = state.opt_state
+        if knobs is None:
+            lr = self.schedule(state.step)
+        else:  # under a budget: the learning rate of (step, f), set in AdamW's injected hyperparameters
+            lr = float(self.cfg.optim.lr) * budget_lib.lr_factor(self.cfg.optim, state.step, knobs["fraction"])
+            opt_state_in = optim.set_lr(opt_state_in, lr)
         with jax.named_scope("optimizer"):  # unscaling, the finite check, clipping, AdamW, the skip
             grads = jax.tree.map(lambda g: (g / scale).astype(self.policy.grad_dtype), grads)
             finite = precision.all_finite(grads) & jnp.isfinite(loss)
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            updates, opt_state = self.tx.update(grads, opt_state_in, state.params)
             params = optax.apply_updates(state.params, updates)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             new = TrainState(
@@ -146,7 +180,7 @@ class Trainer:
         with jax.named_scope("metrics"):  # the norms
             metrics = {
                 telemetry.LOSS: loss,
-                telemetry.LR: self.schedule(state.step),
+                telemetry.LR: lr,
                 telemetry.GRAD_NORM: grad_norm,
                 telemetry.GRAD_NORM_CLIPPED: jnp.minimum(grad_norm, clip) if clip > 0 else grad_norm,
                 telemetry.PARAM_NORM: optax.tree.norm(new.params),
@@ -155,6 +189,9 @@ class Trainer:
                 telemetry.SKIPPED: new.loss_scale["skipped"],
                 "finite": finite,
             }
+            if knobs is not None:
+                metrics[telemetry.BUDGET_FRACTION] = knobs["fraction"]
+                metrics[telemetry.MICRO_BATCHES] = knobs["micro_batches"]
         return new, metrics
 
     def _eval_step(self, params, batch):
@@ -172,6 +209,7 @@ class LoopResult:
     step: int
     stopped: str | None = None  # why the loop stopped early, if it did
     preempted: bool = False  # stopped by SIGTERM/SIGINT after saving: exit 0, resume later
+    budget_spent: bool = False  # stopped because the budget (or the replayed run's steps) ran out
 
 
 def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:
@@ -207,26 +245,50 @@ def loop(
     *,
     eval_batches: Callable[[], Any] | None = None,
     on_step: Callable[[int, TrainState], str | None] | None = None,
+    meter: budget_lib.Meter | None = None,
+    replay: list[float] | None = None,
 ) -> LoopResult:
     """Runs steps from state.step to train.steps. `on_step(step, state)` (checkpointing, preemption)
-    may return a reason to stop. Host syncs happen only at log/eval/stats steps."""
+    may return a reason to stop. Host syncs happen only at log/eval/stats steps.
+
+    Under a budget (`meter`, train.budget): each step trains with the budget fraction reached before
+    it, and the loop stops when the budget is spent (train.steps is then only a cap); under a wall
+    clock it waits for every step to finish, so the clock charges the steps and nothing else.
+    `replay` (train.budget_replay): every step's f, taken from a finished budgeted run; the loop runs
+    exactly those steps."""
     cfg = trainer.cfg
     step = int(jax.device_get(state.step))
-    total = cfg.train.steps
+    total = cfg.train.steps if replay is None else len(replay)
     log_every, stats_every, eval_every = cfg.log.every, cfg.log.stats_every, cfg.train.eval_every
     tokens_per_step = trainer.batch_size * trainer.seq_len
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, cfg.log.peak_tflops)
     window: list[dict] = []
     t_window = time.perf_counter()  # start of the current log window (excludes logging and eval)
-    while step < total:
+    while step < total and not (meter is not None and meter.done):
+        # --- budget: f of this step, and the clock around the fetch and the step only -------------
+        f = replay[step] if replay is not None else meter.fraction if meter is not None else None
+        waits = meter is not None and meter.waits
+        t0 = meter.clock() if meter is not None else 0.0
         batch = next(batches)
+        t_fetch = (meter.clock() - t0) if meter is not None else 0.0
         stats_now = stats_every and (step + 1) % stats_every == 0
         stats = trainer.stats_step(state.params, batch) if stats_now else None  # before the update
-        state, metrics = trainer.train_step(state, batch)
+        if stats is not None and waits:
+            jax.block_until_ready(stats)
+        t1 = meter.clock() if meter is not None else 0.0
+        knobs = trainer.knobs(f)
+        state, metrics = trainer.train_step(state, batch, *knobs)
+        if meter is not None:
+            if waits:
+                jax.block_until_ready(metrics[telemetry.LOSS])
+            tokens = int(knobs[0]["micro_batches"]) * trainer.micro * trainer.seq_len
+            meter.charge(t_fetch + meter.clock() - t1, tokens * trainer.flops_per_token)
         step += 1
+        final = step == total or (meter is not None and meter.done)
+        # -------------------------------------------------------------------------------------------
         window.append(metrics)
         record: dict[str, Any] = {}
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or final:
             host = jax.device_get(window)
             elapsed = time.perf_counter() - t_window
             losses = [float(m[telemetry.LOSS]) for m in host]
@@ -237,15 +299,22 @@ def loop(
             record[telemetry.PERPLEXITY] = telemetry.perplexity(record[telemetry.LOSS])
             record[telemetry.NONFINITE] = int(sum(not m["finite"] for m in host))
             record[telemetry.STEP_TIME] = elapsed / len(window)
-            tps = tokens_per_step * len(window) / elapsed
+            n_micro = trainer.batch_size // trainer.micro  # (fewer under train.batch_ramp)
+            tps = sum(tokens_per_step * int(m.get(telemetry.MICRO_BATCHES, n_micro)) // n_micro for m in host) / elapsed
             record[telemetry.TOKENS_PER_S] = tps
             record[telemetry.MFU] = telemetry.mfu(tps, trainer.flops_per_token, jax.device_count(), peak)
             record[telemetry.DEVICE_MEMORY] = telemetry.device_memory_gib()
+            if telemetry.BUDGET_FRACTION in last:  # under a budget: every step's f and lr, as float32 values
+                record[telemetry.STEP_FRACTIONS] = [float(m[telemetry.BUDGET_FRACTION]) for m in host]
+                record[telemetry.STEP_LRS] = [float(m[telemetry.LR]) for m in host]
+            if meter is not None:
+                record[telemetry.BUDGET_SPENT] = meter.spent
+                record[telemetry.TRAIN_TIME] = meter.seconds
             window = []
         if stats is not None:
             s = jax.device_get(stats)
             record.update({telemetry.STATS_METRICS[k]: v for k, v in s.items()})
-        if eval_batches is not None and eval_every and (step % eval_every == 0 or step == total):
+        if eval_batches is not None and eval_every and (step % eval_every == 0 or final):
             record.update(validation_metrics(trainer, state.params, eval_batches()))
         if record:
             tele.log(step, record)
@@ -256,7 +325,8 @@ def loop(
             stop = on_step(step, state) or stop
         if stop:
             return LoopResult(state, step, stop)
-    return LoopResult(state, step, None)
+    ran_out = (replay is not None and step == total) or (meter is not None and meter.done)
+    return LoopResult(state, step, None, budget_spent=ran_out)
 
 
 def abstract_state(trainer: Trainer):

@@ -12,12 +12,13 @@ PACKAGE = ROOT / "jaxlm"
 # layout table describes the same order.
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
-    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling"],
+    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
+     "jaxlm.budget"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",
-     "configs.stress_fp16", "configs.stress_fp16_deep", "configs.gpt2_small", "configs.gpt2_medium",
+     "configs.stress_fp16", "configs.stress_fp16_deep", "configs.crammed", "configs.gpt2_small", "configs.gpt2_medium",
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",

@@ -12,6 +12,11 @@ The grid is the product of the regimes, every switch's values and the seeds. ``-
 is ``--switch layer_scaling=...`` (none | hf | megatron; off/on = none/hf). Several grids may share
 one OUT (a fractional design): finished cells are skipped, and the report covers all of OUT/cells.
 
+Studies by time: every cell gets the same wall-clock (or FLOP) budget, and the report adds
+validation loss vs training time, time to --target-loss and the final loss at the budget:
+
+    python -m jaxlm.ablate --config=configs/tiny.py --budget=15m --target-loss=3.5 --out=DIR
+
 Build a report from run directories, also from several machines:
 
     python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT
@@ -29,6 +34,8 @@ from jaxlm import config as config_lib
 from jaxlm.ablate import grid, report
 from jaxlm.errors import ConfigError
 
+BUDGET_STEP_CAP = 1_000_000  # train.steps of the cells under --budget without --steps
+
 
 def define_flags():
     cli.define_config("config", "Base config of every cell, e.g. configs/stress_fp16.py.")
@@ -42,6 +49,9 @@ def define_flags():
     flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
     flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
     flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
+    flags.DEFINE_string("budget", None, "train.budget of every cell ('15m', '2h', '1e18flops'); --steps is then a cap.")
+    flags.DEFINE_float("target_loss", None, "Report the training time to this validation loss.")
+    flags.DEFINE_alias("target-loss", "target_loss")
 
 
 def main(argv):
@@ -51,13 +61,15 @@ def main(argv):
         if len(args) < 2:
             raise ConfigError("usage: python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT")
         cli.require(out=F.out)
-        path = report.build(args[1:], F.out)
+        path = report.build(args[1:], F.out, target_loss=F.target_loss)
         print(f"wrote {path} and {path.with_suffix('.html')}")
         return
     if args:
         raise ConfigError(f"unexpected arguments {args}; did you mean 'report'?")
     cli.require(config=F.config, out=F.out)
     cfg = F.config
+    if F.budget:  # the same budget for every cell; train.steps only a cap
+        cfg = config_lib.with_overrides(cfg, {"train.budget": F.budget, "train.steps": F.steps or BUDGET_STEP_CAP})
     config_lib.validate(cfg)
     config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
     seeds = F.seeds or list(cfg.train.seeds)
@@ -72,7 +84,7 @@ def main(argv):
     for cell, s in status:
         print(f"{cell.name:<28} {s}")
     if len(status) == len(cells) and all(s != "interrupted" for _, s in status):
-        path = report.build([Path(F.out) / "cells"], Path(F.out) / "report")
+        path = report.build([Path(F.out) / "cells"], Path(F.out) / "report", target_loss=F.target_loss)
         print(f"report: {path}")
 
 

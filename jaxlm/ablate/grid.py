@@ -121,7 +121,7 @@ def is_done(workdir: Path, steps: int) -> bool:
     if not f.exists():
         return False
     d = json.loads(f.read_text())
-    return bool(d.get("stopped")) or d.get("step", 0) >= steps
+    return bool(d.get("stopped")) or "budget" in d or d.get("step", 0) >= steps  # (a budgeted run's budget spent)
 
 
 def outcome(workdir: Path) -> str:

@@ -40,6 +40,8 @@ class Run:
     model: dict = field(default_factory=dict)  # the run's model config section
     lr: float = 0.0
     show_lr: bool = False  # the label names the LR (set when the runs have several)
+    variant: str = ""  # the run directory's name less its seed, where it is not a grid cell's (e.g. 'crammed')
+    budget: str = "none"  # train.budget
 
     @property
     def group(self) -> tuple[str, str]:
@@ -58,7 +60,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return self.config_label + (f" lr={self.lr:g}" if self.show_lr else "")
+        return (self.config_label + (f" {self.variant}" if self.variant else "")
+                + (f" lr={self.lr:g}" if self.show_lr else ""))
 
     @property
     def init_loss(self) -> float:
@@ -128,7 +131,8 @@ def find_runs(dirs) -> list[Run]:
             runs.append(Run(run_dir, meta["environment"]["device_kind"], meta["precision"]["name"],
                              bool(model["scale_attn_by_inverse_layer_idx"]),
                              int(meta["config"]["train"]["seed"]), records, done, model,
-                             float(meta["config"]["optim"]["lr"])))
+                             float(meta["config"]["optim"]["lr"]), variant=_variant(run_dir),
+                             budget=str(meta["config"]["train"].get("budget", "none"))))
     if len({r.lr for r in runs}) > 1:
         for r in runs:
             r.show_lr = True
@@ -161,6 +165,15 @@ def lr_points(runs) -> dict:
             continue
         out[(r.device, r.config_label)][r.lr].append((r.final_loss, r.init_loss))
     return out
+
+
+def _variant(run_dir: Path) -> str:
+    """'crammed' of a run directory 'crammed-s21' outside a grid; '' for a grid cell (OUT/cells/NAME, whose
+    switches the label names already) or a name without a seed suffix."""
+    base, sep, seed = run_dir.name.rpartition("-s")
+    if run_dir.parent.name == "cells" or not sep or not seed.isdigit():
+        return ""
+    return base
 
 
 # --- document blocks rendered to both Markdown and HTML ----------------------------------------
@@ -473,7 +486,7 @@ def _plots(by_group, out: Path) -> None:
     plot_final_layers(by_group, T.RESID_RMS, out / "resid_rms_final.png", "RMS", "Per-layer activation RMS, last sample")
 
 
-def build(dirs, out) -> Path:
+def build(dirs, out, target_loss: float | None = None) -> Path:
     """Writes OUT/report.md, OUT/report.html and the plots for the runs found under `dirs`."""
     missing = [str(d) for d in dirs if not Path(d).is_dir()]
     if missing:
@@ -536,6 +549,9 @@ def build(dirs, out) -> Path:
         rows.append([device, label, _fmt(tps, 0), _fmt([100 * x for x in mfu], 1) + (" %" if mfu else "")])
     doc.table(["accelerator", "regime", "tokens/s (median)", "MFU"], rows)
 
+    if any(r.budget != "none" for r in runs):
+        _budget_sections(doc, by_group, out, target_loss)
+
     doc.h("Plots")
     captions = {
         "loss.png": "Training loss vs step per regime; seeds as a band.",
@@ -554,3 +570,78 @@ def build(dirs, out) -> Path:
     files.atomic_write(out / "report.md", doc.markdown())
     files.atomic_write(out / "report.html", doc.html("jaxlm precision ablation"))
     return out / "report.md"
+
+
+# --- studies by time (train.budget) ----------------------------------------------------------------
+
+def _eval_by_time(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(training seconds, validation loss) at each periodic evaluation: the seconds of training steps
+    before it (budget/train_time_s; compilation, evaluation and saves not counted)."""
+    pts = [(_num(r[T.TRAIN_TIME]), _num(r[T.EVAL_LOSS])) for r in run.records if T.EVAL_LOSS in r and T.TRAIN_TIME in r]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    t, v = zip(*pts)
+    return np.asarray(t), np.asarray(v)
+
+
+def time_to_loss(run: Run, target: float) -> float | None:
+    """The training seconds at the first evaluation whose validation loss is at or below `target`."""
+    for t, v in zip(*_eval_by_time(run)):
+        if v <= target:
+            return float(t)
+    return None
+
+
+def plot_loss_over_time(by_group, path: Path, target_loss: float | None = None) -> None:
+    """Validation loss vs training seconds, one panel per accelerator (times of different machines are
+    never drawn on one axis); one thin line per seed, each recipe/regime its colour."""
+    plt = _plt()
+    devices = sorted({g[0] for g in by_group})
+    fig, axes = plt.subplots(1, len(devices), figsize=(7 * len(devices), 4.5), squeeze=False)
+    colors = _color_map(by_group)
+    for ax, device in zip(axes[0], devices):
+        for g, runs in by_group.items():
+            if g[0] != device:
+                continue
+            for i, r in enumerate(runs):
+                t, v = _eval_by_time(r)
+                ax.plot(t / 60, v, color=colors[g], lw=1.2, marker=".", ms=3,
+                        label=f"{g[1]} ({len(runs)} seeds)" if i == 0 else None)
+        if target_loss is not None:
+            ax.axhline(target_loss, color="k", ls=":", lw=1)
+        ax.set(xlabel="training time (minutes; compile, eval, saves not counted)", ylabel="validation loss",
+               title=device)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _budget_sections(doc: Doc, by_group, out: Path, target_loss: float | None) -> None:
+    """Final validation loss at the budget, time to a target loss, and the loss-vs-time panel; rows
+    ranked within each accelerator only (seconds on different machines are not comparable)."""
+    doc.h("At equal time: final validation loss at the budget (mean ± std over seeds)")
+    rows = []
+    for (device, label), rs in by_group.items():
+        finals = [r.last(T.EVAL_LOSS) for r in rs]
+        steps = [r.records[-1][T.STEP] if r.records else 0 for r in rs]
+        mean = float(np.mean([x for x in finals if x is not None])) if any(x is not None for x in finals) else math.inf
+        rows.append((device, mean, [device, label, sorted({r.budget for r in rs}), len(rs),
+                                    _fmt([float(x) for x in steps], 0), _fmt(finals)]))
+    ranked = []
+    for device in sorted({d for d, _, _ in rows}):
+        mine = sorted(((m, row) for d, m, row in rows if d == device), key=lambda x: x[0])
+        ranked += [row[:2] + [i + 1] + [", ".join(row[2])] + row[3:] for i, (_, row) in enumerate(mine)]
+    doc.table(["accelerator", "recipe/regime", "rank (this accelerator)", "budget", "seeds", "steps", "val loss"],
+              ranked)
+    if target_loss is not None:
+        doc.h(f"Time to validation loss {target_loss:g} (training minutes, mean ± std over seeds that reach it)")
+        rows = []
+        for (device, label), rs in by_group.items():
+            times = [time_to_loss(r, target_loss) for r in rs]
+            reached = [t / 60 for t in times if t is not None]
+            rows.append([device, label, f"{len(reached)}/{len(rs)}", _fmt(reached, 2)])
+        doc.table(["accelerator", "recipe/regime", "seeds reaching it", "minutes"], rows)
+    plot_loss_over_time(by_group, out / "loss_vs_time.png", target_loss)
+    doc.img("loss_vs_time.png", "Validation loss vs training time, one panel per accelerator, one line per seed.")

@@ -1,0 +1,305 @@
+"""Budgeted training (train.budget): the schedule by budget fraction, no recompilation, the stop at the
+budget, resume after kill -9, bit-identical replay, the batch ramp, and clear errors for bad budgets."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import budget, config, sharding, telemetry, train
+from jaxlm import run as run_lib
+from jaxlm.errors import ConfigError
+
+from conftest import ROOT, write_word_corpus
+
+
+def _tiny(**over):
+    o = {"train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32, "optim.warmup_steps": 0,
+         "log.wandb_mode": "disabled", "log.stats_every": 0, "train.eval_every": 0, "train.budget": "1m"}
+    o.update(over)
+    return config.load(ROOT / "configs" / "tiny.py", o)
+
+
+def _trainer(cfg):
+    return train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), vocab_size=cfg.data.vocab_size)
+
+
+def _batches(cfg, trainer):
+    rng = np.random.RandomState(0)
+    while True:
+        b = rng.randint(0, cfg.data.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1)).astype(np.int32)
+        yield jax.device_put(b, trainer.batch_sharding)
+
+
+# --- parsing and errors -------------------------------------------------------------------------
+
+def test_budgets_parse_and_bad_ones_are_one_clear_error():
+    assert budget.parse("none") is None
+    assert budget.parse("15m") == budget.Budget("time", 900.0)
+    assert budget.parse("2h") == budget.Budget("time", 7200.0)
+    assert budget.parse("90s") == budget.Budget("time", 90.0)
+    assert budget.parse("1e18flops") == budget.Budget("flops", 1e18)
+    for bad, why in (("-1h", "must be positive"), ("2 parsecs", "not a budget"), ("0s", "must be positive")):
+        with pytest.raises(ConfigError, match=why) as e:
+            _tiny(**{"train.budget": bad})
+        assert "train.budget" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_budget_only_keys_need_a_budget():
+    with pytest.raises(ConfigError, match="optim.schedule='triangle' reads the budget fraction"):
+        _tiny(**{"train.budget": "none", "optim.schedule": "triangle"})
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        _tiny(**{"train.batch_ramp": 0.6})
+
+
+def test_cli_refuses_a_bad_budget_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                          "--config.train.budget=2 parsecs"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode != 0
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error: train.budget='2 parsecs': not a budget"), out.stderr[-1000:]
+    assert not (tmp_path / "w").exists()
+
+
+# --- the schedule by budget fraction --------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", budget.BUDGET_SCHEDULES)
+@pytest.mark.parametrize("seconds_per_step", [0.013, 0.25, 3.7])
+def test_schedule_reaches_its_floor_exactly_at_f_1_whatever_the_step_rate(schedule, seconds_per_step):
+    o = config.load(ROOT / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": schedule,
+                                                     "optim.final_lr_ratio": 0.1, "optim.warmup_steps": 3}).optim
+    clock = itertools.count(0.0, seconds_per_step)  # each step costs seconds_per_step
+    meter = budget.Meter(budget.parse("1m"), clock=lambda: next(clock))
+    fs, step = [], 0
+    while not meter.done:
+        fs.append(meter.fraction)
+        t = meter.clock()
+        meter.charge(meter.clock() - t, 0.0)
+        step += 1
+    assert abs(step - 60 / seconds_per_step) <= 1  # as many steps as fit, whatever the rate
+    assert all(0 <= a < b < 1 for a, b in zip(fs, fs[1:]))  # each step trains with the f reached before it
+    end = 1.0 if schedule == "constant" else 0.1
+    assert float(budget.lr_factor(o, step, 1.0)) == np.float32(end)  # exactly the floor at f = 1
+    lrs = np.asarray(budget.lr_factor(o, np.arange(len(fs)), np.asarray(fs)))  # vectorised over the steps
+    assert lrs.max() <= 1.0 and lrs[-1] >= np.float32(end)
+    assert lrs[-1] - end <= 4.5 * (1 - fs[-1]) + 1e-6  # the last step is within one step's slope of the floor
+
+
+def test_triangle_and_wsd_shapes():
+    o = config.load(ROOT / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": "triangle",
+                                                     "optim.warmup_steps": 0, "optim.budget_peak": 0.25}).optim
+    lr = lambda f: float(budget.lr_factor(o, 100, f))  # noqa: E731
+    assert lr(0.0) == 0.0 and lr(0.125) == pytest.approx(0.5) and lr(0.25) == pytest.approx(1.0)
+    assert lr(0.625) == pytest.approx(0.5) and lr(1.0) == 0.0
+    o.schedule, o.budget_decay = "wsd", 0.2
+    assert lr(0.0) == lr(0.79) == 1.0 and lr(0.9) == pytest.approx(0.5, abs=1e-6) and lr(1.0) == 0.0
+
+
+def test_a_new_budget_fraction_does_not_recompile():
+    cfg = _tiny(**{"optim.schedule": "triangle", "train.micro_batch_size": 2, "train.batch_ramp": 0.6})
+    tr = _trainer(cfg)
+    state, batches = tr.init(jnp.asarray(0, jnp.uint32)), _batches(cfg, tr)
+    lrs = []
+    for f in (0.0, 0.1, 0.33, 0.7, 0.95):  # every f and every number of micro-batches (1 to 4)
+        state, m = tr.train_step(state, next(batches), *tr.knobs(f))
+        lrs.append(float(m[telemetry.LR]))
+    assert tr.train_step._cache_size() == 1
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(cfg.optim.lr * 0.6, rel=1e-5)
+    assert [int(tr.knobs(f)[0]["micro_batches"]) for f in (0.0, 0.1, 0.2, 0.33, 0.6, 0.9)] == [1, 1, 2, 3, 4, 4]
+
+
+def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
+    """k active micro-batches of a full batch give the loss and update of a step on just those rows."""
+    cfg = _tiny(**{"optim.schedule": "constant", "train.micro_batch_size": 2, "train.batch_ramp": 0.5,
+                   "optim.eps": 1e-3})
+    small = _tiny(**{"optim.schedule": "constant", "train.batch_size": 2, "optim.eps": 1e-3})
+    tr, tr_small = _trainer(cfg), _trainer(small)
+    batch = np.asarray(next(_batches(cfg, tr)))
+    s, m = tr.train_step(tr.init(jnp.asarray(0, jnp.uint32)), jnp.asarray(batch), *tr.knobs(0.0))  # 1 of 4
+    s2, m2 = tr_small.train_step(tr_small.init(jnp.asarray(0, jnp.uint32)), jnp.asarray(batch[::4]),
+                                 *tr_small.knobs(0.0))
+    assert float(m[telemetry.LOSS]) == pytest.approx(float(m2[telemetry.LOSS]), rel=1e-6)
+    a, b = jax.tree.leaves(jax.device_get(s.params)), jax.tree.leaves(jax.device_get(s2.params))
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-6
+
+
+def test_the_loop_stops_at_the_budget_on_a_fake_clock(tmp_path):
+    cfg = _tiny(**{"train.budget": "10s", "optim.schedule": "linear", "log.every": 4})
+    tr = _trainer(cfg)
+    ticks = itertools.count(0.0, 0.25)  # four clock readings per step: each step charges 0.5 s
+    meter = budget.Meter(tr.budget, clock=lambda: next(ticks))
+    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=cfg.train.steps)
+    res = train.loop(tr, tr.init(jnp.asarray(0, jnp.uint32)), _batches(cfg, tr), tele, meter=meter)
+    tele.close()
+    assert res.budget_spent and res.step == 20 and meter.spent == 10.0
+    recs = [r for r in telemetry.read_metrics(tmp_path / "metrics.jsonl")[0] if telemetry.STEP_FRACTIONS in r]
+    fs = [f for r in recs for f in r[telemetry.STEP_FRACTIONS]]
+    assert fs == [np.float32(i / 20) for i in range(20)]
+    lrs = [x for r in recs for x in r[telemetry.STEP_LRS]]
+    assert lrs[-1] == pytest.approx(cfg.optim.lr / 20, rel=1e-5)  # linear by f: one step's worth above 0
+
+
+# --- whole runs ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_word_corpus(tmp_path_factory.mktemp("budgetcorpus"), 30)
+
+
+def _run_over(corpus, cache, **over):
+    o = {"data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.cache_dir": str(cache),
+         "data.val_fraction": 0.2, "train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32,
+         "train.steps": 100_000, "optim.schedule": "triangle", "optim.warmup_steps": 0, "log.every": 5,
+         "log.stats_every": 0, "log.wandb_mode": "disabled", "train.eval_every": 50, "train.eval_batches": 2,
+         "checkpoint.stages": ((200, 100_000),), "checkpoint.latest_every_minutes": 0.0, "train.budget": "3s"}
+    o.update(over)
+    return o
+
+
+def _fractions(workdir):
+    recs = telemetry.read_metrics(workdir / "metrics.jsonl")[0]
+    return ([f for r in recs for f in r.get(telemetry.STEP_FRACTIONS, [])],
+            [x for r in recs for x in r.get(telemetry.STEP_LOSSES, [])], recs)
+
+
+@pytest.fixture(scope="module")
+def budgeted(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("budgetrun")
+    cfg = config.load(ROOT / "configs" / "tiny.py", _run_over(corpus, root / "cache"))
+    res = run_lib.run(cfg, root / "run", log=lambda s: None)
+    return root, res
+
+
+def test_a_budgeted_run_stops_at_the_budget_with_a_final_checkpoint_and_eval(budgeted):
+    root, res = budgeted
+    done = json.loads((root / "run" / "done.json").read_text())
+    assert res.budget_spent and done["step"] == res.step and done["budget"]["seconds"] >= 3.0
+    from jaxlm import checkpoint
+    assert checkpoint.saved_steps(root / "run")[-1] == res.step
+    fs, _, recs = _fractions(root / "run")
+    assert len(fs) == res.step and fs[0] == 0.0 and fs[-1] < 1.0 and fs == sorted(fs)
+    assert recs[-1]["step"] == res.step and telemetry.EVAL_LOSS in recs[-1]
+    assert recs[-1][telemetry.BUDGET_SPENT] >= 3.0
+
+
+def test_a_replay_is_bit_identical_to_the_logged_losses(budgeted, corpus):
+    root, res = budgeted
+    cfg = config.load(ROOT / "configs" / "tiny.py",
+                      _run_over(corpus, root / "cache", **{"train.budget_replay": str(root / "run")}))
+    again = run_lib.run(cfg, root / "replay", log=lambda s: None)
+    assert again.step == res.step
+    fs, losses, _ = _fractions(root / "run")
+    fs2, losses2, _ = _fractions(root / "replay")
+    assert fs2 == fs and losses2 == losses
+
+
+def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp_path):
+    cfg = config.load(ROOT / "configs" / "tiny.py", _run_over(
+        corpus, tmp_path / "cache", **{"optim.schedule": "linear", "optim.warmup_steps": 100_000}))
+    with pytest.raises(ConfigError, match=r"shorter than the warmup: optim.warmup_steps=100000 at the measured"):
+        run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
+    assert not [r for r in telemetry.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if telemetry.LOSS in r]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+from jaxlm import checkpoint, config, run
+real = checkpoint.Checkpointer.on_step
+def on_step(self, step, state, data_state):
+    out = real(self, step, state, data_state)
+    if step == 45:  # after the checkpoints at steps 20 and 40
+        self.manager.wait_until_finished()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+checkpoint.Checkpointer.on_step = on_step
+cfg = config.load(sys.argv[1], eval(sys.argv[2]))
+run.run(cfg, sys.argv[3], log=lambda s: None)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_ends_at_the_same_total_budget_with_f_continuing(corpus, tmp_path):
+    over = _run_over(corpus, tmp_path / "cache", **{"train.budget": "4s", "checkpoint.async_save": False,
+                                                             "checkpoint.stages": ((20, 100_000),)})
+    work = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(ROOT / "configs" / "tiny.py"), repr(over),
+                             str(work)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (work / "done.json").exists()
+    fs_before, _, _ = _fractions(work)
+    assert len(fs_before) == 45
+    from jaxlm import checkpoint
+    saved = checkpoint.Checkpointer(work, config.load(ROOT / "configs" / "tiny.py", over), read_only=True)
+    spent_at_40 = saved.manager.restore(40, args=checkpoint.ocp.args.Composite(
+        data=checkpoint.ocp.args.JsonRestore()))["data"]["budget"]["seconds"]
+    saved.close()
+    res = run_lib.run(config.load(ROOT / "configs" / "tiny.py", over), work, log=lambda s: None)
+    assert res.budget_spent
+    done = json.loads((work / "done.json").read_text())
+    assert 4.0 <= done["budget"]["seconds"] < 4.0 + 1.0  # the same total budget (plus at most one step)
+    fs, _, _ = _fractions(work)
+    assert len(fs) == res.step and fs[:40] == fs_before[:40]  # the history up to the checkpoint is kept
+    assert fs[40] == np.float32(spent_at_40 / 4.0)  # and f continues from the saved budget
+    assert fs == sorted(fs) and fs[-1] < 1.0
+
+
+# --- studies by time: jaxlm.ablate --budget and the report's time panels ---------------------------
+
+def _fake_run(d, device, seed, evals, budget_="10m"):
+    """A run directory as jaxlm.main writes it, with periodic evaluations at (training seconds, val loss)."""
+    d.mkdir(parents=True)
+    meta = {"environment": {"device_kind": device}, "precision": {"name": "fp32"},
+            "config": {"model": {"scale_attn_by_inverse_layer_idx": False}, "train": {"seed": seed, "budget": budget_}}}
+    (d / "run.json").write_text(json.dumps(meta))
+    recs = [{"step": 100 * (i + 1), telemetry.LOSS: v, telemetry.EVAL_LOSS: v, telemetry.TRAIN_TIME: t}
+            for i, (t, v) in enumerate(evals)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "done.json").write_text(json.dumps({"step": 100 * len(evals), "stopped": None, "budget": {"seconds": 600}}))
+
+
+def test_report_by_time_ranks_within_each_accelerator_only(tmp_path):
+    from jaxlm.ablate import report
+    cells = tmp_path / "cells"
+    for seed, shift in ((21, 0.0), (49, 0.1)):
+        _fake_run(cells / f"crammed-s{seed}", "cpu", seed, [(60, 4.0 + shift), (300, 3.0 + shift), (600, 2.5 + shift)])
+        _fake_run(cells / f"mistral-s{seed}", "cpu", seed, [(60, 3.8 + shift), (300, 3.2 + shift), (600, 2.9 + shift)])
+    _fake_run(cells / "mistral-s81", "NVIDIA H100 80GB HBM3", 81, [(60, 2.0), (600, 1.0)], "20m")
+    md = report.build([cells], tmp_path / "report", target_loss=3.1).read_text()
+    assert (tmp_path / "report" / "loss_vs_time.png").read_bytes().startswith(b"\x89PNG")
+    rows = [line for line in md.splitlines() if line.startswith("| cpu |") or line.startswith("| NVIDIA")]
+    at_budget = [r for r in rows if "10m" in r or "20m" in r]
+    assert at_budget[0].startswith("| NVIDIA") and "| 1 | 20m |" in at_budget[0]  # ranked alone on its machine
+    assert "fp32 crammed | 1 | 10m | 2 | 300 ± 0 | 2.550 ± 0.050" in at_budget[1]
+    assert "fp32 mistral | 2 | 10m | 2 | 300 ± 0 | 2.950 ± 0.050" in at_budget[2]
+    to_target = [r for r in rows if r not in at_budget]
+    assert "fp32 crammed | 2/2 | 5.00 ± 0.00" in "".join(to_target)  # both seeds below 3.1 at 300 s
+    assert "fp32 mistral | 2/2 | 10.00 ± 0.00" in "".join(to_target)  # both only at 600 s
+    assert "NVIDIA H100 80GB HBM3 | fp32 mistral | 1/1 | 1.00" in "".join(to_target)
+    md = report.build([cells], tmp_path / "report2", target_loss=2.55).read_text()
+    assert "fp32 crammed | 1/2 | 10.00" in md  # seed 49 never gets there
+
+
+@pytest.mark.slow
+def test_ablate_budget_gives_every_cell_the_same_budget(corpus, tmp_path):
+    out = tmp_path / "grid"
+    over = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items() if k not in ("train.budget", "train.steps")}
+    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/tiny.py", "--regimes=fp32,bf16", "--layer-scaling=off",
+           "--seeds=21", "--budget=2s", "--target-loss=6", f"--out={out}"] + [f"--config.{k}={v}" for k, v in over.items()]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    for cell in ("fp32-lsoff-s21", "bf16-lsoff-s21"):
+        done = json.loads((out / "cells" / cell / "done.json").read_text())
+        assert 2.0 <= done["budget"]["seconds"] < 3.0
+    md = (out / "report" / "report.md").read_text()
+    assert "At equal time" in md and "Time to validation loss 6" in md and "loss_vs_time.png" in md
