@@ -131,7 +131,7 @@ def plan_regime(cfg, regime: str, batch_size: int) -> dict:
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), vocab)
     batch = jax.ShapeDtypeStruct((batch_size, cfg.train.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding)
     t = time.perf_counter()
-    compiled = trainer.train_step.lower(train.abstract_state(trainer), batch).compile()
+    compiled = trainer.train_step.lower(train.abstract_state(trainer), batch, *trainer.knobs(1.0)).compile()
     m = compiled.memory_analysis()
     return {"regime": regime, "params": trainer.n_params, "batch": batch_size, "seq_len": cfg.train.seq_len,
             "attention": trainer.attention, "remat": cfg.model.remat, "loss_chunk": cfg.model.loss_chunk,
