@@ -186,7 +186,8 @@ def test_tiny_quickstart_learns_and_logs_every_metric(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*records)
-    missing = set(telemetry.TRAIN_METRICS + telemetry.LAYER_METRICS + telemetry.EVAL_METRICS) - keys
+    missing = set(telemetry.TRAIN_METRICS + telemetry.LAYER_METRICS + telemetry.OUTPUT_METRICS
+                  + telemetry.EVAL_METRICS) - keys
     assert not missing, missing
     assert telemetry.COMPILE_TIME in keys
     run = json.loads((tmp_path / "run.json").read_text())
