@@ -259,7 +259,8 @@ def _fake_run(d, device, seed, evals, budget_="10m"):
     """A run directory as jaxlm.main writes it, with periodic evaluations at (training seconds, val loss)."""
     d.mkdir(parents=True)
     meta = {"environment": {"device_kind": device}, "precision": {"name": "fp32"},
-            "config": {"model": {"scale_attn_by_inverse_layer_idx": False}, "train": {"seed": seed, "budget": budget_}}}
+            "config": {"model": {"scale_attn_by_inverse_layer_idx": False}, "optim": {"lr": 1e-3},
+                       "train": {"seed": seed, "budget": budget_}}}
     (d / "run.json").write_text(json.dumps(meta))
     recs = [{"step": 100 * (i + 1), telemetry.LOSS: v, telemetry.EVAL_LOSS: v, telemetry.TRAIN_TIME: t}
             for i, (t, v) in enumerate(evals)]

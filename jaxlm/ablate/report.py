@@ -131,7 +131,7 @@ def find_runs(dirs) -> list[Run]:
             runs.append(Run(run_dir, meta["environment"]["device_kind"], meta["precision"]["name"],
                              bool(model["scale_attn_by_inverse_layer_idx"]),
                              int(meta["config"]["train"]["seed"]), records, done, model,
-                             float(meta["config"]["optim"]["lr"]), variant=_variant(run_dir),
+                             float(meta["config"]["optim"]["lr"]), variant=_variant(run_dir, meta["precision"]["name"]),
                              budget=str(meta["config"]["train"].get("budget", "none"))))
     if len({r.lr for r in runs}) > 1:
         for r in runs:
@@ -167,11 +167,11 @@ def lr_points(runs) -> dict:
     return out
 
 
-def _variant(run_dir: Path) -> str:
-    """'crammed' of a run directory 'crammed-s21' outside a grid; '' for a grid cell (OUT/cells/NAME, whose
-    switches the label names already) or a name without a seed suffix."""
+def _variant(run_dir: Path, regime: str) -> str:
+    """'crammed' of a run directory 'crammed-s21'; '' for a grid cell (named '<regime>-<switches>-s<seed>',
+    whose switches the label names already) or a name without a seed suffix."""
     base, sep, seed = run_dir.name.rpartition("-s")
-    if run_dir.parent.name == "cells" or not sep or not seed.isdigit():
+    if not sep or not seed.isdigit() or base == regime or base.startswith(regime + "-"):
         return ""
     return base
 
@@ -310,7 +310,8 @@ def plot_over_steps(by_group, key, path, ylabel, title, log_y=False, band=True, 
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -372,7 +373,8 @@ def plot_final_layers(by_group, key, path, ylabel, title):
     ax.set(xlabel="layer", ylabel=ylabel, title=title + " (missing: non-finite)", yscale="log",
            xticks=range(n_layers))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -612,7 +614,8 @@ def plot_loss_over_time(by_group, path: Path, target_loss: float | None = None) 
         ax.set(xlabel="training time (minutes; compile, eval, saves not counted)", ylabel="validation loss",
                title=device)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
