@@ -334,9 +334,12 @@ class GPT2(nnx.Module):
         """Per-token cross-entropy of `targets_BT` and log Z (the log-sum-exp of the logits), both
         float32 (B, T); the head runs ``cfg.loss_chunk`` positions at a time (see GPT2Config)."""
         x_BTD, wte_VD, _ = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key)
+        def head(x_BcD):  # named as the unchunked head is: jaxlm.profiling sums the parts by scope
+            with jax.named_scope("head"):
+                return self._head(x_BcD, wte_VD)
+
         with jax.named_scope("loss"):
-            return chunked_cross_entropy(functools.partial(self._head, wte_VD=wte_VD), x_BTD, targets_BT,
-                                         self.cfg.loss_chunk)
+            return chunked_cross_entropy(head, x_BTD, targets_BT, self.cfg.loss_chunk)
 
     def trunk(self, tokens_BT, *, positions_BT=None, dropout_key=None, cache=None):
         """Everything before the head: (ln_f's output (B, T, D), the token table as the head uses it,
