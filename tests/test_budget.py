@@ -116,6 +116,7 @@ def test_a_new_budget_fraction_does_not_recompile():
     assert [int(tr.knobs(f)[0]["micro_batches"]) for f in (0.0, 0.1, 0.2, 0.33, 0.6, 0.9)] == [1, 1, 2, 3, 4, 4]
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
     """k active micro-batches of a full batch give the loss and update of a step on just those rows."""
     cfg = _tiny(**{"optim.schedule": "constant", "train.micro_batch_size": 2, "train.batch_ramp": 0.5,
@@ -131,6 +132,7 @@ def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-6
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_the_loop_stops_at_the_budget_on_a_fake_clock(tmp_path):
     cfg = _tiny(**{"train.budget": "10s", "optim.schedule": "linear", "log.every": 4})
     tr = _trainer(cfg)
@@ -190,6 +192,7 @@ def test_a_budgeted_run_stops_at_the_budget_with_a_final_checkpoint_and_eval(bud
     assert recs[-1][telemetry.BUDGET_SPENT] >= 3.0
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_replay_is_bit_identical_to_the_logged_losses(budgeted, corpus):
     root, res = budgeted
     cfg = config.load(ROOT / "configs" / "tiny.py",
@@ -201,6 +204,7 @@ def test_a_replay_is_bit_identical_to_the_logged_losses(budgeted, corpus):
     assert fs2 == fs and losses2 == losses
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp_path):
     cfg = config.load(ROOT / "configs" / "tiny.py", _run_over(
         corpus, tmp_path / "cache", **{"optim.schedule": "linear", "optim.warmup_steps": 100_000}))

@@ -151,6 +151,7 @@ def test_wikitext_file_detokenizes_cleanly():
     assert len(text) < len(raw) and text.startswith("\n= Homarus gammarus =\n\nHomarus gammarus, known as")
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_byte_bpe_run_and_its_hf_export_evaluate_the_same(tmp_path):
     """eval --workdir on a run trained with GPT-2-style byte-level BPE and eval --hf on its export give the
     same loss on the same text: weights, tokenizer and windows all survive the round trip."""

@@ -76,6 +76,7 @@ def test_dropout_output_is_unbiased():
     assert np.abs(outs[0] - clean).max() > 1e-2  # dropout really happened
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_model_with_flash_is_the_reference_model_dropout_included():
     """attention_impl='flash' (interpreted here) and 'reference' give the same training loss and
     gradients with attention dropout on: one mask, two implementations."""
@@ -93,6 +94,7 @@ def test_a_model_with_flash_is_the_reference_model_dropout_included():
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-8, rtol=1e-4)
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_dropout_keys_are_a_pure_function_of_seed_step_and_micro_batch():
     """Same (train.seed, step): the same masks, so the same update bit for bit; another step or
     another seed: other masks. (Layers and micro-batches get keys split/folded from the step's.)"""

@@ -133,6 +133,7 @@ def test_remat_keeps_loss_and_gradients_and_saves_fewer_activations():
     assert results["full"][2] < results["dots"][2] < 0.5 * saved0
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_padded_token_table_is_the_same_model_and_its_padding_stays_zero():
     """vocab_multiple only pads the table: same draw for the real rows, zero padding rows whose
     logits are masked, the same loss, and a zero gradient for the padding (so it stays zero)."""
@@ -177,6 +178,7 @@ def test_layernorm_variance_is_two_pass_like_pytorch():
     np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), ref, atol=2e-2)  # torch: 7e-3; E[x^2]-mean^2: 43
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 @pytest.mark.parametrize("chunk", [0, 5])  # one piece; 5 does not divide T=16 (a padded last chunk)
 def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk):
     """The training loss never materialises the (B, T, V) logits, yet equals optax's cross-entropy

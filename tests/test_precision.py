@@ -84,6 +84,7 @@ def _overflow_model(regime):
     return gd, params
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_overflow_in_the_model_is_flagged_by_telemetry():
     tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 97)
     logits = {}

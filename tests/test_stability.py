@@ -118,6 +118,7 @@ def test_fp8_train_step_quantises_every_large_matmul_and_nothing_else():
     assert all(f == [set(), set()] for f in other), other
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_fp8_stats_are_sown_per_layer():
     cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
     gd, p = model.create(cfg, precision.policy("fp8"))
@@ -194,6 +195,7 @@ def test_qk_norm_and_softcap_against_numpy(switch):
     assert np.abs(ref - plain).max() > 1e-2 * np.abs(plain).max()  # the switch changes the function
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_z_loss_is_added_to_the_objective_not_to_the_reported_loss():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 8)) * 3
     logits = logits.at[..., 6:].set(jnp.finfo(jnp.float32).min)  # padding columns add nothing to Z
@@ -256,6 +258,7 @@ def test_lr_sensitivity_equals_a_hand_computation():
     assert math.isnan(report.Run(ROOT, "cpu", "fp32", False, 21, recs, {"stopped": "non-finite"}).final_loss)
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_interrupted_sweep_resumes(tmp_path, monkeypatch):
     """A two-LR grid whose second cell was interrupted after its step-2 checkpoint: rerunning skips the
     finished cell and resumes the other from step 2, ending where the uninterrupted run ended."""

@@ -116,6 +116,7 @@ def test_cache_trains_byte_bpe_under_its_own_key_and_keeps_the_default_key(tmp_p
         assert tok.decode(row[: len(tok.encode([first])[0])]) == first
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_tiny_byte_bpe_run_exports_a_tokenizer_transformers_loads(tmp_path):
     corpus = write_word_corpus(tmp_path / "corpus", 24, words_per_doc=200)
     cfg = _cfg(f"files:{corpus}/*.txt", **{

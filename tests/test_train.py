@@ -68,6 +68,7 @@ def test_sharded_steps_equal_one_device():
     assert "not divisible by the data-parallel size mesh.data×mesh.fsdp=8" in res["indivisible_batch_error"]
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = _cfg()
     batch = _batch(cfg)
@@ -85,6 +86,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert diff <= 1e-5
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_fp16_overflow_skips_the_update_halves_the_scale_and_doubles_after_the_window():
     # A loss scale of 2^100 makes the fp16 backward pass overflow: a real non-finite gradient.
     cfg = _cfg(**{"precision.regime": "fp16", "precision.loss_scale_init": 2.0**100,
@@ -124,6 +126,7 @@ def test_loss_scale_hysteresis_follows_deepspeed():
     assert int(s["good_steps"]) == 1 and int(s["skipped"]) == 4
 
 
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_nonfinite_loss_outside_fp16_stops_the_run(tmp_path):
     # initializer_range 1e20 overflows fp32 attention scores at the first step.
     cfg = _cfg(**{"model.initializer_range": 1e20, "train.steps": 20, "log.every": 5,
