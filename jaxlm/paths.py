@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Union
 
@@ -31,6 +32,7 @@ from jaxlm.errors import ConfigError
 AnyPath = Union[Path, epath.Path]
 COMMIT = ".jaxlm-commit.json"
 SCHEMES = ("gs", "s3", "az", "hf")  # the URL schemes epath hands to fsspec
+_CHUNK = 16 << 20  # bytes per read/write when copying to and from a store
 
 
 def scheme(p) -> str | None:
@@ -111,7 +113,8 @@ def publish(local: Path, url) -> None:
         rel = f.relative_to(local).as_posix()
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(f.read_bytes())
+        with open(f, "rb") as src, target.open("wb") as dst:  # streamed: token rows may be many GB
+            shutil.copyfileobj(src, dst, _CHUNK)
         listing[rel] = f.stat().st_size
     (dest / COMMIT).write_text(json.dumps({"files": listing}, sort_keys=True))
 
@@ -127,12 +130,14 @@ def pull(url, local: Path) -> bool:
         target = Path(local) / rel
         if target.is_file() and target.stat().st_size == size:
             continue
-        data = (src / rel).read_bytes()
-        if len(data) != size:
-            raise ConfigError(f"{src / rel}: {len(data)} bytes where its commit record says {size}; the upload "
-                              "was changed after it was committed")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
-        tmp.write_bytes(data)
+        with (src / rel).open("rb") as remote, open(tmp, "wb") as out:  # streamed, like publish
+            shutil.copyfileobj(remote, out, _CHUNK)
+        got = tmp.stat().st_size
+        if got != size:
+            tmp.unlink()
+            raise ConfigError(f"{src / rel}: {got} bytes where its commit record says {size}; the upload "
+                              "was changed after it was committed")
         os.replace(tmp, target)
     return True

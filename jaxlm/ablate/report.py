@@ -309,12 +309,17 @@ def plot_over_steps(by_group, key, path, ylabel, title, log_y=False, band=True, 
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     if log_y:
         ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
-        ax.legend(fontsize=8)
+    _grid_and_legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _grid_and_legend(ax, fontsize: int = 8) -> None:
+    """The panels' common ending: a light grid, and a legend where a line is labelled."""
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
+        ax.legend(fontsize=fontsize)
 
 
 def plot_layer_heatmaps(by_group, key, path, title, log_color=True):
@@ -372,9 +377,7 @@ def plot_final_layers(by_group, key, path, ylabel, title):
     n_layers = max((r.layers(key)[1].shape[1] for rs in by_group.values() for r in rs), default=1)
     ax.set(xlabel="layer", ylabel=ylabel, title=title + " (missing: non-finite)", yscale="log",
            xticks=range(n_layers))
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
-        ax.legend(fontsize=8)
+    _grid_and_legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -431,8 +434,7 @@ def plot_at_top_lr(runs, key, path, ylabel, title, per_layer=True):
     ax.title.set_fontsize(9)
     if per_layer:
         ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _grid_and_legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -613,9 +615,7 @@ def plot_loss_over_time(by_group, path: Path, target_loss: float | None = None) 
             ax.axhline(target_loss, color="k", ls=":", lw=1)
         ax.set(xlabel="training time (minutes; compile, eval, saves not counted)", ylabel="validation loss",
                title=device)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # an empty panel has no legend
-            ax.legend(fontsize=8)
+        _grid_and_legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
