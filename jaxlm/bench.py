@@ -50,6 +50,8 @@ def define_flags():
     flags.DEFINE_float("peak_tflops", 0.0, "Override the per-device peak TFLOP/s used for MFU.")
     flags.DEFINE_string("profile", None, "Also trace 3 steps per regime into DIR/<regime> (jax.profiler) "
                         "and print where the device time goes (jaxlm.profiling); DIR/<regime>.txt.")
+    flags.DEFINE_string("hlo_dir", None, "Also write each regime's compiled step as HLO text to DIR/<regime>.hlo.txt "
+                        "(e.g. to look for fp8 GEMMs: cuBLASLt f8 custom calls).")
     flags.DEFINE_integer("batch_per_device", 16, "Sequences per device per step (no accumulation); "
                          "0 = the config's train.micro_batch_size, else train.batch_size.")
 
@@ -76,7 +78,7 @@ def global_batch(cfg, per_device: int) -> int:
 
 
 def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float, batch_size: int,
-                profile_dir: str | None = None) -> dict:
+                profile_dir: str | None = None, hlo_dir: str | None = None) -> dict:
     cfg = config_lib.with_overrides(cfg, {"precision.regime": regime})
     cfg.train.batch_size, cfg.train.micro_batch_size = batch_size, 0
     vocab = cfg.model.vocab_size or cfg.data.vocab_size
@@ -91,6 +93,8 @@ def time_regime(cfg, regime: str, steps: int, warmup: int, peak_override: float,
     compiled = trainer.train_step.lower(state, batch, *knobs).compile()
     compile_s = time.perf_counter() - t
     step_memory = _planned_memory_gib(compiled)
+    if hlo_dir:
+        files.atomic_write(Path(hlo_dir) / f"{regime}.hlo.txt", compiled.as_text())
     for _ in range(warmup):
         state, m = compiled(state, batch, *knobs)
     jax.block_until_ready(m)
@@ -140,14 +144,14 @@ def plan_regime(cfg, regime: str, batch_size: int) -> dict:
 
 
 def time_regimes(cfg, regimes, steps: int, warmup: int, peak_override: float, batch_size: int,
-                 on_result=None, profile_dir: str | None = None) -> list[dict]:
+                 on_result=None, profile_dir: str | None = None, hlo_dir: str | None = None) -> list[dict]:
     """time_regime for each regime; one that runs out of device memory is reported, not fatal.
     `on_result(results)` is called after each regime (the table row and the JSON are written as
     they come, so a run cut short keeps what it measured)."""
     results = []
     for regime in regimes:
         try:
-            results.append(time_regime(cfg, regime, steps, warmup, peak_override, batch_size, profile_dir))
+            results.append(time_regime(cfg, regime, steps, warmup, peak_override, batch_size, profile_dir, hlo_dir))
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -321,7 +325,7 @@ def main(argv):
                    "results": results, "baseline": baseline, "versions": telemetry.package_versions()}
             files.atomic_write_json(F.out, telemetry.jsonable(out), indent=2)
 
-    time_regimes(cfg, F.regimes, F.steps, F.warmup, F.peak_tflops, batch, on_result, F.profile)
+    time_regimes(cfg, F.regimes, F.steps, F.warmup, F.peak_tflops, batch, on_result, F.profile, F.hlo_dir)
     if baseline:
         print(_baseline_row(baseline))
 

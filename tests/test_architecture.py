@@ -27,7 +27,7 @@ LAYERS = [
     ["jaxlm.checkpoint"],
     ["jaxlm.run"],
     ["jaxlm.cli"],
-    ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.ablate",
+    ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.throughput", "jaxlm.ablate",
      "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
      "jaxlm.data.bench", "jaxlm.probe", "jaxlm.probe.tasks", "jaxlm.probe.mdl", "jaxlm.probe.report",
      "jaxlm.probe.study", "jaxlm.probe.__main__"],

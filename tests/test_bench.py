@@ -63,7 +63,7 @@ def test_a_regime_out_of_memory_is_reported_and_the_others_still_run(monkeypatch
 
     cfg = config.load(ROOT / "configs" / "tiny.py")
 
-    def fake(cfg, regime, steps, warmup, peak, batch, profile_dir=None):
+    def fake(cfg, regime, steps, warmup, peak, batch, profile_dir=None, hlo_dir=None):
         if regime == "fp32":
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB.")
         return {"regime": regime, "tokens_per_s": 1.0}
