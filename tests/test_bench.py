@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -121,3 +122,94 @@ def test_profile_of_a_gpu_trace_counts_stream_kernels_once(tmp_path):
     assert {k: round(v * 3, 6) for k, v in s["parts"].items()} == {"attn/core fwd": 0.9, "mlp fwd": 0.3,
                                                                     "unattributed": 0.03}
     assert s["ops"][0]["kind"] == "__cudnn$fmhaSoftmax" and s["ops"][1]["kind"] == "kLoop"
+
+
+# --- jaxlm.throughput: the collective census and the paper model --------------------------------------------------
+
+HLO_SAMPLE = "\n".join([
+    "%all-reduce.3 = (f32[3,4,16]{2,1,0}, f32[1024,64]{1,0}, f32[]) all-reduce(%a, %b, %c), channel_id=1, "
+    "replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, use_global_device_ids=true, to_apply=%add",
+    "%all-gather.2 = bf16[64,256]{1,0} all-gather(%w), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}",
+    "%all-gather-start = (bf16[16,256]{1,0}, bf16[64,256]{1,0}) all-gather-start(%w2), replica_groups={{0,1,2,3},{4,5,6,7}}",
+    "%all-gather-done = bf16[64,256]{1,0} all-gather-done(%all-gather-start)",
+    "%reduce-scatter.1 = f32[8,64]{1,0} reduce-scatter(%g), replica_groups={}, dimensions={0}, to_apply=%add",
+    "%collective-permute.1 = s32[10]{0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}",
+    "%fusion.9 = f32[1024,64]{1,0} fusion(%all-reduce.3), kind=kLoop, calls=%fused",  # not a collective
+])
+
+
+def test_collective_census_counts_bytes_and_ring_traffic_by_hand():
+    from jaxlm import throughput
+
+    c = throughput.census(HLO_SAMPLE, n_devices=8)
+    ar = (3 * 4 * 16 + 1024 * 64 + 1) * 4  # a tuple: every element, f32
+    assert c["all-reduce"] == {"count": 1, "result_bytes": ar, "moved_bytes": 2 * 7 / 8 * ar}  # group of 8 (mesh axis_0)
+    ag = 64 * 256 * 2  # bf16; the async start's (operand, result) tuple counts the result once
+    assert c["all-gather"] == {"count": 2, "result_bytes": 2 * ag, "moved_bytes": 2 * 3 / 4 * ag}  # groups of 4
+    assert c["reduce-scatter"] == {"count": 1, "result_bytes": 8 * 64 * 4, "moved_bytes": 7 * 8 * 64 * 4}  # {} = all 8
+    assert c["collective-permute"] == {"count": 1, "result_bytes": 40, "moved_bytes": 40.0}
+
+
+def test_throughput_model_bounds_by_hand():
+    from jaxlm import throughput
+
+    mib = 2**20
+    row = {"per_device_batch": 16, "seq_len": 1024, "flops_per_token": 1e9, "xla_bytes_accessed": 100e9,
+           "mesh_axes": {"data": 1, "fsdp": 8, "tensor": 1},
+           "collectives": {"all-gather": {"moved_bytes": 200 * mib}, "all-reduce": {"moved_bytes": 400 * mib}}}
+    e = throughput.expected(row, "TPU v5p", eta=0.5)
+    tokens = 16 * 1024
+    assert abs(e["t_math_ms"] - tokens * 1e9 / (459e12 * 0.5) * 1e3) < 1e-9
+    assert abs(e["t_hbm_ms"] - 100e9 / 2765e9 * 1e3) < 1e-9
+    assert e["moved_mib"] == 200 + 400 / 2  # FSDP: the CPU's all-reduce is a reduce-scatter on the chip
+    assert abs(e["t_comm_ms"] - 400 * mib / 600e9 * 1e3) < 1e-9
+    step = max(e["t_math_ms"], e["t_hbm_ms"])
+    assert abs(e["tokens_per_s_overlapped"] - tokens / step * 1e3) < 1e-6
+    assert abs(e["tokens_per_s_exposed"] - tokens / (step + e["t_comm_ms"]) * 1e3) < 1e-6
+    row["mesh_axes"]["fsdp"] = 1  # DP: an all-reduce is an all-reduce
+    assert throughput.expected(row, "TPU v5p", eta=0.5)["moved_mib"] == 600
+
+
+CENSUS_TINY = """
+import jax, json
+jax.config.update("jax_platforms", "cpu"); jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np
+from jaxlm import config, throughput
+cfg = config.load("configs/tiny.py", {"train.seq_len": 32, "model.n_positions": 64, "data.vocab_size": 1000})
+out = {}
+for mesh in ("dp", "fsdp"):
+    compiled, tr = throughput.compile_step(cfg, throughput.MESHES[mesh], 2)
+    params = jax.tree_util.tree_flatten_with_path(tr.abstract_state.params)[0]
+    specs = jax.tree.leaves(tr.state_sharding.params, is_leaf=lambda s: hasattr(s, "spec"))
+    out[mesh] = {"census": throughput.census(compiled.as_text(), 8),
+                 "params": [[jax.tree_util.keystr(p), list(a.shape), a.dtype.itemsize, "fsdp" in str(s.spec)]
+                            for (p, a), s in zip(params, specs)]}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_collective_census_of_a_compiled_step_matches_a_hand_count():
+    """Tiny GPT-2 (d 64, 2 layers, vocab padded to 1024, 64 positions, 32 used) on 8 simulated devices.
+    DP: one fused gradient all-reduce: every parameter's fp32 gradient, the tied token table twice
+    (its head and embedding parts are reduced before they are summed), the position table only for
+    the 32 positions used, plus scalars. FSDP: each fsdp-sharded weight gathered once, whole."""
+    res = subprocess.run([sys.executable, "-c", CENSUS_TINY], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    size = lambda shape, itemsize: int(np.prod(shape)) * itemsize
+    params = {name: (shape, item, fsdp) for name, shape, item, fsdp in out["dp"]["params"]}
+    wte, wpe = params["['wte']['embedding']"], params["['wpe']['embedding']"]
+    assert wte[0] == [1024, 64] and wpe[0] == [64, 64]
+    unused_wpe = size([64 - 32, 64], 4)
+    total = sum(size(s, i) for s, i, _ in params.values())
+    dp = out["dp"]["census"]
+    assert list(dp) == ["all-reduce"] and dp["all-reduce"]["count"] == 1
+    hand = total + size(wte[0], 4) - unused_wpe
+    assert hand <= dp["all-reduce"]["result_bytes"] <= hand + 64, (hand, dp)
+    fsdp = out["fsdp"]["census"]
+    gathered = sum(size(s, i) for name, s, i, f in out["fsdp"]["params"] if f) - unused_wpe
+    assert fsdp["all-gather"]["result_bytes"] == gathered, (gathered, fsdp)
+    assert fsdp["all-gather"]["count"] == sum(f for *_, f in out["fsdp"]["params"])
+    assert abs(fsdp["all-gather"]["moved_bytes"] - 7 / 8 * gathered) < 1e-6
