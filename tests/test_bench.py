@@ -154,20 +154,27 @@ def test_throughput_model_bounds_by_hand():
     from jaxlm import throughput
 
     mib = 2**20
-    row = {"per_device_batch": 16, "seq_len": 1024, "flops_per_token": 1e9, "xla_bytes_accessed": 100e9,
-           "mesh_axes": {"data": 1, "fsdp": 8, "tensor": 1},
+    row = {"per_device_batch": 16, "seq_len": 1024, "flops_per_token": 1e9, "n_params": 1e8, "n_embd": 768,
+           "n_layer": 12, "mesh_axes": {"data": 1, "fsdp": 8, "tensor": 1},
            "collectives": {"all-gather": {"moved_bytes": 200 * mib}, "all-reduce": {"moved_bytes": 400 * mib}}}
-    e = throughput.expected(row, "TPU v5p", eta=0.5)
     tokens = 16 * 1024
+    # activations 3·34·d·L and fp32 logits 16·V per token; 36 B per held parameter + FSDP's gathered reads
+    hbm = tokens * (3 * 34 * 768 * 12 + 16 * 1000) + 36 * 1e8 / 8 + 8 * 1e8
+    assert throughput.hbm_bytes(row, vocab=1000) == hbm
+    e = throughput.expected(row, "TPU v5p", vocab=1000, eta=0.5)
     assert abs(e["t_math_ms"] - tokens * 1e9 / (459e12 * 0.5) * 1e3) < 1e-9
-    assert abs(e["t_hbm_ms"] - 100e9 / 2765e9 * 1e3) < 1e-9
+    assert abs(e["t_hbm_ms"] - hbm / 2765e9 * 1e3) < 1e-9
     assert e["moved_mib"] == 200 + 400 / 2  # FSDP: the CPU's all-reduce is a reduce-scatter on the chip
     assert abs(e["t_comm_ms"] - 400 * mib / 600e9 * 1e3) < 1e-9
     step = max(e["t_math_ms"], e["t_hbm_ms"])
     assert abs(e["tokens_per_s_overlapped"] - tokens / step * 1e3) < 1e-6
     assert abs(e["tokens_per_s_exposed"] - tokens / (step + e["t_comm_ms"]) * 1e3) < 1e-6
-    row["mesh_axes"]["fsdp"] = 1  # DP: an all-reduce is an all-reduce
-    assert throughput.expected(row, "TPU v5p", eta=0.5)["moved_mib"] == 600
+    row["mesh_axes"]["fsdp"] = 1  # DP: an all-reduce is an all-reduce, and every chip holds the whole state
+    assert throughput.expected(row, "TPU v5p", vocab=1000, eta=0.5)["moved_mib"] == 600
+    assert throughput.hbm_bytes(row, vocab=1000) == tokens * (3 * 34 * 768 * 12 + 16 * 1000) + 36 * 1e8
+    # the H100 anchor: llm.c's ~468K tokens/s per H100 for gpt2_small is 38% MFU by the same FLOPs/token
+    gpt2_small = 6 * 124_439_808 + 6 * 12 * 768 * 1024
+    assert abs(468e3 * gpt2_small / 989e12 - throughput.ANCHORS["H100 x8"]) < 0.005
 
 
 CENSUS_TINY = """
