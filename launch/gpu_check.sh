@@ -45,12 +45,12 @@ step() {  # step NAME LIMIT_S PROJECTED_S COMMAND...: one line of the plan
   names+=("$1"); limits+=("$2"); projected+=("$3"); shift 3
   cmds+=("$(printf ' %q' "$@")")
 }
-step tests 120 90 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+step tests 100 70 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   --junitxml="$out/test_gpu.xml"
 sizes=small; [ "$medium" = 1 ] && sizes="small medium"
 for size in $sizes; do
   # projected: interpreter start, torch.compile's first step (~45 s), ~35 s per JAX compile, the steps
-  step "$size-recipe" 110 90 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast \
+  step "$size-recipe" 130 95 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast \
     --out="$out/$size-recipe.json"
   step "$size-dropout0" 150 130 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast,bf16_upcast \
     "${nodrop[@]}" --profile="$out/prof" --out="$out/$size-dropout0.json"

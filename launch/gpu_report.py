@@ -50,11 +50,14 @@ def tests_summary(xml_path: Path) -> str | None:
     return f"{n - fail - err - skip} passed, {fail + err} failed, {skip} skipped"
 
 
-def f8_gemms(hlo_path: Path) -> int | None:
+def f8_gemms(hlo_path: Path) -> tuple[int, int] | None:
+    """(cuBLASLt f8 GEMM custom calls, instructions with a float8 array at all): if XLA routed the fp8
+    dots elsewhere (a Triton GEMM fusion, or back to bf16), the second number says which."""
     try:
-        return len(F8_GEMM.findall(hlo_path.read_text()))
+        lines = hlo_path.read_text().splitlines()
     except OSError:
         return None
+    return sum(bool(F8_GEMM.search(x)) for x in lines), sum("f8e4m3fn[" in x or "f8e5m2[" in x for x in lines)
 
 
 def rows(out: Path, size: str = "small") -> list[tuple[str, str, str, str]]:
@@ -80,9 +83,10 @@ def rows(out: Path, size: str = "small") -> list[tuple[str, str, str, str]]:
         out_rows.append((f"gpt2_{size} dropout 0, {regime}, tokens/s", fmt_tok(v), "≥ 480,000", met(v, 480e3)))
         v = _vs_torch(fast, regime)
         out_rows.append(("  same, vs HF + torch.compile", fmt_x(v), "≥ 1.3x", met(v, 1.3)))
-    n = f8_gemms(out / "hlo" / "fp8.hlo.txt")
-    out_rows.append(("fp8: cuBLASLt f8 GEMMs in the compiled step", "not measured" if n is None else str(n), "> 0",
-                     "n/a" if n is None else ("yes" if n > 0 else "**no**")))
+    f8 = f8_gemms(out / "hlo" / "fp8.hlo.txt")
+    out_rows.append(("fp8: cuBLASLt f8 GEMMs in the compiled step",
+                     "not measured" if f8 is None else f"{f8[0]} (float8 arrays in {f8[1]} instructions)", "> 0",
+                     "n/a" if f8 is None else ("yes" if f8[0] > 0 else "**no**")))
     a, b = tok(fp8, "fp8"), tok(fast, "bf16_upcast")
     out_rows.append(("  fp8 tokens/s beside bf16_upcast (dropout 0)",
                      f"{a:,.0f} vs {b:,.0f} ({a / b:.2f}x)" if a and b else "not measured", "reported",

@@ -184,7 +184,9 @@ def _write_check_outputs(d):
     (d / "small-fp8.json").write_text(_bench([("fp8", 550_000.0, 40.0, False)]))
     call = '%cublas-gemm.{} = (bf16[16384,768]{{1,0}}, s8[33554432]{{0}}) custom-call(%a, %b), ' \
            'custom_call_target="__cublas$lt$matmul$f8", backend_config={{}}'
-    (d / "hlo" / "fp8.hlo.txt").write_text("HloModule jit__train_step\n" + "\n".join(call.format(i) for i in range(3)))
+    quantise = "%convert.7 = f8e4m3fn[768,2304]{1,0} convert(%clamp.7)"
+    (d / "hlo" / "fp8.hlo.txt").write_text("\n".join(["HloModule jit__train_step", quantise,
+                                                      *(call.format(i) for i in range(3))]))
 
 
 def test_gpu_report_renders_each_target_as_measured_over_target(tmp_path):
@@ -201,7 +203,7 @@ def test_gpu_report_renders_each_target_as_measured_over_target(tmp_path):
     assert [c.strip() for c in rows["gpt2_small dropout 0, fp16_upcast, tokens/s"]] == ["470,000", "≥ 480,000", "**no**"]
     ratios = [line for line in lines if "vs HF + torch.compile" in line]  # 470/350 and 500/350, the same run's torch
     assert "| 1.34x | ≥ 1.3x | yes |" in ratios[0] and "| 1.43x | ≥ 1.3x | yes |" in ratios[1]
-    assert "| fp8: cuBLASLt f8 GEMMs in the compiled step | 3 | > 0 | yes |" in text
+    assert "| fp8: cuBLASLt f8 GEMMs in the compiled step | 3 (float8 arrays in 1 instructions) | > 0 | yes |" in text
     assert "550,000 vs 500,000 (1.10x)" in text
     assert "| compile, slowest row (s) | 64.2 | < 60 | **no** |" in text
     assert "| 40.0 / 34.9 ms (115%) |" in text  # the profile's busy time against the step time (16·1024/470K s)
