@@ -16,8 +16,8 @@ def test_bench_writes_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run(
         [sys.executable, "-m", "jaxlm.bench", "--config=configs/tiny.py", "--regimes=fp32,fp16_upcast", "--steps=2",
-         "--warmup=1", f"--out={out}", f"--profile={tmp_path / 'prof'}", "--batch_per_device=4", "--config.train.seq_len=32",
-         "--config.model.n_positions=32", "--config.model.remat=dots"],
+         "--warmup=1", f"--out={out}", f"--profile={tmp_path / 'prof'}", f"--hlo_dir={tmp_path / 'hlo'}",
+         "--batch_per_device=4", "--config.train.seq_len=32", "--config.model.n_positions=32", "--config.model.remat=dots"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert res.returncode == 0, res.stderr[-3000:]
     header = next(line for line in res.stdout.splitlines() if line.startswith("regime"))
@@ -38,6 +38,8 @@ def test_bench_writes_a_table_and_json(tmp_path):
         assert {"attn/core fwd", "attn/core bwd", "mlp fwd", "mlp bwd", "head fwd", "optimizer"} <= set(prof["parts"])
         assert abs(sum(prof["parts"].values()) - prof["busy_ms"]) <= 1e-6 * prof["busy_ms"] and prof["busy_ms"] > 0
         assert (tmp_path / "prof" / f"{r['regime']}.txt").read_text().startswith(f"{r['regime']}: ")
+        # --hlo_dir: the compiled step itself, as launch/gpu_check.sh reads it for fp8 GEMMs
+        assert (tmp_path / "hlo" / f"{r['regime']}.hlo.txt").read_text().startswith("HloModule jit__train_step")
     assert "ms per step in host-run ops" in res.stdout
     try:
         import torch  # noqa: F401
