@@ -87,9 +87,10 @@ def rows(out: Path, size: str = "small") -> list[tuple[str, str, str, str]]:
     out_rows.append(("fp8: cuBLASLt f8 GEMMs in the compiled step",
                      "not measured" if f8 is None else f"{f8[0]} (float8 arrays in {f8[1]} instructions)", "> 0",
                      "n/a" if f8 is None else ("yes" if f8[0] > 0 else "**no**")))
-    a, b = tok(fp8, "fp8"), tok(fast, "bf16_upcast")
+    a, b, base = tok(fp8, "fp8"), tok(fast, "bf16_upcast"), (fast or {}).get("baseline")
+    vs_hf = f"; {a / base['tokens_per_s']:.2f}x HF + torch.compile" if a and base else ""
     out_rows.append(("  fp8 tokens/s beside bf16_upcast (dropout 0)",
-                     f"{a:,.0f} vs {b:,.0f} ({a / b:.2f}x)" if a and b else "not measured", "reported",
+                     f"{a:,.0f} vs {b:,.0f} ({a / b:.2f}x){vs_hf}" if a and b else "not measured", "reported",
                      "n/a" if not (a and b) else "reported"))
     compiles = [r["compile_s"] for b in (recipe, fast, fp8) for r in (b or {}).get("results", []) if "compile_s" in r]
     v = max(compiles) if compiles else None

@@ -204,7 +204,7 @@ def test_gpu_report_renders_each_target_as_measured_over_target(tmp_path):
     ratios = [line for line in lines if "vs HF + torch.compile" in line]  # 470/350 and 500/350, the same run's torch
     assert "| 1.34x | ≥ 1.3x | yes |" in ratios[0] and "| 1.43x | ≥ 1.3x | yes |" in ratios[1]
     assert "| fp8: cuBLASLt f8 GEMMs in the compiled step | 3 (float8 arrays in 1 instructions) | > 0 | yes |" in text
-    assert "550,000 vs 500,000 (1.10x)" in text
+    assert "550,000 vs 500,000 (1.10x); 1.57x HF + torch.compile" in text  # the dropout-0 run's torch row
     assert "| compile, slowest row (s) | 64.2 | < 60 | **no** |" in text
     assert "| 40.0 / 34.9 ms (115%) |" in text  # the profile's busy time against the step time (16·1024/470K s)
     # a run that did not happen is "not measured", never a number
