@@ -126,6 +126,10 @@ def compile_step(cfg, mesh_axes: dict, per_device_batch: int):
     """The compiled train step of `cfg` on the current devices laid out as `mesh_axes`, and its Trainer."""
     cfg = config_lib.with_overrides(cfg, {})
     cfg.mesh.update(mesh_axes)
+    if "scan_layers" in cfg.model:
+        # The census counts each collective instruction once; a scanned stack runs its body's
+        # collectives once per layer. The unrolled loop has the same traffic, each written out.
+        cfg.model.scan_layers = False
     cfg.train.batch_size, cfg.train.micro_batch_size = per_device_batch * jax.device_count(), 0
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), cfg.model.vocab_size or cfg.data.vocab_size)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
