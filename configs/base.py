@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     # --- budgeted training (jaxlm/budget.py): the schedule and the batch ramp read the budget fraction f
     c.train.budget = "none"  # none (step-based) | wall-clock '15m', '2h', '90s' | FLOPs '1e18flops'
     c.train.budget_replay = ""  # RUN: replay that finished budgeted run's per-step f exactly (step-based)
+    # Under a budget train.steps is not read: the budget ends the run, or this step cap if it comes first
+    # (0 = none). An explicit train.steps (--config.train.steps=N, an overrides dict) sets it as well; a
+    # config file's own train.steps is the length of its step-based runs and never cuts a budget short.
+    c.train.max_steps = 0
     c.train.batch_ramp = 0.0  # >0: micro-batches trained on ramp with f, the full batch from f = this on
 
     # --- data ---------------------------------------------------------------------------------

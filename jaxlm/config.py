@@ -73,6 +73,7 @@ def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ml
     cfg.lock()
     for key, value in (overrides or {}).items():
         set_by_path(cfg, key, value)
+    note_explicit(cfg, overrides or {})
     validate(cfg)
     return cfg
 
@@ -83,8 +84,16 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) ->
     new.lock()
     for key, value in overrides.items():
         set_by_path(new, key, value)
+    note_explicit(new, overrides)
     validate(new)
     return new
+
+
+def note_explicit(cfg: ml_collections.ConfigDict, keys) -> None:
+    """What the user set explicitly (override keys) that a config file's value does not mean: an explicit
+    train.steps is also the step cap of a budgeted run (train.max_steps), unless that is set too."""
+    if "train.steps" in keys and "train.max_steps" not in keys:
+        cfg.train.max_steps = cfg.train.steps
 
 
 def set_by_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

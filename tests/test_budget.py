@@ -132,21 +132,89 @@ def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-6
 
 
-@pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_the_loop_stops_at_the_budget_on_a_fake_clock(tmp_path):
-    cfg = _tiny(**{"train.budget": "10s", "optim.schedule": "linear", "log.every": 4})
-    tr = _trainer(cfg)
-    ticks = itertools.count(0.0, 0.25)  # four clock readings per step: each step charges 0.5 s
-    meter = budget.Meter(tr.budget, clock=lambda: next(ticks))
-    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=cfg.train.steps)
-    res = train.loop(tr, tr.init(jnp.asarray(0, jnp.uint32)), _batches(cfg, tr), tele, meter=meter)
+# --- what ends a budgeted run: the budget, or an explicit step cap ---------------------------------
+
+SHORT_CONFIG = """
+from configs import tiny
+def get_config():
+    c = tiny.get_config()
+    c.train.steps = 6  # the file's own step count: the length of its step-based runs
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def short_trainer(tmp_path_factory):
+    """A trainer of a config file whose own train.steps (6) is far below what a 10 s budget runs."""
+    d = tmp_path_factory.mktemp("short")
+    (d / "short.py").write_text(SHORT_CONFIG)
+    cfg = config.load(d / "short.py", {"train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32,
+                                       "optim.warmup_steps": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
+                                       "train.eval_every": 0, "log.every": 4, "train.budget": "10s",
+                                       "optim.schedule": "linear"})
+    return _trainer(cfg)
+
+
+def _fake_clock_run(tmp_path, tr, max_steps, capsys):
+    """train.loop on a fake clock (four readings per step: each step charges 0.5 s), with the
+    Telemetry's plain progress lines (stderr is no terminal here). -> (result, meter, records, lines)"""
+    ticks = itertools.count(0.0, 0.25)
+    meter = budget.Meter(tr.budget, clock=lambda: next(ticks), max_steps=max_steps)
+    tele = telemetry.Telemetry(tmp_path, tr.cfg, total_steps=max_steps)
+    capsys.readouterr()
+    res = train.loop(tr, tr.init(jnp.asarray(0, jnp.uint32)), _batches(tr.cfg, tr), tele, meter=meter)
     tele.close()
-    assert res.budget_spent and res.step == 20 and meter.spent == 10.0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
     recs = [r for r in telemetry.read_metrics(tmp_path / "metrics.jsonl")[0] if telemetry.STEP_FRACTIONS in r]
+    return res, meter, recs, lines
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_floor(short_trainer, tmp_path, capsys):
+    cfg = short_trainer.cfg
+    assert cfg.train.steps == 6 and cfg.train.max_steps == 0  # the file's steps: no cap
+    res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
+    assert res.budget_spent and res.step == 20 and meter.spent == 10.0  # the budget, not train.steps, ended it
+    assert meter.fraction == 1.0 and recs[-1][telemetry.RUN_FRACTION] == 1.0
     fs = [f for r in recs for f in r[telemetry.STEP_FRACTIONS]]
-    assert fs == [np.float32(i / 20) for i in range(20)]
+    assert fs == [np.float32(i / 20) for i in range(20)]  # each step trains with the f reached before it
     lrs = [x for r in recs for x in r[telemetry.STEP_LRS]]
-    assert lrs[-1] == pytest.approx(cfg.optim.lr / 20, rel=1e-5)  # linear by f: one step's worth above 0
+    assert lrs[-1] == pytest.approx(cfg.optim.lr / 20, rel=1e-5)  # one step's worth above the floor (0)
+    assert float(budget.lr_factor(cfg.optim, 20, meter.fraction)) == 0.0  # the schedule at the end: its floor
+    # the progress line: budget spent and left, and an ETA within 10% of the budget left
+    assert lines[0].startswith("step 4  loss ") and "f 0.20 · 8 s left" in lines[0], lines
+    for line, r in zip(lines, [r for r in recs if telemetry.RUN_FRACTION in r]):
+        eta = float(line.rsplit("eta ", 1)[1].rstrip("s"))
+        left = 10.0 - r[telemetry.BUDGET_SPENT]
+        assert abs(eta - left) <= 0.1 * left + 0.5, (line, left)  # (+0.5: the line rounds to whole seconds)
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_its_floor(short_trainer, tmp_path,
+                                                                                         capsys):
+    cfg = config.with_overrides(short_trainer.cfg, {"train.steps": 8})
+    assert cfg.train.max_steps == 8  # an explicit train.steps is the cap
+    note = budget.cap_note(budget.parse("10s"), 8, 0, 0.0, 0.5)  # the startup line, at the step cost measured
+    assert "train.max_steps=8 ends the run first" in note and "budget f 0.40 (40% of 10.0 s spent)" in note
+    res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
+    assert res.budget_spent and res.step == 8 and meter.spent == 4.0 and meter.budget_fraction == 0.4
+    fs = [f for r in recs for f in r[telemetry.STEP_FRACTIONS]]
+    assert fs == [np.float32(i / 8) for i in range(8)]  # f by steps: the nearer limit
+    lrs = [x for r in recs for x in r[telemetry.STEP_LRS]]
+    assert lrs[-1] == pytest.approx(cfg.optim.lr / 8, rel=1e-5)  # one step's worth above the floor
+    assert recs[-1][telemetry.RUN_FRACTION] == 1.0
+    eta = float(lines[0].rsplit("eta ", 1)[1].rstrip("s"))  # after 4 of 8 steps at 0.5 s: 2 s left to the cap
+    assert lines[0].startswith("step 4  ") and "f 0.50 · 8 s left" in lines[0] and eta == pytest.approx(2.0, abs=0.5)
+
+
+def test_the_startup_line_says_what_ends_a_budgeted_run():
+    b = budget.parse("90s")
+    assert "ends when 90.0 s are spent (about 300 steps at 0.3 s/step); no step cap" in budget.cap_note(b, 0, 0, 0.0, 0.3)
+    assert "before its step cap train.max_steps=1,000" in budget.cap_note(b, 1000, 0, 0.0, 0.3)
+    # resumed at step 100 with 30 s spent: 100 more steps at 0.3 s bring the budget to f 0.67
+    assert "budget f 0.67" in budget.cap_note(b, 200, 100, 30.0, 0.3)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        _tiny(**{"train.max_steps": -1})
 
 
 # --- whole runs ------------------------------------------------------------------------------------
