@@ -117,5 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.stats_every = 100  # per-layer activation/attention stats (a costlier step); 0 = off
     c.log.wandb_mode = "offline"  # disabled | offline | online
     c.log.wandb_project = "jaxlm"
+    # W&B's grouping (jaxlm.ablate sets them per cell: the study, the regime, the keys the grid switches)
+    c.log.wandb_group = ""  # the run's group ("" = none)
+    c.log.wandb_job_type = ""  # its job type ("" = none)
+    c.log.wandb_keys = ()  # config keys also logged as top-level W&B config, by their last name (e.g. 'lr')
     c.log.peak_tflops = 0.0  # override the device peak used for MFU (0 = from the table)
     return c

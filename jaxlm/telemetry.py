@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import budget as budget_lib
+from jaxlm import config as config_lib
 from jaxlm import files, paths, precision
 
 # --- metric names -------------------------------------------------------------------------
@@ -352,6 +353,10 @@ def _start_wandb(workdir: Path, cfg, meta):
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
     files.atomic_write(run_id_file, run_id)
     local.mkdir(parents=True, exist_ok=True)
+    config = dict(jsonable(meta or {}).get("config") or {})
+    for key in cfg.log.wandb_keys:  # top-level, for W&B's grouping and parallel coordinates
+        config[key.rsplit(".", 1)[-1]] = jsonable(config_lib.get_by_path(cfg, key))
     return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
-                      resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
+                      resume="allow", name=workdir.name, config=config, group=cfg.log.wandb_group or None,
+                      job_type=cfg.log.wandb_job_type or None,
                       settings=wandb.Settings(console="off", x_disable_stats=True))

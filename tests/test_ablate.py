@@ -26,7 +26,7 @@ def grid(tmp_path_factory):
     """The stress preset, shortened: naive fp16 vs fp16_upcast, layer scaling on, one seed."""
     out = tmp_path_factory.mktemp("grid")
     cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16,fp16_upcast",
-           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=disabled"]
+           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=offline"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -55,6 +55,21 @@ def test_stress_preset_fp16_overflows_and_upcast_trains(grid):
     assert losses[-1] < losses[0] - 0.5, losses
     # the overflow is the attention one: upcast's raw QK^T (score × 16 × layer) is past fp16's range
     assert max(_f(r[telemetry.ATTN_MAX][0]) for r in upcast if telemetry.ATTN_MAX in r) * 16 > 65504
+
+
+@pytest.mark.slow
+def test_every_cell_is_an_offline_wandb_run_of_the_study_by_regime_with_the_switched_keys(grid):
+    """What W&B's grouping and parallel coordinates read, from the run files wandb wrote (offline)."""
+    from helpers import wandb_offline
+
+    out, _ = grid
+    for cell, regime in (("fp16-lson-s21", "fp16"), ("fp16_upcast-lson-s21", "fp16_upcast")):
+        info = wandb_offline.run_info(out / "cells" / cell)
+        assert (info["group"], info["job_type"], info["name"]) == (out.name, regime, cell)
+        c = info["config"]
+        assert (c["regime"], c["seed"], c["scale_attn_by_inverse_layer_idx"], c["query_key_layer_scaling"]) == (
+            regime, 21, True, False)  # the switched keys, top-level
+        assert c["precision"]["regime"] == regime and c["train"]["steps"] == 40  # and the whole config, nested
 
 
 @pytest.mark.slow

@@ -109,8 +109,15 @@ def cells(regimes, seeds, switches=()) -> list[Cell]:
 
 
 def cell_config(cfg, cell: Cell, out: Path, steps: int | None):
-    over = {"precision.regime": cell.regime, **cell.overrides(cfg),
-            "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data")}
+    """A cell's config: the base config with its regime, switches and seed; under a budget `steps` is a
+    step cap. In W&B the cell is a run of the study's group (OUT's name), of job type its regime, with
+    the keys the grid switches as top-level config (for grouping and parallel coordinates)."""
+    switched = cell.overrides(cfg)
+    over = {"precision.regime": cell.regime, **switched,
+            "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data"),
+            "log.wandb_group": cfg.log.wandb_group or Path(out).resolve().name, "log.wandb_job_type": cell.regime,
+            "log.wandb_keys": tuple(dict.fromkeys(["precision.regime", "train.seed", *switched,
+                                                   *cfg.log.wandb_keys]))}
     if steps:
         over["train.steps"] = steps
     return config_lib.with_overrides(cfg, over)
@@ -147,9 +154,11 @@ def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) ->
             status.append((cell, "done before"))
             log(f"[{i + 1}/{len(grid)}] {cell.name}: already finished, skipped")
             continue
-        log(f"[{i + 1}/{len(grid)}] {cell.name}: {c.train.steps} steps in {workdir}")
+        length = f"{c.train.steps} steps" if c.train.budget == "none" else f"budget {c.train.budget}"
+        log(f"[{i + 1}/{len(grid)}] {cell.name}: {length} in {workdir}")
         bar.set_postfix(cell=cell.name)
-        result = run_lib.run(c, workdir, log=lambda s: None)
+        # the run's own lines stay quiet but what ends a budgeted cell (as jaxlm.main says it)
+        result = run_lib.run(c, workdir, log=lambda s: log(f"  {cell.name}: {s}") if s.startswith("budget:") else None)
         if result.preempted:
             status.append((cell, "interrupted"))
             log(f"interrupted in {cell.name} at step {result.step}; run the same command again to resume the grid")
