@@ -59,8 +59,7 @@ def main(argv):
         if len(args) < 2:
             raise ConfigError("usage: python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT")
         cli.require(out=F.out)
-        path = report.build(args[1:], F.out, target_loss=F.target_loss)
-        print(f"wrote {path} and {path.with_suffix('.html')}")
+        print(wrote(report.build(args[1:], F.out, target_loss=F.target_loss)))
         return
     if args:
         raise ConfigError(f"unexpected arguments {args}; did you mean 'report'?")
@@ -82,8 +81,14 @@ def main(argv):
     for cell, s in status:
         print(f"{cell.name:<28} {s}")
     if len(status) == len(cells) and all(s != "interrupted" for _, s in status):
-        path = report.build([Path(F.out) / "cells"], Path(F.out) / "report", target_loss=F.target_loss)
-        print(f"report: {path}")
+        print(wrote(report.build([Path(F.out) / "cells"], Path(F.out) / "report", target_loss=F.target_loss)))
+
+
+def wrote(md: Path) -> str:
+    """Where the report went: both documents and the plots, by absolute path."""
+    d = md.resolve().parent
+    return (f"report: wrote {d / md.name} and {d / md.with_suffix('.html').name} "
+            f"(with {len(list(d.glob('*.png')))} plots) in {d}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import telemetry
+from jaxlm.ablate import runs
 from jaxlm.errors import ConfigError
 
 # Layer-index scaling as one switch: its value -> (scale_attn_by_inverse_layer_idx, query_key_layer_scaling).
@@ -132,13 +132,10 @@ def is_done(workdir: Path, steps: int) -> bool:
 
 
 def outcome(workdir: Path) -> str:
-    """'finished', or 'diverged' with the first step whose logged training loss is not finite."""
+    """How a cell that has just returned ended: 'finished', or 'diverged' with its first non-finite step,
+    by the same definition as the report's (runs.first_nonfinite_step)."""
     records, _ = telemetry.read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else ([], 0)
-    for r in records:
-        loss = r.get(telemetry.LOSS)
-        if loss is not None and not math.isfinite(float(loss)):
-            return f"diverged (non-finite training loss at step {r[telemetry.STEP]})"
-    return "finished"
+    return runs.status(records, {})
 
 
 def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) -> list[tuple[Cell, str]]:
