@@ -19,7 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm import precision
 from jaxlm import telemetry as T
+
+DTYPE_FIELDS = ("param_dtype", "compute_dtype", "attn_dtype")  # of run.json's precision (Policy.to_dict)
 
 
 @dataclass
@@ -149,7 +152,7 @@ def read_run(run_dir: Path) -> Run:
     return Run(run_dir, meta["environment"]["device_kind"], prec["name"], bool(model["scale_attn_by_inverse_layer_idx"]),
                int(meta["config"]["train"]["seed"]), records, done, model, float(meta["config"]["optim"]["lr"]),
                variant=_variant(run_dir, prec["name"]), budget=str(meta["config"]["train"].get("budget", "none")),
-               loss_scaling="float16" in (prec.get("compute_dtype"), prec.get("attn_dtype"), prec.get("param_dtype")))
+               loss_scaling=precision.Policy(**{k: prec[k] for k in DTYPE_FIELDS if prec.get(k)}).is_fp16)
 
 
 def find_runs(dirs) -> list[Run]:
