@@ -4,6 +4,7 @@ budget, resume after kill -9, bit-identical replay, the batch ramp, and clear er
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,17 +363,52 @@ def test_report_by_time_ranks_within_each_accelerator_only(tmp_path):
     assert "fp32 crammed | 1/2 | 10.00" in md  # seed 49 never gets there
 
 
+def _readme_budget_commands() -> list[list[str]]:
+    """The commands of the README's budget section, as written (continuation lines joined, comments cut)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().split("## Budgeted training", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("  #", 1)[0]) for line in lines if line.strip()]
+
+
 @pytest.mark.slow
-def test_ablate_budget_gives_every_cell_the_same_budget(corpus, tmp_path):
-    out = tmp_path / "grid"
-    over = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items() if k not in ("train.budget", "train.steps")}
-    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/tiny.py", "--regimes=fp32,bf16", "--layer-scaling=off",
-           "--seeds=21", "--budget=2s", "--target-loss=6", f"--out={out}"] + [f"--config.{k}={v}" for k, v in over.items()]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    for cell in ("fp32-lsoff-s21", "bf16-lsoff-s21"):
-        done = json.loads((out / "cells" / cell / "done.json").read_text())
+def test_the_readme_budget_examples_do_what_they_say(corpus, tmp_path):
+    """Each command as the README writes it, run from a fresh directory, with the budget cut to 2 s and a
+    small corpus and model (the same overrides for every command)."""
+    cmds = _readme_budget_commands()
+    assert [c[2] for c in cmds] == ["jaxlm.main", "jaxlm.main", "jaxlm.main", "jaxlm.ablate"]
+    small = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items()
+             if k not in ("train.budget", "train.steps", "optim.schedule", "checkpoint.stages")}
+    small.update({"optim.warmup_steps": 0, "train.micro_batch_size": 2})  # (crammed.py ramps micro-batches)
+    outs = []
+    for cmd in cmds:
+        cmd = [a.replace("=90s", "=2s") for a in cmd] + [f"--config.{k}={v}" for k, v in small.items()]
+        if "configs/crammed.py" in cmd[3]:
+            cmd.append("--config.train.budget=2s")  # its 10 minutes, shortened
+        res = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert res.returncode == 0, (cmd, res.stderr[-3000:])
+        outs.append(res)
+    runs = tmp_path / "runs"
+    # 1. tiny by a budget: the startup line, the progress by the budget, the end at the budget
+    assert "budget: the run ends when 2.0 s are spent" in outs[0].stdout and "no step cap" in outs[0].stdout
+    assert re.search(r"^step \d+  loss \S+  f 0\.\d\d · \d s left", outs[0].stderr, re.M), outs[0].stderr[-2000:]
+    assert re.search(r"done: budget 2\.\d s of 2\.0 s spent at step \d+", outs[0].stderr + outs[0].stdout)
+    fs, losses, recs = _fractions(runs / "b")
+    assert json.loads((runs / "b" / "done.json").read_text())["budget"]["seconds"] >= 2.0
+    assert recs[-1][telemetry.RUN_FRACTION] == 1.0 and len(fs) == recs[-1]["step"]
+    # 2. Cramming's recipe to its budget
+    assert json.loads((runs / "crammed" / "done.json").read_text())["budget"]["seconds"] >= 2.0
+    # 3. the replay: the same steps, the same losses bit for bit
+    fs2, losses2, _ = _fractions(runs / "b-replay")
+    assert fs2 == fs and losses2 == losses
+    # 4. the study by time: every cell the same budget, the report's time sections, where it was written
+    for cell in ("fp32-s21", "bf16-s21"):
+        done = json.loads((runs / "by-time" / "cells" / cell / "done.json").read_text())
         assert 2.0 <= done["budget"]["seconds"] < 3.0
-    md = (out / "report" / "report.md").read_text()
-    assert "At equal time" in md and "Time to validation loss 6" in md and "loss_vs_time.png" in md
+        assert f"{cell}: budget: the run ends when 2.0 s are spent" in outs[3].stderr
+    md = (runs / "by-time" / "report" / "report.md").read_text()
+    assert "At equal time" in md and "Time to validation loss 5" in md and "loss_vs_time.png" in md
+    assert f"report: wrote {(runs / 'by-time' / 'report' / 'report.md').resolve()}" in outs[3].stdout
