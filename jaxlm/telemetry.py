@@ -253,8 +253,8 @@ class Telemetry:
         self._budget = budget_lib.parse(cfg.train.budget) if not cfg.train.budget_replay else None
         if self._budget is not None:  # under a budget the bar counts the run fraction f, in percent
             self._bar = tqdm(total=100, unit="%", dynamic_ncols=True, file=sys.stderr, disable=None,
-                             desc=f"train {self.workdir.name}", bar_format="{l_bar}{bar}| f {n:.0f}% [{elapsed}<"
-                             "{remaining}{postfix}]")
+                             desc=f"train {self.workdir.name}",
+                             bar_format="{desc}: f {n:.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
         else:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                              file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
