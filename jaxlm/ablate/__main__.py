@@ -66,7 +66,7 @@ def main(argv):
     cli.require(config=F.config, out=F.out)
     cfg = F.config
     if F.budget:  # the same budget for every cell; --steps is then a step cap (train.max_steps)
-        cfg = config_lib.with_overrides(cfg, {"train.budget": F.budget, "train.max_steps": F.steps or 0})
+        cfg = config_lib.with_overrides(cfg, {"train.budget": F.budget, **({"train.max_steps": F.steps} if F.steps else {})})
     config_lib.validate(cfg)
     config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
     seeds = F.seeds or list(cfg.train.seeds)
