@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     # --- budgeted training (jaxlm/budget.py): the schedule and the batch ramp read the budget fraction f
     c.train.budget = "none"  # none (step-based) | wall-clock '15m', '2h', '90s' | FLOPs '1e18flops'
     c.train.budget_replay = ""  # RUN: replay that finished budgeted run's per-step f exactly (step-based)
+    # Under a budget train.steps is not read: the budget ends the run, or this step cap if it comes first
+    # (0 = none). An explicit train.steps (--config.train.steps=N, an overrides dict) sets it as well; a
+    # config file's own train.steps is the length of its step-based runs and never cuts a budget short.
+    c.train.max_steps = 0
     c.train.batch_ramp = 0.0  # >0: micro-batches trained on ramp with f, the full batch from f = this on
 
     # --- data ---------------------------------------------------------------------------------
@@ -113,5 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.stats_every = 100  # per-layer activation/attention stats (a costlier step); 0 = off
     c.log.wandb_mode = "offline"  # disabled | offline | online
     c.log.wandb_project = "jaxlm"
+    # W&B's grouping (jaxlm.ablate sets them per cell: the study, the regime, the keys the grid switches)
+    c.log.wandb_group = ""  # the run's group ("" = none)
+    c.log.wandb_job_type = ""  # its job type ("" = none)
+    c.log.wandb_keys = ()  # config keys also logged as top-level W&B config, by their last name (e.g. 'lr')
     c.log.peak_tflops = 0.0  # override the device peak used for MFU (0 = from the table)
     return c

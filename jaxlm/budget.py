@@ -128,27 +128,42 @@ def validate(cfg) -> None:
         if not t.micro_batch_size or t.micro_batch_size == t.batch_size:
             raise ConfigError(f"train.batch_ramp ramps the number of micro-batches; set train.micro_batch_size to a "
                               f"divisor of train.batch_size={t.batch_size} (e.g. {max(t.batch_size // 4, 1)})")
+    if t.max_steps < 0:
+        raise ConfigError(f"train.max_steps: the step cap of a budgeted run (0 = none), got {t.max_steps}")
     if t.budget_replay and budget is None:
         raise ConfigError("train.budget_replay replays a budgeted run; set train.budget to that run's budget")
 
 
 class Meter:
-    """What a run has spent: training-step seconds and FLOPs (both kept; the budget's kind is charged)."""
+    """What a run has spent: training-step seconds and FLOPs (both kept; the budget's kind is charged),
+    and the steps taken, against the budget and the step cap ``max_steps`` (train.max_steps; 0 = none).
 
-    def __init__(self, budget: Budget, seconds: float = 0.0, flops: float = 0.0, clock=time.perf_counter):
+    ``fraction`` is the run's f: the share of whichever limit is nearer its end, ``max(spent / budget,
+    step / max_steps)``, so the schedule reaches f = 1 at the limit that ends the run."""
+
+    def __init__(self, budget: Budget, seconds: float = 0.0, flops: float = 0.0, clock=time.perf_counter, *,
+                 max_steps: int = 0, step: int = 0):
         self.budget, self.seconds, self.flops, self.clock = budget, float(seconds), float(flops), clock
+        self.max_steps, self.step = int(max_steps), int(step)
+        self._start = (self.seconds, self.fraction)  # this session's start, for the ETA
 
     @property
     def spent(self) -> float:
         return self.seconds if self.budget.kind == "time" else self.flops
 
     @property
-    def fraction(self) -> float:
+    def budget_fraction(self) -> float:
+        """The share of the budget spent (what the budget alone says, whatever the step cap)."""
         return min(self.spent / self.budget.total, 1.0)
 
     @property
+    def fraction(self) -> float:
+        steps = self.step / self.max_steps if self.max_steps else 0.0
+        return min(max(self.budget_fraction, steps), 1.0)
+
+    @property
     def done(self) -> bool:
-        return self.spent >= self.budget.total
+        return self.spent >= self.budget.total or bool(self.max_steps and self.step >= self.max_steps)
 
     @property
     def waits(self) -> bool:
@@ -156,9 +171,40 @@ class Meter:
         return self.budget.kind == "time"
 
     def charge(self, seconds: float, flops: float) -> None:
+        """After each step: what it cost."""
         self.seconds += seconds
         self.flops += flops
+        self.step += 1
+
+    def eta(self) -> float | None:
+        """Training seconds left until the run's end (f = 1), at this session's rate of f per charged
+        second; under a wall-clock budget with no nearer step cap exactly the budget left. None before
+        the first charged step."""
+        s0, f0 = self._start
+        df, ds = self.fraction - f0, self.seconds - s0
+        if df <= 0 or ds <= 0:
+            return None
+        return (1.0 - self.fraction) * ds / df
 
     def state(self) -> dict:
         """What a checkpoint keeps (with the loader state), for ``Meter(budget, **state)`` on resume."""
         return {"seconds": self.seconds, "flops": self.flops}
+
+
+def cap_note(budget: Budget, max_steps: int, step: int, spent: float, per_step: float | None) -> str:
+    """The startup line of a budgeted run at `step` with `spent`: what will end it, the budget or the
+    step cap `max_steps` (0 = none), and where a cap binds first, the budget fraction it stops at.
+    `per_step`: one step's cost in the budget's unit (measured or computed; None: not measured)."""
+    unit = "s" if budget.kind == "time" else "FLOPs"
+    if not max_steps:
+        rate = f" (about {step + int((budget.total - spent) / per_step):,} steps at {per_step:.3g} {unit}/step)" \
+            if per_step else ""
+        return (f"budget: the run ends when {budget.describe()} are spent{rate}; no step cap "
+                "(an explicit train.steps or train.max_steps sets one)")
+    at = min((spent + (max_steps - step) * per_step) / budget.total, 1.0)
+    if at >= 1.0:
+        return (f"budget: the run ends when {budget.describe()} are spent, before its step cap "
+                f"train.max_steps={max_steps:,} (at {per_step:.3g} {unit}/step)")
+    return (f"budget: the step cap train.max_steps={max_steps:,} ends the run first: at the measured "
+            f"{per_step:.3g} {unit}/step it stops at budget f {at:.2f} ({at:.0%} of {budget.describe()} spent); "
+            "the schedule's f reaches 1 there, so the lr reaches its floor at the last step")

@@ -64,7 +64,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with every error turned into one ``error:`` line (exit status 2)."""
     argv = [_resolve_config_arg(a) for a in argv]
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        for name in FLAGS:  # a config file flag's --config.* overrides are what the user set explicitly
+            if config_flags.config_flags.is_config_flag(FLAGS[name]) and FLAGS[name].value is not None:
+                config_lib.note_explicit(FLAGS[name].value, config_flags.get_override_values(FLAGS[name]))
+        return rest
     except SystemExit:  # absl's --help printed the flags and exits 1; asking for help is no error
         if any(a.split("=")[0] in ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
             sys.exit(0)

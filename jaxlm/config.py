@@ -73,6 +73,7 @@ def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ml
     cfg.lock()
     for key, value in (overrides or {}).items():
         set_by_path(cfg, key, value)
+    note_explicit(cfg, overrides or {})
     validate(cfg)
     return cfg
 
@@ -83,8 +84,26 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) ->
     new.lock()
     for key, value in overrides.items():
         set_by_path(new, key, value)
+    note_explicit(new, overrides)
     validate(new)
     return new
+
+
+def get_by_path(cfg: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:
+    """``cfg.<dotted>``, or `default` where a part of the path does not exist."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def note_explicit(cfg: ml_collections.ConfigDict, keys) -> None:
+    """What the user set explicitly (override keys) that a config file's value does not mean: an explicit
+    train.steps is also the step cap of a budgeted run (train.max_steps), unless that is set too."""
+    if "train.steps" in keys and "train.max_steps" not in keys:
+        cfg.train.max_steps = cfg.train.steps
 
 
 def set_by_path(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -213,6 +232,9 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(f"log.wandb_mode: unknown {cfg.log.wandb_mode!r}; allowed: disabled, offline, online")
     if cfg.log.every <= 0:
         raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
+    for key in cfg.log.wandb_keys:
+        if get_by_path(cfg, key, None) is None:
+            raise ConfigError(f"log.wandb_keys: {key!r} is not a config key (e.g. 'optim.lr')")
     if cfg.data.on_missing_field not in ("fail", "skip"):
         raise ConfigError(f"data.on_missing_field: allowed: fail, skip; got {cfg.data.on_missing_field!r}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

@@ -14,6 +14,7 @@ count wrote it (eval, generate and export use it).
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Callable
 
@@ -78,7 +79,9 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         epoch_len = len(loader.rows)
 
         replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
-        meter = budget_lib.Meter(trainer.budget) if trainer.budget is not None and replay is None else None
+        max_steps = int(cfg.train.max_steps)
+        meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None
+                 else None)
 
         def data_state(step):
             d = {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
@@ -89,7 +92,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             if int(saved_data["next_index"]) != start:
                 raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
             if meter is not None:
-                meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}))
+                meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}), max_steps=max_steps, step=start)
             say(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
                 + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else ""))
         else:
@@ -102,8 +105,10 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         batches = data.device_prefetch(loader, trainer.batch_sharding)
         eval_fn = _validation_batches(cache, cfg, trainer, say)
 
-        total = cfg.train.steps if replay is None else len(replay)
-        tele = telemetry.Telemetry(workdir, cfg, total_steps=total, start_step=start, run_metadata=meta)
+        # the last step: a replay's, else train.steps; under a budget the meter ends the run (train.max_steps)
+        total = len(replay) if replay is not None else cfg.train.steps if meter is None else max_steps or math.inf
+        tele = telemetry.Telemetry(workdir, cfg, total_steps=total if meter is None else max_steps,
+                                   start_step=start, run_metadata=meta)
         ckpt.before_save = lambda: tele.sync(force=True)
         result = train.LoopResult(state, start, budget_spent=meter is not None and meter.done)
         if start < total and not result.budget_spent:
@@ -112,9 +117,8 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             knobs = trainer.knobs(0.0 if replay is None else replay[start])
             trainer.train_step.lower(state, first, *knobs).compile()
             tele.log(start, {telemetry.COMPILE_TIME: time.perf_counter() - t0})
-            if meter is not None:
-                if start < cfg.optim.warmup_steps:
-                    _check_warmup_fits(trainer, state, first, meter, say)
+            if meter is not None:  # what will end the run, at the measured step cost; the warmup must fit
+                say(_budget_start(trainer, state, first, meter, start))
                 if restored is None:
                     ckpt.save(0, state, data_state(0))
             batches = _chain([first], batches)
@@ -134,8 +138,9 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             tele.message(f"stopped: {result.stopped}")
         else:
             tele.message(f"done: step {result.step} of {total}; run directory {workdir}" if meter is None else
-                         f"done: budget {trainer.budget.describe(meter.spent)} spent at step {result.step}; "
-                         f"run directory {workdir}")
+                         f"done: budget {trainer.budget.describe(meter.spent)} spent at step {result.step}"
+                         + (f" (the step cap train.max_steps={max_steps:,})" if result.step == max_steps else "")
+                         + f"; run directory {workdir}")
     finally:
         if tele is not None:
             tele.close()
@@ -187,30 +192,38 @@ def replay_fractions(run_dir) -> list[float]:
     return fractions
 
 
-def _check_warmup_fits(trainer, state, batch, meter, say) -> None:
-    """Under a budget, optim.warmup_steps must fit in it at the measured step rate: one ConfigError before
-    training if they do not. Times a step of the first (smallest, under train.batch_ramp) kind on a copy."""
+def _budget_start(trainer, state, batch, meter, start: int) -> str:
+    """Under a budget, before training: optim.warmup_steps must fit in the budget at the measured step
+    cost (one ConfigError if they do not), and the startup line says what will end the run, the budget
+    or the step cap train.max_steps, with the budget fraction where a cap stops it (budget.cap_note).
+    A wall-clock step is timed on a copy of the state (the first, smallest kind under train.batch_ramp),
+    only where the warmup or a step cap needs it."""
     warm = int(trainer.cfg.optim.warmup_steps)
     knobs = trainer.knobs(0.0)
+    unit = "s" if meter.budget.kind == "time" else "FLOPs"
     if meter.budget.kind == "flops":
         per_step = int(knobs[0]["micro_batches"]) * trainer.micro * trainer.seq_len * trainer.flops_per_token
-        need, unit = warm * per_step, "FLOPs"
-    else:
+    elif start < warm or meter.max_steps:
         scratch = jax.tree.map(jnp.copy, state)
         scratch, m = trainer.train_step(scratch, batch, *knobs)  # (compiled already; warms the caches)
         jax.block_until_ready(m)
         t = time.perf_counter()
         scratch, m = trainer.train_step(scratch, batch, *knobs)
         jax.block_until_ready(m)
-        per_step, unit = time.perf_counter() - t, "s"
+        per_step = time.perf_counter() - t
         del scratch
-        need = warm * per_step
-    if need >= meter.budget.total - meter.spent:
+    else:
+        per_step = None
+    left = meter.budget.total - meter.spent
+    if start < warm and warm * per_step >= left:
         raise ConfigError(
             f"train.budget={trainer.cfg.train.budget!r} is shorter than the warmup: optim.warmup_steps={warm} "
-            f"at the measured {per_step:.3g} {unit}/step need {need:.3g} {unit} of the "
-            f"{meter.budget.total - meter.spent:.3g} left; raise the budget or lower optim.warmup_steps")
-    say(f"budget: {meter.budget.describe(meter.spent)} spent; the warmup takes about {need / meter.budget.total:.1%}")
+            f"at the measured {per_step:.3g} {unit}/step need {warm * per_step:.3g} {unit} of the "
+            f"{left:.3g} left; raise the budget or lower optim.warmup_steps")
+    note = budget_lib.cap_note(meter.budget, meter.max_steps, start, meter.spent, per_step)
+    if start < warm:
+        note += f"; the warmup takes about {warm * per_step / meter.budget.total:.1%} of the budget"
+    return note
 
 
 def _describe(trainer: train.Trainer, mesh) -> str:

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import budget as budget_lib
+from jaxlm import config as config_lib
 from jaxlm import files, paths, precision
 
 # --- metric names -------------------------------------------------------------------------
@@ -62,6 +64,9 @@ STEP_LRS = "train/step_lrs"  # every step's learning rate since the last record
 MICRO_BATCHES = "budget/micro_batches"  # micro-batches the last step trained on (train.batch_ramp)
 BUDGET_SPENT = "budget/spent"  # seconds (wall-clock budget) or FLOPs charged so far
 TRAIN_TIME = "budget/train_time_s"  # seconds of training steps so far (compile, eval, saves not counted)
+RUN_FRACTION = "budget/run_fraction"  # f reached: the share of the budget or of its step cap, the nearer one
+BUDGET_LEFT = "budget/left"  # seconds or FLOPs of the budget not yet spent
+BUDGET_ETA = "budget/eta_s"  # training seconds until the run ends (f = 1), at the measured rate
 
 TRAIN_METRICS = (LOSS, STEP_LOSSES, PERPLEXITY, LR, GRAD_NORM, GRAD_NORM_CLIPPED, PARAM_NORM, UPDATE_NORM,
                  LOSS_SCALE, SKIPPED, NONFINITE, STEP_TIME, TOKENS_PER_S, MFU, DEVICE_MEMORY)
@@ -245,8 +250,14 @@ class Telemetry:
             files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
+        self._budget = budget_lib.parse(cfg.train.budget) if not cfg.train.budget_replay else None
+        if self._budget is not None:  # under a budget the bar counts the run fraction f, in percent
+            self._bar = tqdm(total=100, unit="%", dynamic_ncols=True, file=sys.stderr, disable=None,
+                             desc=f"train {self.workdir.name}",
+                             bar_format="{desc}: f {n:.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+        else:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
         self._t0, self._step0 = time.time(), start_step
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -271,17 +282,24 @@ class Telemetry:
             eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - int(step))
             parts = [f"step {int(step)}/{self.total_steps}", f"loss {rec[LOSS]:.4f}" if isinstance(rec[LOSS], float)
                      else f"loss {rec[LOSS]}"]
+            if self._budget is not None and RUN_FRACTION in rec:  # the budget decides the end, and the ETA
+                parts[0] = f"step {int(step)}"
+                parts.append(budget_progress(self._budget, rec))
+                eta = rec.get(BUDGET_ETA, float("nan"))
             if EVAL_LOSS in rec:
                 parts.append(f"eval {rec[EVAL_LOSS]:.4f}" if isinstance(rec[EVAL_LOSS], float) else f"eval {rec[EVAL_LOSS]}")
             if rec.get(TOKENS_PER_S):
                 parts.append(f"{rec[TOKENS_PER_S]:,.0f} tok/s")
             if rec.get(SKIPPED):
                 parts.append(f"skipped {int(rec[SKIPPED])}")
-            parts.append(f"eta {eta:,.0f}s")
+            parts.append(f"eta {eta:,.0f}s" if math.isfinite(eta) else "eta ?")
             print("  ".join(parts), file=sys.stderr, flush=True)
         elif self._bar is not None and LOSS in rec:
             self._bar.n = int(step)
             post = {"loss": f"{rec[LOSS]:.4f}" if isinstance(rec[LOSS], float) else rec[LOSS]}
+            if self._budget is not None and RUN_FRACTION in rec:
+                self._bar.n = round(100 * rec[RUN_FRACTION], 1)
+                post = {"step": int(step), **post, "budget": budget_progress(self._budget, rec).split(" · ", 1)[1]}
             if rec.get(TOKENS_PER_S):
                 post["tok/s"] = f"{rec[TOKENS_PER_S]:,.0f}"
             if rec.get(LOSS_SCALE, 1.0) != 1.0:
@@ -319,6 +337,13 @@ class Telemetry:
             self._wandb = None
 
 
+def budget_progress(b: budget_lib.Budget, rec: dict) -> str:
+    """The progress line's budget part, from a record: ``f 0.47 · 48 s left``."""
+    left = rec[BUDGET_LEFT]
+    left = f"{left:,.0f} s left" if b.kind == "time" else f"{left:.3g} FLOPs left"
+    return f"f {rec[RUN_FRACTION]:.2f} · {left}"
+
+
 def _start_wandb(workdir: Path, cfg, meta):
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb  # heavy (starts a service); only when a run logs to it
@@ -328,6 +353,10 @@ def _start_wandb(workdir: Path, cfg, meta):
     run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
     files.atomic_write(run_id_file, run_id)
     local.mkdir(parents=True, exist_ok=True)
+    config = dict(jsonable(meta or {}).get("config") or {})
+    for key in cfg.log.wandb_keys:  # top-level, for W&B's grouping and parallel coordinates
+        config[key.rsplit(".", 1)[-1]] = jsonable(config_lib.get_by_path(cfg, key))
     return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
-                      resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
+                      resume="allow", name=workdir.name, config=config, group=cfg.log.wandb_group or None,
+                      job_type=cfg.log.wandb_job_type or None,
                       settings=wandb.Settings(console="off", x_disable_stats=True))

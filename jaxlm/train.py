@@ -10,6 +10,7 @@ The state is donated; the host reads metrics only at log steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -251,14 +252,20 @@ def loop(
     """Runs steps from state.step to train.steps. `on_step(step, state)` (checkpointing, preemption)
     may return a reason to stop. Host syncs happen only at log/eval/stats steps.
 
-    Under a budget (`meter`, train.budget): each step trains with the budget fraction reached before
-    it, and the loop stops when the budget is spent (train.steps is then only a cap); under a wall
-    clock it waits for every step to finish, so the clock charges the steps and nothing else.
+    Under a budget (`meter`, train.budget): each step trains with the run fraction f reached before
+    it, and the loop stops when the meter is done: the budget spent, or its step cap train.max_steps
+    reached (train.steps is not read); under a wall clock it waits for every step to finish, so the
+    clock charges the steps and nothing else.
     `replay` (train.budget_replay): every step's f, taken from a finished budgeted run; the loop runs
     exactly those steps."""
     cfg = trainer.cfg
     step = int(jax.device_get(state.step))
-    total = cfg.train.steps if replay is None else len(replay)
+    if replay is not None:
+        total = len(replay)
+    elif meter is not None:  # the meter ends the run: the budget, or its step cap (train.max_steps)
+        total = math.inf
+    else:
+        total = cfg.train.steps
     log_every, stats_every, eval_every = cfg.log.every, cfg.log.stats_every, cfg.train.eval_every
     tokens_per_step = trainer.batch_size * trainer.seq_len
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, cfg.log.peak_tflops)
@@ -307,9 +314,14 @@ def loop(
             if telemetry.BUDGET_FRACTION in last:  # under a budget: every step's f and lr, as float32 values
                 record[telemetry.STEP_FRACTIONS] = [float(m[telemetry.BUDGET_FRACTION]) for m in host]
                 record[telemetry.STEP_LRS] = [float(m[telemetry.LR]) for m in host]
-            if meter is not None:
+            if meter is not None:  # (and the progress line's: f reached, budget left, ETA)
                 record[telemetry.BUDGET_SPENT] = meter.spent
                 record[telemetry.TRAIN_TIME] = meter.seconds
+                record[telemetry.RUN_FRACTION] = meter.fraction
+                record[telemetry.BUDGET_LEFT] = max(meter.budget.total - meter.spent, 0.0)
+                eta = meter.eta()
+                if eta is not None:
+                    record[telemetry.BUDGET_ETA] = eta
             window = []
         if stats is not None:
             s = jax.device_get(stats)

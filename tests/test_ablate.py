@@ -26,7 +26,7 @@ def grid(tmp_path_factory):
     """The stress preset, shortened: naive fp16 vs fp16_upcast, layer scaling on, one seed."""
     out = tmp_path_factory.mktemp("grid")
     cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16,fp16_upcast",
-           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=disabled"]
+           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=offline"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -55,6 +55,21 @@ def test_stress_preset_fp16_overflows_and_upcast_trains(grid):
     assert losses[-1] < losses[0] - 0.5, losses
     # the overflow is the attention one: upcast's raw QK^T (score × 16 × layer) is past fp16's range
     assert max(_f(r[telemetry.ATTN_MAX][0]) for r in upcast if telemetry.ATTN_MAX in r) * 16 > 65504
+
+
+@pytest.mark.slow
+def test_every_cell_is_an_offline_wandb_run_of_the_study_by_regime_with_the_switched_keys(grid):
+    """What W&B's grouping and parallel coordinates read, from the run files wandb wrote (offline)."""
+    from helpers import wandb_offline
+
+    out, _ = grid
+    for cell, regime in (("fp16-lson-s21", "fp16"), ("fp16_upcast-lson-s21", "fp16_upcast")):
+        info = wandb_offline.run_info(out / "cells" / cell)
+        assert (info["group"], info["job_type"], info["name"]) == (out.name, regime, cell)
+        c = info["config"]
+        assert (c["regime"], c["seed"], c["scale_attn_by_inverse_layer_idx"], c["query_key_layer_scaling"]) == (
+            regime, 21, True, False)  # the switched keys, top-level
+        assert c["precision"]["regime"] == regime and c["train"]["steps"] == 40  # and the whole config, nested
 
 
 @pytest.mark.slow
@@ -96,7 +111,7 @@ def test_report_from_two_machines(grid, tmp_path):
         from PIL import Image
 
         Image.open(tmp_path / "report" / name).verify()
-        assert f"({name})" in md and f"src='{name}'" in html
+        assert f"({name})" in md and f'src="{name}"' in html
 
 
 @pytest.mark.slow
@@ -183,3 +198,87 @@ def test_sampling_filters():
     top_p = {int(generate.sample(logits, k, 1.0, 0, 0.7)) for k in keys}
     assert top_p == {0, 1}  # 0.5 < 0.7, then 0.5+0.3 covers it
     assert int(generate.sample(logits, keys[0], 0.0, 0, 1.0)) == 0
+
+
+# --- the report's account of a diverged run (one definition of its first non-finite step) -----------
+
+def _study_run(d, regime, seed, losses, every=5, compute="float32", done=True):
+    """A run directory as jaxlm.main writes it: every step's loss in records of `every` steps."""
+    d.mkdir(parents=True)
+    meta = {"environment": {"device_kind": "cpu"},
+            "precision": {"name": regime, "compute_dtype": compute, "attn_dtype": compute, "param_dtype": "float32"},
+            "config": {"model": {"scale_attn_by_inverse_layer_idx": False}, "optim": {"lr": 1e-3},
+                       "train": {"seed": seed, "budget": "none"}}}
+    (d / "run.json").write_text(json.dumps(meta))
+    recs = []
+    for end in range(every, len(losses) + 1, every):
+        chunk = [str(x) if not math.isfinite(x) else x for x in losses[end - every:end]]
+        mean = float(np.mean(losses[end - every:end]))
+        recs.append({"step": end, telemetry.LOSS: mean if math.isfinite(mean) else "nan",
+                     telemetry.STEP_LOSSES: chunk, telemetry.LOSS_SCALE: 2.0 ** 15 if compute == "float16" else 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if done:
+        (d / "done.json").write_text(json.dumps({"step": len(losses), "stopped": None}))
+
+
+DIVERGES_AT_17 = [4.0 - 0.05 * i for i in range(16)] + [float("nan")] * 24  # steps 1..16 finite, NaN from 17
+
+
+def test_the_cli_and_the_report_name_the_same_first_non_finite_step(tmp_path):
+    from jaxlm.ablate import grid, runs
+
+    _study_run(tmp_path / "fp16-s21", "fp16", 21, DIVERGES_AT_17, compute="float16")
+    run = runs.read_run(tmp_path / "fp16-s21")
+    # the record at step 20 holds steps 16..20: the first NaN is step 17, not the record's step 20
+    assert run.first_nonfinite_step() == 17
+    assert grid.outcome(tmp_path / "fp16-s21") == run.status == "diverged (non-finite training loss at step 17)"
+    _study_run(tmp_path / "fp32-s21", "fp32", 21, [4.0 - 0.05 * i for i in range(40)])
+    assert runs.read_run(tmp_path / "fp32-s21").status == "finished"
+
+
+def test_a_diverged_curve_is_drawn_above_the_others_and_marked(tmp_path):
+    from jaxlm.ablate import plots, runs
+
+    plt = plots._plt()
+    same = [4.0 - 0.05 * i for i in range(40)]  # fp16 follows fp32 exactly until it diverges
+    d = ROOT / "unused"
+    bad = runs.Run(d, "cpu", "fp16", False, 21, [], {"step": 40})
+    ok = runs.Run(d, "cpu", "fp32", False, 21, [], {"step": 40})
+    for r, losses in ((bad, same[:16] + [float("nan")] * 24), (ok, same)):
+        r.records = [{"step": e, telemetry.LOSS: float(np.mean(losses[e - 5:e])),
+                      telemetry.STEP_LOSSES: losses[e - 5:e]} for e in range(5, 41, 5)]
+    fig, ax = plt.subplots()
+    plots.draw_over_steps(ax, {bad.group: [bad], ok.group: [ok]}, telemetry.LOSS)  # the diverged group first
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    diverged = next(v for k, v in lines.items() if "fp16" in k)
+    assert "diverged at step 17" in diverged.get_label()
+    assert diverged.get_zorder() > lines[ok.label + " [cpu]"].get_zorder()  # on top of fp32's, not beneath it
+    xs = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert len(xs) == 1 and xs[0].get_xdata()[0] == 15 and xs[0].get_zorder() > diverged.get_zorder() - 0.01
+    plt.close(fig)
+    for r in (bad, ok):  # loss over training time: "(1 seed)", not "(1 seeds)"
+        r.records = [{"step": 10, telemetry.TRAIN_TIME: 60.0, telemetry.EVAL_LOSS: 3.0}]
+    labels = plots.plot_loss_over_time({bad.group: [bad], ok.group: [ok, ok]}, tmp_path / "t.png")
+    assert labels == ["fp16 (1 seed)", "fp32 (2 seeds)"]
+
+
+@pytest.mark.slow  # a subprocess and two reports: 5-15 s
+def test_ablate_report_says_where_it_wrote_and_has_no_loss_scale_panel_without_fp16(tmp_path):
+    study = tmp_path / "study"
+    _study_run(study / "fp32-s21", "fp32", 21, [4.0 - 0.05 * i for i in range(40)])
+    _study_run(study / "bf16-s21", "bf16", 21, DIVERGES_AT_17, compute="bfloat16")
+    res = subprocess.run([sys.executable, "-m", "jaxlm.ablate", "report", str(study), "--out=rep"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = (tmp_path / "rep").resolve()
+    assert f"report: wrote {rep / 'report.md'} and {rep / 'report.html'} (with 5 plots) in {rep}" in res.stdout
+    md = (rep / "report.md").read_text()
+    assert not (rep / "loss_scale.png").exists() and "loss_scale.png" not in md  # no fp16 cell, no loss scale
+    assert "| cpu | bf16 | 21 | 17 | 0 | 1 | diverged (non-finite training loss at step 17) |" in md
+    html = (rep / "report.html").read_text()  # the same document, rendered by Python-Markdown
+    assert "<td>diverged (non-finite training loss at step 17)</td>" in html and '<img alt="' in html
+    from jaxlm.ablate import report
+
+    _study_run(study / "fp16-s21", "fp16", 21, DIVERGES_AT_17, compute="float16")
+    md = report.build([study], tmp_path / "rep2").read_text()
+    assert (tmp_path / "rep2" / "loss_scale.png").read_bytes().startswith(PNG) and "(loss_scale.png)" in md

@@ -28,6 +28,7 @@ LAYERS = [
     ["jaxlm.run"],
     ["jaxlm.cli"],
     ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.throughput", "jaxlm.ablate",
+     "jaxlm.ablate.runs", "jaxlm.ablate.analysis", "jaxlm.ablate.plots",  # the report's parts, one way: runs <- plots
      "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
      "jaxlm.data.bench", "jaxlm.probe", "jaxlm.probe.tasks", "jaxlm.probe.mdl", "jaxlm.probe.report",
      "jaxlm.probe.study", "jaxlm.probe.__main__"],

@@ -4,6 +4,7 @@ budget, resume after kill -9, bit-identical replay, the batch ramp, and clear er
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,21 +133,89 @@ def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
     assert max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) < 1e-6
 
 
-@pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_the_loop_stops_at_the_budget_on_a_fake_clock(tmp_path):
-    cfg = _tiny(**{"train.budget": "10s", "optim.schedule": "linear", "log.every": 4})
-    tr = _trainer(cfg)
-    ticks = itertools.count(0.0, 0.25)  # four clock readings per step: each step charges 0.5 s
-    meter = budget.Meter(tr.budget, clock=lambda: next(ticks))
-    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=cfg.train.steps)
-    res = train.loop(tr, tr.init(jnp.asarray(0, jnp.uint32)), _batches(cfg, tr), tele, meter=meter)
+# --- what ends a budgeted run: the budget, or an explicit step cap ---------------------------------
+
+SHORT_CONFIG = """
+from configs import tiny
+def get_config():
+    c = tiny.get_config()
+    c.train.steps = 6  # the file's own step count: the length of its step-based runs
+    return c
+"""
+
+
+@pytest.fixture(scope="module")
+def short_trainer(tmp_path_factory):
+    """A trainer of a config file whose own train.steps (6) is far below what a 10 s budget runs."""
+    d = tmp_path_factory.mktemp("short")
+    (d / "short.py").write_text(SHORT_CONFIG)
+    cfg = config.load(d / "short.py", {"train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32,
+                                       "optim.warmup_steps": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
+                                       "train.eval_every": 0, "log.every": 4, "train.budget": "10s",
+                                       "optim.schedule": "linear"})
+    return _trainer(cfg)
+
+
+def _fake_clock_run(tmp_path, tr, max_steps, capsys):
+    """train.loop on a fake clock (four readings per step: each step charges 0.5 s), with the
+    Telemetry's plain progress lines (stderr is no terminal here). -> (result, meter, records, lines)"""
+    ticks = itertools.count(0.0, 0.25)
+    meter = budget.Meter(tr.budget, clock=lambda: next(ticks), max_steps=max_steps)
+    tele = telemetry.Telemetry(tmp_path, tr.cfg, total_steps=max_steps)
+    capsys.readouterr()
+    res = train.loop(tr, tr.init(jnp.asarray(0, jnp.uint32)), _batches(tr.cfg, tr), tele, meter=meter)
     tele.close()
-    assert res.budget_spent and res.step == 20 and meter.spent == 10.0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
     recs = [r for r in telemetry.read_metrics(tmp_path / "metrics.jsonl")[0] if telemetry.STEP_FRACTIONS in r]
+    return res, meter, recs, lines
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_floor(short_trainer, tmp_path, capsys):
+    cfg = short_trainer.cfg
+    assert cfg.train.steps == 6 and cfg.train.max_steps == 0  # the file's steps: no cap
+    res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
+    assert res.budget_spent and res.step == 20 and meter.spent == 10.0  # the budget, not train.steps, ended it
+    assert meter.fraction == 1.0 and recs[-1][telemetry.RUN_FRACTION] == 1.0
     fs = [f for r in recs for f in r[telemetry.STEP_FRACTIONS]]
-    assert fs == [np.float32(i / 20) for i in range(20)]
+    assert fs == [np.float32(i / 20) for i in range(20)]  # each step trains with the f reached before it
     lrs = [x for r in recs for x in r[telemetry.STEP_LRS]]
-    assert lrs[-1] == pytest.approx(cfg.optim.lr / 20, rel=1e-5)  # linear by f: one step's worth above 0
+    assert lrs[-1] == pytest.approx(cfg.optim.lr / 20, rel=1e-5)  # one step's worth above the floor (0)
+    assert float(budget.lr_factor(cfg.optim, 20, meter.fraction)) == 0.0  # the schedule at the end: its floor
+    # the progress line: budget spent and left, and an ETA within 10% of the budget left
+    assert lines[0].startswith("step 4  loss ") and "f 0.20 · 8 s left" in lines[0], lines
+    for line, r in zip(lines, [r for r in recs if telemetry.RUN_FRACTION in r]):
+        eta = float(line.rsplit("eta ", 1)[1].rstrip("s"))
+        left = 10.0 - r[telemetry.BUDGET_SPENT]
+        assert abs(eta - left) <= 0.1 * left + 0.5, (line, left)  # (+0.5: the line rounds to whole seconds)
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_its_floor(short_trainer, tmp_path,
+                                                                                         capsys):
+    cfg = config.with_overrides(short_trainer.cfg, {"train.steps": 8})
+    assert cfg.train.max_steps == 8  # an explicit train.steps is the cap
+    note = budget.cap_note(budget.parse("10s"), 8, 0, 0.0, 0.5)  # the startup line, at the step cost measured
+    assert "train.max_steps=8 ends the run first" in note and "budget f 0.40 (40% of 10.0 s spent)" in note
+    res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
+    assert res.budget_spent and res.step == 8 and meter.spent == 4.0 and meter.budget_fraction == 0.4
+    fs = [f for r in recs for f in r[telemetry.STEP_FRACTIONS]]
+    assert fs == [np.float32(i / 8) for i in range(8)]  # f by steps: the nearer limit
+    lrs = [x for r in recs for x in r[telemetry.STEP_LRS]]
+    assert lrs[-1] == pytest.approx(cfg.optim.lr / 8, rel=1e-5)  # one step's worth above the floor
+    assert recs[-1][telemetry.RUN_FRACTION] == 1.0
+    eta = float(lines[0].rsplit("eta ", 1)[1].rstrip("s"))  # after 4 of 8 steps at 0.5 s: 2 s left to the cap
+    assert lines[0].startswith("step 4  ") and "f 0.50 · 8 s left" in lines[0] and eta == pytest.approx(2.0, abs=0.5)
+
+
+def test_the_startup_line_says_what_ends_a_budgeted_run():
+    b = budget.parse("90s")
+    assert "ends when 90.0 s are spent (about 300 steps at 0.3 s/step); no step cap" in budget.cap_note(b, 0, 0, 0.0, 0.3)
+    assert "before its step cap train.max_steps=1,000" in budget.cap_note(b, 1000, 0, 0.0, 0.3)
+    # resumed at step 100 with 30 s spent: 100 more steps at 0.3 s bring the budget to f 0.67
+    assert "budget f 0.67" in budget.cap_note(b, 200, 100, 30.0, 0.3)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        _tiny(**{"train.max_steps": -1})
 
 
 # --- whole runs ------------------------------------------------------------------------------------
@@ -294,17 +363,52 @@ def test_report_by_time_ranks_within_each_accelerator_only(tmp_path):
     assert "fp32 crammed | 1/2 | 10.00" in md  # seed 49 never gets there
 
 
+def _readme_budget_commands() -> list[list[str]]:
+    """The commands of the README's budget section, as written (continuation lines joined, comments cut)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().split("## Budgeted training", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("  #", 1)[0]) for line in lines if line.strip()]
+
+
 @pytest.mark.slow
-def test_ablate_budget_gives_every_cell_the_same_budget(corpus, tmp_path):
-    out = tmp_path / "grid"
-    over = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items() if k not in ("train.budget", "train.steps")}
-    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/tiny.py", "--regimes=fp32,bf16", "--layer-scaling=off",
-           "--seeds=21", "--budget=2s", "--target-loss=6", f"--out={out}"] + [f"--config.{k}={v}" for k, v in over.items()]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    for cell in ("fp32-lsoff-s21", "bf16-lsoff-s21"):
-        done = json.loads((out / "cells" / cell / "done.json").read_text())
+def test_the_readme_budget_examples_do_what_they_say(corpus, tmp_path):
+    """Each command as the README writes it, run from a fresh directory, with the budget cut to 2 s and a
+    small corpus and model (the same overrides for every command)."""
+    cmds = _readme_budget_commands()
+    assert [c[2] for c in cmds] == ["jaxlm.main", "jaxlm.main", "jaxlm.main", "jaxlm.ablate"]
+    small = {k: v for k, v in _run_over(corpus, tmp_path / "cache").items()
+             if k not in ("train.budget", "train.steps", "optim.schedule", "checkpoint.stages")}
+    small["optim.warmup_steps"] = 0
+    outs = []
+    for cmd in cmds:
+        cmd = [a.replace("=90s", "=2s") for a in cmd] + [f"--config.{k}={v}" for k, v in small.items()]
+        if "configs/crammed.py" in cmd[3]:  # its 10 minutes shortened; its batch ramp over 4 micro-batches of 2
+            cmd += ["--config.train.budget=2s", "--config.train.micro_batch_size=2"]
+        res = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert res.returncode == 0, (cmd, res.stderr[-3000:])
+        outs.append(res)
+    runs = tmp_path / "runs"
+    # 1. tiny by a budget: the startup line, the progress by the budget, the end at the budget
+    assert "budget: the run ends when 2.0 s are spent" in outs[0].stdout and "no step cap" in outs[0].stdout
+    assert re.search(r"^step \d+  loss \S+  f 0\.\d\d · \d s left", outs[0].stderr, re.M), outs[0].stderr[-2000:]
+    assert re.search(r"done: budget 2\.\d s of 2\.0 s spent at step \d+", outs[0].stderr + outs[0].stdout)
+    fs, losses, recs = _fractions(runs / "b")
+    assert json.loads((runs / "b" / "done.json").read_text())["budget"]["seconds"] >= 2.0
+    assert recs[-1][telemetry.RUN_FRACTION] == 1.0 and len(fs) == recs[-1]["step"]
+    # 2. Cramming's recipe to its budget
+    assert json.loads((runs / "crammed" / "done.json").read_text())["budget"]["seconds"] >= 2.0
+    # 3. the replay: the same steps, the same losses bit for bit
+    fs2, losses2, _ = _fractions(runs / "b-replay")
+    assert fs2 == fs and losses2 == losses
+    # 4. the study by time: every cell the same budget, the report's time sections, where it was written
+    for cell in ("fp32-s21", "bf16-s21"):
+        done = json.loads((runs / "by-time" / "cells" / cell / "done.json").read_text())
         assert 2.0 <= done["budget"]["seconds"] < 3.0
-    md = (out / "report" / "report.md").read_text()
-    assert "At equal time" in md and "Time to validation loss 6" in md and "loss_vs_time.png" in md
+        assert f"{cell}: budget: the run ends when 2.0 s are spent" in outs[3].stderr
+    md = (runs / "by-time" / "report" / "report.md").read_text()
+    assert "At equal time" in md and "Time to validation loss 5" in md and "loss_vs_time.png" in md
+    assert f"report: wrote {(runs / 'by-time' / 'report' / 'report.md').resolve()}" in outs[3].stdout

@@ -11,7 +11,7 @@ import pytest
 
 from jaxlm import config, data, files, telemetry
 from jaxlm import run as run_lib
-from jaxlm.ablate import grid, report
+from jaxlm.ablate import grid, plots
 
 from conftest import ROOT, write_word_corpus
 
@@ -205,7 +205,7 @@ def test_a_diverged_cell_is_not_finished(tmp_path):
 
 
 def test_report_lines_differ_so_coincident_curves_show():
-    styles = [report._line_style(i, 100) for i in range(4)]
+    styles = [plots._line_style(i, 100) for i in range(4)]
     assert len({s["marker"] for s in styles}) == 4 and len({s["markevery"] for s in styles}) == 4
     assert [s["lw"] for s in styles] == sorted((s["lw"] for s in styles), reverse=True)
 

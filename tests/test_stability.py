@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import hf, model, precision
-from jaxlm.ablate import grid, report
+from jaxlm.ablate import analysis, grid, report, runs
 from jaxlm.errors import CheckpointError, ConfigError
 
 from conftest import ROOT
@@ -245,17 +245,17 @@ def test_lr_sensitivity_equals_a_hand_computation():
     points = {1e-3: [(4.0, 7.0), (4.2, 7.0)],  # 4.1
               1e-2: [(3.0, 7.0), (3.4, 7.0)],  # 3.2: the best
               1e-1: [(nan, 7.0), (8.0, 7.0)]}  # diverged and above init: both count as 7.0
-    s = report.lr_sensitivity(points)
+    s = analysis.lr_sensitivity(points)
     assert s["best_lr"] == 1e-2 and s["best_loss"] == pytest.approx(3.2)
     assert s["sensitivity"] == pytest.approx(((4.1 - 3.2) + 0 + (7.0 - 3.2)) / 3)
     assert s["diverges_at"] == 1e-1
-    assert report.lr_sensitivity({1e-3: [(5.0, 7.0)], 1e-2: [(5.0, 7.0)]})["sensitivity"] == 0.0
+    assert analysis.lr_sensitivity({1e-3: [(5.0, 7.0)], 1e-2: [(5.0, 7.0)]})["sensitivity"] == 0.0
     # a run's loss at init is step 1's loss (the first record holds only the compile time); final: validation
     recs = [{"step": 0, "perf/compile_time_s": 9.0}, {"step": 5, "train/loss": 6.5, "train/step_losses": [7.0, 6.0]},
             {"step": 10, "train/loss": 5.0, "eval/loss": 5.5}]
-    run = report.Run(ROOT, "cpu", "fp16", False, 21, recs, {"step": 10}, {"qk_norm": True}, 1e-2)
+    run = runs.Run(ROOT, "cpu", "fp16", False, 21, recs, {"step": 10}, {"qk_norm": True}, 1e-2)
     assert (run.init_loss, run.final_loss, run.config_label) == (7.0, 5.5, "fp16 +qk_norm")
-    assert math.isnan(report.Run(ROOT, "cpu", "fp32", False, 21, recs, {"stopped": "non-finite"}).final_loss)
+    assert math.isnan(runs.Run(ROOT, "cpu", "fp32", False, 21, recs, {"stopped": "non-finite"}).final_loss)
 
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short

@@ -34,8 +34,6 @@ from jaxlm import config as config_lib
 from jaxlm.ablate import grid, report
 from jaxlm.errors import ConfigError
 
-BUDGET_STEP_CAP = 1_000_000  # train.steps of the cells under --budget without --steps
-
 
 def define_flags():
     cli.define_config("config", "Base config of every cell, e.g. configs/stress_fp16.py.")
@@ -49,7 +47,7 @@ def define_flags():
     flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
     flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
     flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
-    flags.DEFINE_string("budget", None, "train.budget of every cell ('15m', '2h', '1e18flops'); --steps is then a cap.")
+    flags.DEFINE_string("budget", None, "train.budget of every cell ('15m', '2h', '1e18flops'); --steps is then a step cap.")
     flags.DEFINE_float("target_loss", None, "Report the training time to this validation loss.")
     flags.DEFINE_alias("target-loss", "target_loss")
 
@@ -61,15 +59,14 @@ def main(argv):
         if len(args) < 2:
             raise ConfigError("usage: python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT")
         cli.require(out=F.out)
-        path = report.build(args[1:], F.out, target_loss=F.target_loss)
-        print(f"wrote {path} and {path.with_suffix('.html')}")
+        print(wrote(report.build(args[1:], F.out, target_loss=F.target_loss)))
         return
     if args:
         raise ConfigError(f"unexpected arguments {args}; did you mean 'report'?")
     cli.require(config=F.config, out=F.out)
     cfg = F.config
-    if F.budget:  # the same budget for every cell; train.steps only a cap
-        cfg = config_lib.with_overrides(cfg, {"train.budget": F.budget, "train.steps": F.steps or BUDGET_STEP_CAP})
+    if F.budget:  # the same budget for every cell; --steps is then a step cap (train.max_steps)
+        cfg = config_lib.with_overrides(cfg, {"train.budget": F.budget, **({"train.max_steps": F.steps} if F.steps else {})})
     config_lib.validate(cfg)
     config_lib.set_xla_flags(cfg)  # before the backend starts: the cells' train.deterministic
     seeds = F.seeds or list(cfg.train.seeds)
@@ -84,8 +81,14 @@ def main(argv):
     for cell, s in status:
         print(f"{cell.name:<28} {s}")
     if len(status) == len(cells) and all(s != "interrupted" for _, s in status):
-        path = report.build([Path(F.out) / "cells"], Path(F.out) / "report", target_loss=F.target_loss)
-        print(f"report: {path}")
+        print(wrote(report.build([Path(F.out) / "cells"], Path(F.out) / "report", target_loss=F.target_loss)))
+
+
+def wrote(md: Path) -> str:
+    """Where the report went: both documents and the plots, by absolute path."""
+    d = md.resolve().parent
+    return (f"report: wrote {d / md.name} and {d / md.with_suffix('.html').name} "
+            f"(with {len(list(d.glob('*.png')))} plots) in {d}")
 
 
 if __name__ == "__main__":

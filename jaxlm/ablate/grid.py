@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm import telemetry
+from jaxlm.ablate import runs
 from jaxlm.errors import ConfigError
 
 # Layer-index scaling as one switch: its value -> (scale_attn_by_inverse_layer_idx, query_key_layer_scaling).
@@ -109,8 +109,15 @@ def cells(regimes, seeds, switches=()) -> list[Cell]:
 
 
 def cell_config(cfg, cell: Cell, out: Path, steps: int | None):
-    over = {"precision.regime": cell.regime, **cell.overrides(cfg),
-            "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data")}
+    """A cell's config: the base config with its regime, switches and seed; under a budget `steps` is a
+    step cap. In W&B the cell is a run of the study's group (OUT's name), of job type its regime, with
+    the keys the grid switches as top-level config (for grouping and parallel coordinates)."""
+    switched = cell.overrides(cfg)
+    over = {"precision.regime": cell.regime, **switched,
+            "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data"),
+            "log.wandb_group": cfg.log.wandb_group or Path(out).resolve().name, "log.wandb_job_type": cell.regime,
+            "log.wandb_keys": tuple(dict.fromkeys(["precision.regime", "train.seed", *switched,
+                                                   *cfg.log.wandb_keys]))}
     if steps:
         over["train.steps"] = steps
     return config_lib.with_overrides(cfg, over)
@@ -125,13 +132,10 @@ def is_done(workdir: Path, steps: int) -> bool:
 
 
 def outcome(workdir: Path) -> str:
-    """'finished', or 'diverged' with the first step whose logged training loss is not finite."""
+    """How a cell that has just returned ended: 'finished', or 'diverged' with its first non-finite step,
+    by the same definition as the report's (runs.first_nonfinite_step)."""
     records, _ = telemetry.read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else ([], 0)
-    for r in records:
-        loss = r.get(telemetry.LOSS)
-        if loss is not None and not math.isfinite(float(loss)):
-            return f"diverged (non-finite training loss at step {r[telemetry.STEP]})"
-    return "finished"
+    return runs.status(records, {})
 
 
 def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) -> list[tuple[Cell, str]]:
@@ -147,9 +151,11 @@ def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) ->
             status.append((cell, "done before"))
             log(f"[{i + 1}/{len(grid)}] {cell.name}: already finished, skipped")
             continue
-        log(f"[{i + 1}/{len(grid)}] {cell.name}: {c.train.steps} steps in {workdir}")
+        length = f"{c.train.steps} steps" if c.train.budget == "none" else f"budget {c.train.budget}"
+        log(f"[{i + 1}/{len(grid)}] {cell.name}: {length} in {workdir}")
         bar.set_postfix(cell=cell.name)
-        result = run_lib.run(c, workdir, log=lambda s: None)
+        # the run's own lines stay quiet but what ends a budgeted cell (as jaxlm.main says it)
+        result = run_lib.run(c, workdir, log=lambda s: log(f"  {cell.name}: {s}") if s.startswith("budget:") else None)
         if result.preempted:
             status.append((cell, "interrupted"))
             log(f"interrupted in {cell.name} at step {result.step}; run the same command again to resume the grid")
