@@ -113,5 +113,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.stats_every = 100  # per-layer activation/attention stats (a costlier step); 0 = off
     c.log.wandb_mode = "offline"  # disabled | offline | online
     c.log.wandb_project = "jaxlm"
+    c.log.tensorboard = True  # event files in WORKDIR/tensorboard (tensorboard --logdir runs/)
     c.log.peak_tflops = 0.0  # override the device peak used for MFU (0 = from the table)
     return c

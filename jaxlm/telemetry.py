@@ -1,8 +1,9 @@
 """Telemetry: metric names (defined once; reports and tests import them), FLOPs and MFU, sinks.
 
 Sinks, on process 0 only: a console progress bar with ETA, JSON Lines in ``WORKDIR/metrics.jsonl``
-(one record per log step), and wandb (``log.wandb_mode``: disabled/offline/online; offline by
-default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
+(one record per log step), TensorBoard event files in ``WORKDIR/tensorboard`` (``log.tensorboard``,
+on by default: ``tensorboard --logdir runs/``), and wandb (``log.wandb_mode``: disabled/offline/online;
+offline by default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
 versions, the jaxlm git commit, devices and mesh, once per run.
 """
 
@@ -73,6 +74,10 @@ STATS_METRICS = {"resid_rms": RESID_RMS, "attn_max": ATTN_MAX, "attn_min": ATTN_
                  "fp8_amax": FP8_AMAX, "fp8_saturated": FP8_SATURATED, "fp8_underflow": FP8_UNDERFLOW,
                  "logit_mean": LOGIT_MEAN, "log_z": LOG_Z}
 EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
+# Lists of one value per step since the last record (the others are per layer): TensorBoard gets each
+# value at its own step, the record at step s holding steps s-n+1 .. s.
+PER_STEP_METRICS = (STEP_LOSSES, STEP_LRS, STEP_FRACTIONS)
+TENSORBOARD_DIR = "tensorboard"  # under the workdir; jax.profiler traces go to its plugins/profile
 
 
 def perplexity(loss: float) -> float:
@@ -223,6 +228,7 @@ class Telemetry:
         self._bar = None
         self._wandb = None
         self._jsonl = None
+        self._tb = None
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +251,8 @@ class Telemetry:
             files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
+        if cfg.log.tensorboard:
+            self._tb = TensorBoard(self.workdir, start_step, run_metadata)
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
         self._t0, self._step0 = time.time(), start_step
@@ -266,6 +274,8 @@ class Telemetry:
                 elif isinstance(v, (int, float)):
                     flat[k] = v
             self._wandb.log(flat, step=int(step))
+        if self._tb is not None:
+            self._tb.log(rec)
         if self._bar is not None and self._bar.disable and LOSS in rec:  # no terminal: one line per record
             done = int(step) - self._step0
             eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - int(step))
@@ -301,6 +311,8 @@ class Telemetry:
         """Remote workdir: upload metrics.jsonl (whole, one atomic object write) if UPLOAD_EVERY_S has
         passed or `force` (the run forces it at every checkpoint save, so a resumed run's history is
         never shorter than its checkpoint). Local: nothing to do (every record is flushed)."""
+        if force and self._tb is not None:
+            self._tb.flush()
         if not (self.remote and self.is_main and self._jsonl is not None):
             return
         if force or time.time() - self._uploaded >= self.UPLOAD_EVERY_S:
@@ -317,6 +329,9 @@ class Telemetry:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def _start_wandb(workdir: Path, cfg, meta):
@@ -331,3 +346,65 @@ def _start_wandb(workdir: Path, cfg, meta):
     return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
                       resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
                       settings=wandb.Settings(console="off", x_disable_stats=True))
+
+
+class TensorBoard:
+    """Event files in WORKDIR/tensorboard: every number of every record as a scalar (a per-layer list
+    as ``name/<layer>``; a per-step list, ``PER_STEP_METRICS``, one value per step), and on a fresh run
+    the config as text and as hparams (section.key).
+
+    A resumed run (from the checkpoint at `start_step`) opens a new event file with
+    ``purge_step=start_step + 1``: TensorBoard drops the earlier files' events after the restored step,
+    which the resumed run writes again, so no step appears twice; metrics.jsonl is trimmed the same way.
+    ``flush`` runs before every checkpoint save, so the events up to a checkpoint are on disk when it is.
+    An object-store workdir's events are written to its local mirror (a TensorBoard reads that).
+    """
+
+    def __init__(self, workdir: Path, start_step: int, run_metadata: dict | None):
+        from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
+
+        local = paths.mirror(workdir) if paths.is_remote(workdir) else workdir
+        self.directory = Path(local) / TENSORBOARD_DIR
+        # a new file per start, named to sort after the earlier ones (the name has the time in seconds only)
+        n = len(list(self.directory.glob("events.out.tfevents.*"))) if self.directory.exists() else 0
+        self.writer = SummaryWriter(str(self.directory), purge_step=start_step + 1 if start_step else None,
+                                    flush_secs=30, filename_suffix=f".{n:04d}")
+        if not start_step and run_metadata is not None:
+            self._write_config(jsonable(run_metadata))
+
+    def _write_config(self, meta: dict) -> None:
+        from tensorboardX.summary import hparams  # (see __init__)
+
+        self.writer.add_text("config", "```\n" + json.dumps(meta, indent=2, sort_keys=True) + "\n```", 0)
+        flat = {}
+
+        def walk(prefix, node):
+            for k, v in node.items():
+                if isinstance(v, dict):
+                    walk(f"{prefix}{k}.", v)
+                else:
+                    flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+        walk("", meta.get("config", {}))
+        for summary in hparams(flat, {LOSS: float("nan"), EVAL_LOSS: float("nan")}):
+            self.writer.file_writer.add_summary(summary)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        """float() also reads jsonable's "inf"/"nan" strings back, and a bool as 0/1."""
+        step = rec[STEP]
+        for k, v in rec.items():
+            if k in (STEP, "time"):
+                continue
+            if k in PER_STEP_METRICS:
+                for i, x in enumerate(v):
+                    self.writer.add_scalar(k, float(x), step - len(v) + 1 + i)
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    self.writer.add_scalar(f"{k}/{i}", float(x), step)
+            elif v is not None:
+                self.writer.add_scalar(k, float(v), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

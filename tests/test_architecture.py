@@ -34,7 +34,8 @@ LAYERS = [
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb"}
+# tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard).
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX"}
 
 
 def _module_name(path: Path) -> str:
