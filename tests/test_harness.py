@@ -158,3 +158,29 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     p = harness(f"--hf={hf_dir}", "--tasks=jaxlm_test_broken", f"--include_path={tasks / 'broken'}")
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --tasks=jaxlm_test_broken: a task's dataset cannot")
+
+
+@pytest.mark.slow  # (shares the exported fixture's run)
+def test_the_harness_wikitext_metric_is_jaxlm_eval_on_disjoint_windows(exported):
+    """The harness's loglikelihood_rolling of a document is jaxlm.eval's token NLL, negated and summed,
+    over the stream EOS + document with --context = --stride = n_positions (disjoint windows); its
+    word_perplexity is exp of that over the raw text's words. (jaxlm.eval's own WikiText defaults
+    differ: see the README, "lm-evaluation-harness".)"""
+    from lm_eval.api.instance import Instance
+
+    from jaxlm import eval as eval_lib
+    from jaxlm import harness
+
+    from conftest import SHARED_DATA
+
+    path = SHARED_DATA / "wikitext-2" / "valid.txt"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared corpora live beside the checkout)")
+    text = path.read_text()[:3000]
+    run, _, _ = exported
+    lm = harness.JaxlmLM(workdir=run)
+    [ll] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    stream = np.asarray([lm.eot_token_id] + lm.tok_encode(text))
+    n = lm.max_length
+    nll = eval_lib.token_nll(lm.graphdef, lm.params, eval_lib.Text(stream, len(text.encode()), 1), context=n, stride=n)
+    assert len(stream) > 3 * n and ll == pytest.approx(-nll.sum(), rel=1e-6)
