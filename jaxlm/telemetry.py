@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxlm import files, paths, precision
+from jaxlm import files, paths, precision, tensorboard_sink
 
 # --- metric names -------------------------------------------------------------------------
 STEP = "step"
@@ -229,6 +229,11 @@ class Telemetry:
         self._wandb = None
         self._jsonl = None
         self._tb = None
+        # log.profile_steps: every process traces its devices (XProf shows each host) into the TensorBoard directory
+        local = paths.mirror(self.workdir) if self.remote else self.workdir
+        self.tensorboard_dir = Path(local) / TENSORBOARD_DIR
+        self._profile = (int(cfg.log.profile_start), int(cfg.log.profile_steps)) if cfg.log.profile_steps else None
+        self._tracing = False
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +257,8 @@ class Telemetry:
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
         if cfg.log.tensorboard:
-            self._tb = TensorBoard(self.workdir, start_step, run_metadata)
+            self._tb = tensorboard_sink.TensorBoard(self.tensorboard_dir, start_step, PER_STEP_METRICS, hparam_metrics=(
+                LOSS, EVAL_LOSS), run_metadata=None if run_metadata is None else jsonable(run_metadata))
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          file=sys.stderr, disable=None, desc=f"train {self.workdir.name}")
         self._t0, self._step0 = time.time(), start_step
@@ -275,7 +281,7 @@ class Telemetry:
                     flat[k] = v
             self._wandb.log(flat, step=int(step))
         if self._tb is not None:
-            self._tb.log(rec)
+            self._tb.log(int(step), {k: v for k, v in rec.items() if k not in (STEP, "time")})
         if self._bar is not None and self._bar.disable and LOSS in rec:  # no terminal: one line per record
             done = int(step) - self._step0
             eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - int(step))
@@ -299,6 +305,26 @@ class Telemetry:
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
 
+    def on_step(self, step: int, state) -> None:
+        """After step `step`: starts the log.profile_steps trace after step log.profile_start, stops it
+        once that many steps have run (waiting for them: dispatch is asynchronous)."""
+        if self._profile is None:
+            return
+        first, n = self._profile
+        if step == first and not self._tracing:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.tensorboard_dir))
+            self._tracing = True
+        elif self._tracing and step >= first + n:
+            self._stop_trace(state)
+
+    def _stop_trace(self, state=None) -> None:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self._tracing = False
+        self.message(f"profile: {self._profile[1]} steps traced into {self.tensorboard_dir / 'plugins' / 'profile'} "
+                     "(tensorboard --logdir: the Profile tab)")
+
     def message(self, text: str) -> None:
         if not self.is_main:
             return
@@ -320,6 +346,8 @@ class Telemetry:
             self._uploaded = time.time()
 
     def close(self) -> None:
+        if self._tracing:  # (a run that ended inside the profiled steps)
+            self._stop_trace()
         if self._bar is not None:
             self._bar.close()
         if self._jsonl is not None:
@@ -347,64 +375,3 @@ def _start_wandb(workdir: Path, cfg, meta):
                       resume="allow", name=workdir.name, config=jsonable(meta or {}).get("config"),
                       settings=wandb.Settings(console="off", x_disable_stats=True))
 
-
-class TensorBoard:
-    """Event files in WORKDIR/tensorboard: every number of every record as a scalar (a per-layer list
-    as ``name/<layer>``; a per-step list, ``PER_STEP_METRICS``, one value per step), and on a fresh run
-    the config as text and as hparams (section.key).
-
-    A resumed run (from the checkpoint at `start_step`) opens a new event file with
-    ``purge_step=start_step + 1``: TensorBoard drops the earlier files' events after the restored step,
-    which the resumed run writes again, so no step appears twice; metrics.jsonl is trimmed the same way.
-    ``flush`` runs before every checkpoint save, so the events up to a checkpoint are on disk when it is.
-    An object-store workdir's events are written to its local mirror (a TensorBoard reads that).
-    """
-
-    def __init__(self, workdir: Path, start_step: int, run_metadata: dict | None):
-        from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
-
-        local = paths.mirror(workdir) if paths.is_remote(workdir) else workdir
-        self.directory = Path(local) / TENSORBOARD_DIR
-        # a new file per start, named to sort after the earlier ones (the name has the time in seconds only)
-        n = len(list(self.directory.glob("events.out.tfevents.*"))) if self.directory.exists() else 0
-        self.writer = SummaryWriter(str(self.directory), purge_step=start_step + 1 if start_step else None,
-                                    flush_secs=30, filename_suffix=f".{n:04d}")
-        if not start_step and run_metadata is not None:
-            self._write_config(jsonable(run_metadata))
-
-    def _write_config(self, meta: dict) -> None:
-        from tensorboardX.summary import hparams  # (see __init__)
-
-        self.writer.add_text("config", "```\n" + json.dumps(meta, indent=2, sort_keys=True) + "\n```", 0)
-        flat = {}
-
-        def walk(prefix, node):
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    walk(f"{prefix}{k}.", v)
-                else:
-                    flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-        walk("", meta.get("config", {}))
-        for summary in hparams(flat, {LOSS: float("nan"), EVAL_LOSS: float("nan")}):
-            self.writer.file_writer.add_summary(summary)
-
-    def log(self, rec: dict[str, Any]) -> None:
-        """float() also reads jsonable's "inf"/"nan" strings back, and a bool as 0/1."""
-        step = rec[STEP]
-        for k, v in rec.items():
-            if k in (STEP, "time"):
-                continue
-            if k in PER_STEP_METRICS:
-                for i, x in enumerate(v):
-                    self.writer.add_scalar(k, float(x), step - len(v) + 1 + i)
-            elif isinstance(v, list):
-                for i, x in enumerate(v):
-                    self.writer.add_scalar(f"{k}/{i}", float(x), step)
-            elif v is not None:
-                self.writer.add_scalar(k, float(v), step)
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "jaxlm"
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
-     "jaxlm.budget"],
+     "jaxlm.budget", "jaxlm.tensorboard_sink"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],
     ["jaxlm.model"],

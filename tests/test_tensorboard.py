@@ -124,6 +124,7 @@ def test_the_sink_can_be_turned_off(tmp_path):
 
 @pytest.mark.slow  # trains 4 steps, then 2 again
 def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(tmp_path):
+    """... and log.profile_steps puts a profiler trace where TensorBoard's profile plugin (XProf) finds it."""
     from jaxlm import config, telemetry
     from jaxlm import run as run_lib
 
@@ -133,9 +134,10 @@ def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(t
     cfg = config.load(ROOT / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 4,
         "train.eval_every": 2, "train.eval_batches": 1, "log.every": 1, "log.stats_every": 2,
-        "log.wandb_mode": "disabled", "checkpoint.stages": ((2, 10),)})
+        "log.wandb_mode": "disabled", "checkpoint.stages": ((2, 10),), "log.profile_start": 1, "log.profile_steps": 2})
     run = tmp_path / "run"
     run_lib.run(cfg, run, log=lambda s: None)
+    assert list((run / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))  # steps 2-3, for XProf
     records, _ = telemetry.read_metrics(run / "metrics.jsonl")
     tb = read_scalars(run / "tensorboard")
     assert {telemetry.LOSS, telemetry.EVAL_LOSS, f"{telemetry.RESID_RMS}/1", telemetry.COMPILE_TIME} <= set(tb)
