@@ -35,8 +35,9 @@ LAYERS = [
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
-# tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard).
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX"}
+# tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard);
+# xprof: XProf's trace converters (a C++ extension), only when a profile is read (profiling.trace_events).
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX", "xprof"}
 
 
 def _module_name(path: Path) -> str:

@@ -150,3 +150,34 @@ def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(t
     assert [r["step"] for r in records if telemetry.LOSS in r] == [1, 2, 3, 4]
     assert_same(read_scalars(run / "tensorboard"), expected_scalars(records))
     assert sorted(raw_steps(run / "tensorboard", telemetry.LOSS)) == [1, 2, 3, 3, 4, 4]
+
+
+@pytest.mark.slow  # a profiler trace and XProf's C++ converters: several seconds
+def test_a_profile_is_read_through_xprof_as_through_the_trace_json(tmp_path):
+    """profiling.summarize reads the xplane.pb with XProf's converter; on a real CPU trace it finds the same
+    ops, times and model parts as from the Chrome JSON that jax.profiler writes beside it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlm import profiling
+
+    def f(x, w):
+        with jax.named_scope("mlp"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("attn"):
+            return jnp.sum(y @ w.T)
+
+    g = jax.jit(jax.grad(f, argnums=1))
+    x = w = jnp.ones((32, 32))
+    compiled = g.lower(x, w).compile()
+    compiled(x, w).block_until_ready()
+    with jax.profiler.trace(str(tmp_path / "tb")):
+        for _ in range(2):
+            compiled(x, w).block_until_ready()
+    [chrome] = (tmp_path / "tb").rglob("*.trace.json.gz")
+    (tmp_path / "json").mkdir()
+    shutil.copy(chrome, tmp_path / "json" / chrome.name)
+    ours = profiling.summarize(tmp_path / "tb", compiled.as_text(), steps=2)  # the xplane, through XProf
+    ref = profiling.summarize(tmp_path / "json", compiled.as_text(), steps=2)
+    assert ours["ops"] and {o["op"]: o["ms"] for o in ours["ops"]} == pytest.approx({o["op"]: o["ms"] for o in ref["ops"]})
+    assert ours["parts"] == pytest.approx(ref["parts"]) and "mlp fwd" in ours["parts"]
