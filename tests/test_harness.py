@@ -141,12 +141,25 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
         return subprocess.run([sys.executable, "-m", "jaxlm.harness", *args], capture_output=True, text=True, env=env,
                               timeout=600)
 
-    out = tmp_path / "results.json"
-    p = harness(f"--workdir={run}", f"--tasks={MC}", f"--include_path={tasks}", "--limit=4", f"--output={out}")
+    from lm_eval.api.instance import Instance
+
+    from jaxlm import harness as harness_lib
+
+    out = tmp_path / "results.json"  # on 2 simulated devices, the batch split over them
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    p = harness(f"--workdir={run}", f"--tasks={MC}", f"--include_path={tasks}", "--limit=4", f"--output={out}",
+                "--batch_size=3", "--log_samples")
+    del env["XLA_FLAGS"]
     assert p.returncode == 0, p.stderr
     results = json.loads(out.read_text())
     assert results["results"][MC]["alias"] == MC and "acc,none" in results["results"][MC]
     assert results["n-samples"][MC]["effective"] == 4 and MC in p.stdout and "acc" in p.stdout
+    samples = [json.loads(line) for line in open(str(out) + ".samples.jsonl")]
+    args = [tuple(a) for s in samples for a in s["arguments"]]
+    got = [tuple(r[0]) for s in samples for r in s["resps"]]
+    ref = harness_lib.JaxlmLM(workdir=run).loglikelihood([Instance("loglikelihood", {}, a, 0) for a in args])
+    assert len(args) == 16 and [g for _, g in got] == [g for _, g in ref]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in ref], abs=1e-5)  # 2 devices, batch 4 = 1 device, 16
 
     p = harness(f"--workdir={run}", "--tasks=jaxlm_test_mcq", f"--include_path={tasks}")
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: --tasks: unknown task(s)")
