@@ -69,14 +69,17 @@ def _newest(trace_dir, pattern: str) -> Path | None:
 
 def trace_events(trace_dir) -> list[dict]:
     """The Chrome-format events of the newest trace in `trace_dir`: its ``*.xplane.pb`` through XProf's
-    trace-viewer converter, or, for a trace without one, a ``*.trace.json.gz``."""
-    xplane = _newest(trace_dir, "*.xplane.pb")
+    trace-viewer converter, or (a trace without one, or no XProf installed) a ``*.trace.json.gz``."""
+    xplane, chrome = _newest(trace_dir, "*.xplane.pb"), _newest(trace_dir, "*.trace.json.gz")
     if xplane is not None:
-        from xprof.convert import raw_to_tool_data  # XProf's converters (a C++ extension): only when reading a trace
-
-        data, _ = raw_to_tool_data.xspace_to_tool_data([str(xplane)], "trace_viewer", {})
-        return json.loads(data)["traceEvents"]
-    chrome = _newest(trace_dir, "*.trace.json.gz")
+        try:
+            from xprof.convert import raw_to_tool_data  # XProf's converters (a C++ extension): only to read a trace
+        except ImportError:
+            if chrome is None:
+                raise FileNotFoundError(f"{xplane}: reading an xplane needs XProf (pip install .[profile])") from None
+        else:
+            data, _ = raw_to_tool_data.xspace_to_tool_data([str(xplane)], "trace_viewer", {})
+            return json.loads(data)["traceEvents"]
     if chrome is None:
         raise FileNotFoundError(f"{trace_dir}: no *.xplane.pb or *.trace.json.gz (was it written by jax.profiler.trace?)")
     return json.load(gzip.open(chrome))["traceEvents"]
