@@ -282,9 +282,8 @@ def define_flags():
     flags.DEFINE_bool("log_samples", False, "Also write every request and response to FILE.samples.jsonl.")
 
 
-def evaluate(lm, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None, log_samples=False) -> dict:
-    """simple_evaluate over `lm` with the named tasks; an unknown task or a dataset that cannot be loaded
-    is a ConfigError / DataError naming it."""
+def task_manager(tasks: list[str], include_path=None) -> TaskManager:
+    """The harness's tasks (and those of `include_path`); an unknown name in `tasks` is a ConfigError."""
     if include_path is not None and not os.path.isdir(include_path):
         raise ConfigError(f"--include_path={include_path}: no such directory")
     manager = TaskManager(include_path=include_path)
@@ -295,6 +294,14 @@ def evaluate(lm, tasks: list[str], *, include_path=None, limit=None, num_fewshot
         raise ConfigError("--tasks: unknown task(s) " + "; ".join(
             f"{t!r}" + (f" (did you mean {', '.join(near[t])}?)" if near[t] else "") for t in unknown)
             + "; python -m lm_eval ls tasks lists the harness's tasks, --include_path=DIR adds YAML files")
+    return manager
+
+
+def evaluate(lm, tasks: list[str], *, include_path=None, manager=None, limit=None, num_fewshot=None,
+             log_samples=False) -> dict:
+    """simple_evaluate over `lm` with the named tasks; an unknown task or a dataset that cannot be loaded
+    is a ConfigError / DataError naming it."""
+    manager = manager or task_manager(tasks, include_path)
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                        num_fewshot=num_fewshot, log_samples=log_samples)
@@ -318,10 +325,11 @@ def main(argv):
         raise ConfigError("--hf evaluates one model: it takes no --workdir or --step")
     if not F.hf:
         cli.require(workdir=F.workdir)
+    manager = task_manager(F.tasks, F.include_path)  # (before the model loads: a typo fails at once)
     lm = JaxlmLM(workdir=F.workdir, step=F.step, hf=F.hf, regime=F.regime, batch_size=F.batch_size,
                  max_gen_toks=F.max_gen_toks)
     limit = None if F.limit is None else (int(F.limit) if F.limit >= 1 else F.limit)
-    results = evaluate(lm, F.tasks, include_path=F.include_path, limit=limit, num_fewshot=F.num_fewshot,
+    results = evaluate(lm, F.tasks, manager=manager, limit=limit, num_fewshot=F.num_fewshot,
                        log_samples=F.log_samples)
     samples = results.pop("samples", None)
     table = lm_utils.make_table(results) + (lm_utils.make_table(results, "groups") if results.get("groups") else "")

@@ -144,6 +144,7 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     from lm_eval.api.instance import Instance
 
     from jaxlm import harness as harness_lib
+    from jaxlm.errors import DataError
 
     out = tmp_path / "results.json"  # on 2 simulated devices, the batch split over them
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -165,12 +166,21 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: --tasks: unknown task(s)")
     assert "did you mean jaxlm_test_mc" in p.stderr and "Traceback" not in p.stderr
 
-    (tasks / "broken").mkdir()
-    (tasks / "broken" / "broken.yaml").write_text((tasks / "mc.yaml").read_text().replace(MC, "jaxlm_test_broken")
-                                                  .replace("mc.jsonl", "missing.jsonl"))
-    p = harness(f"--hf={hf_dir}", "--tasks=jaxlm_test_broken", f"--include_path={tasks / 'broken'}")
-    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("error: --tasks=jaxlm_test_broken: a task's dataset cannot")
+    broken = tmp_path / "broken"  # (in-process: the same JaxlmError the command prints as its error line)
+    broken.mkdir()
+    (broken / "broken.yaml").write_text((tasks / "mc.yaml").read_text().replace(MC, "jaxlm_test_broken")
+                                        .replace("mc.jsonl", "missing.jsonl"))
+    with pytest.raises(DataError, match=r"--tasks=jaxlm_test_broken: a task's dataset cannot be loaded .*missing"):
+        harness_lib.evaluate(harness_lib.JaxlmLM(hf=hf_dir), ["jaxlm_test_broken"], include_path=str(broken))
+    (run / "cache_moved").mkdir()  # a run whose token cache (and tokenizer) is gone
+    meta = json.loads((run / "run.json").read_text())
+    spec = harness_lib.tok_lib.spec_path(meta["data"]["tokenizer"])
+    spec.rename(run / "cache_moved" / spec.name)
+    try:
+        with pytest.raises(DataError, match="the run's tokenizer .* is gone"):
+            harness_lib.JaxlmLM(workdir=run)
+    finally:
+        (run / "cache_moved" / spec.name).rename(spec)
 
 
 @pytest.mark.slow  # (shares the exported fixture's run)
