@@ -97,8 +97,8 @@ def load_model(workdir=None, step=None, hf=None, regime: str = "fp32"):
 
 
 def _hf_dir_tokenizer(directory):
-    """An HF directory's tokenizer as jaxlm.eval --hf reads it: the Hugging Face files, or the
-    SentencePiece tokenizer.model that jaxlm.export writes for a SentencePiece run."""
+    """An HF directory's tokenizer: its Hugging Face files (as jaxlm.eval --hf reads them), or the
+    SentencePiece tokenizer.model that jaxlm.export writes beside a SentencePiece run's weights."""
     d = paths.path(directory)
     if not (d / "tokenizer.json").exists() and not (d / "vocab.json").exists() and (d / "tokenizer.model").exists():
         return tok_lib.load(str(d / "tokenizer.model"))
