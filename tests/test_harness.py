@@ -186,7 +186,8 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
 @pytest.mark.slow  # (shares the exported fixture's run)
 def test_the_harness_wikitext_metric_is_jaxlm_eval_on_disjoint_windows(exported):
     """The harness's loglikelihood_rolling of a document is jaxlm.eval's token NLL, negated and summed,
-    over the stream EOS + document with --context = --stride = n_positions (disjoint windows); its
+    over the stream EOS + document with --context = --stride = n_positions (disjoint windows; a document
+    of whole windows, see below); its
     word_perplexity is exp of that over the raw text's words. (jaxlm.eval's own WikiText defaults
     differ: see the README, "lm-evaluation-harness".)"""
     from lm_eval.api.instance import Instance
@@ -199,11 +200,13 @@ def test_the_harness_wikitext_metric_is_jaxlm_eval_on_disjoint_windows(exported)
     path = SHARED_DATA / "wikitext-2" / "valid.txt"
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared corpora live beside the checkout)")
-    text = path.read_text()[:3000]
     run, _, _ = exported
     lm = harness.JaxlmLM(workdir=run)
+    n = lm.max_length
+    text = path.read_text()[:3000]
+    while len(lm.tok_encode(text)) % n:  # whole windows: the harness's last, partial window would see a full
+        text = text[:-1]  # window of context, jaxlm.eval's a shorter one
     [ll] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     stream = np.asarray([lm.eot_token_id] + lm.tok_encode(text))
-    n = lm.max_length
     nll = eval_lib.token_nll(lm.graphdef, lm.params, eval_lib.Text(stream, len(text.encode()), 1), context=n, stride=n)
     assert len(stream) > 3 * n and ll == pytest.approx(-nll.sum(), rel=1e-6)
