@@ -1,7 +1,7 @@
 """jaxlm as an lm-evaluation-harness model (``jaxlm``), and the command that runs harness tasks on a run.
 
-    python -m jaxlm.harness --workdir=RUN [--step=N] --tasks=lambada_openai,hellaswag \
-        [--include_path=DIR] [--limit=N] [--num_fewshot=K] [--output=results.json]
+    python -m jaxlm.harness --workdir=RUN [--step=N] --tasks=lambada_openai,hellaswag
+        [--include_path=DIR] [--limit=N] [--num_fewshot=K] [--batch_size=16] [--output=results.json]
     python -m jaxlm.harness --hf=DIR --tasks=...
 
 From Python, importing this module registers the model with the harness:
@@ -347,4 +347,4 @@ def main(argv):
 if __name__ == "__main__":
     from jaxlm import harness  # the registered module (this __main__ copy of it is not registered twice)
 
-    cli.run(harness.main, harness.define_flags)
+    cli.run(harness.main, define_flags)  # (flags defined here, by __main__, so that --help lists them)
