@@ -90,7 +90,7 @@ def _evaluate(lm, tasks_dir):
     return r["results"], lls
 
 
-@pytest.mark.slow  # trains, exports and loads torch: ~30 s
+@pytest.mark.slow  # trains and exports a run (the fixture), loads torch, 3 harness evaluations
 def test_jaxlm_and_the_harness_hf_model_agree(exported):
     """Every request's log-likelihood (fp32) within 1e-4, the same is_greedy, acc/acc_norm/word_perplexity
     to 4 digits, on the export (hf=DIR) and the run directory (workdir=RUN); greedy generation equal."""
@@ -132,7 +132,7 @@ def test_length_buckets_bound_the_compiles():
     assert [harness.bucket(n, 128) for n in (1, 16, 17, 65, 128)] == [16, 16, 32, 128, 128]
 
 
-@pytest.mark.slow  # subprocesses
+@pytest.mark.slow  # two subprocesses (one on 2 simulated devices)
 def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     run, hf_dir, tasks = exported
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
