@@ -121,5 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.wandb_group = ""  # the run's group ("" = none)
     c.log.wandb_job_type = ""  # its job type ("" = none)
     c.log.wandb_keys = ()  # config keys also logged as top-level W&B config, by their last name (e.g. 'lr')
+    c.log.tensorboard = True  # event files in WORKDIR/tensorboard (tensorboard --logdir runs/)
+    c.log.profile_steps = 0  # > 0: a jax.profiler trace of this many steps into WORKDIR/tensorboard (XProf)
+    c.log.profile_start = 10  # ... of the steps after this one (after compiles and warm-up)
     c.log.peak_tflops = 0.0  # override the device peak used for MFU (0 = from the table)
     return c

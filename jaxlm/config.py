@@ -235,6 +235,9 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
     for key in cfg.log.wandb_keys:
         if get_by_path(cfg, key, None) is None:
             raise ConfigError(f"log.wandb_keys: {key!r} is not a config key (e.g. 'optim.lr')")
+    if cfg.log.profile_steps < 0 or cfg.log.profile_start < 0:
+        raise ConfigError(f"log.profile_steps={cfg.log.profile_steps}, log.profile_start={cfg.log.profile_start}: "
+                          "both must be >= 0 (profile_steps=0: no trace)")
     if cfg.data.on_missing_field not in ("fail", "skip"):
         raise ConfigError(f"data.on_missing_field: allowed: fail, skip; got {cfg.data.on_missing_field!r}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

@@ -3,13 +3,15 @@
     summary = profiling.profile_step(compiled, state, batch, steps=3, trace_dir="prof/bf16")  # consumes state
     print(profiling.report(summary))
 
-``jax.profiler.trace`` writes a Chrome-format ``*.trace.json.gz`` next to its xplane. Every op the
-device ran is an event there carrying its XLA instruction name (``hlo_op``); the compiled HLO gives
-that instruction's ``op_name``, which holds the model's named scopes (``model.py``: embed, attn,
-attn/core, mlp, head; ``train.py``: loss, optimizer, metrics), with ``transpose(`` marking the
-backward pass. So the summary says, per step: how long the device was busy, how that splits over
-the parts of the model forward and backward, and which ops cost most. Only the standard library
-reads the trace; open the same directory in xprof or Perfetto for the timeline.
+``jax.profiler.trace`` writes an XSpace (``*.xplane.pb``, what TensorBoard's profile plugin, XProf,
+reads). XProf's own converter turns it into its trace viewer's events (``trace_events``); every op
+the device ran is an event there carrying its XLA instruction name (``hlo_op``). The compiled HLO
+gives that instruction's ``op_name``, which holds the model's named scopes (``model.py``: embed,
+attn, attn/core, mlp, head; ``train.py``: loss, optimizer, metrics), with ``transpose(`` marking the
+backward pass: that split by model part is what this module adds to XProf's tools. So the summary
+says, per step: how long the device was busy, how that splits over the parts of the model forward
+and backward, and which ops cost most. ``tensorboard --logdir`` on the trace directory's parent
+shows the same trace in XProf (trace viewer, op and HLO statistics).
 """
 
 from __future__ import annotations
@@ -60,21 +62,37 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _trace_file(trace_dir) -> Path:
-    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"{trace_dir}: no *.trace.json.gz (was it written by jax.profiler.trace?)")
-    return files[-1]
+def _newest(trace_dir, pattern: str) -> Path | None:
+    found = sorted(Path(trace_dir).rglob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def trace_events(trace_dir) -> list[dict]:
+    """The Chrome-format events of the newest trace in `trace_dir`: its ``*.xplane.pb`` through XProf's
+    trace-viewer converter, or (a trace without one, or no XProf installed) a ``*.trace.json.gz``."""
+    xplane, chrome = _newest(trace_dir, "*.xplane.pb"), _newest(trace_dir, "*.trace.json.gz")
+    if xplane is not None:
+        try:
+            from xprof.convert import raw_to_tool_data  # XProf's converters (a C++ extension): only to read a trace
+        except ImportError:
+            if chrome is None:
+                raise FileNotFoundError(f"{xplane}: reading an xplane needs XProf (pip install .[profile])") from None
+        else:
+            data, _ = raw_to_tool_data.xspace_to_tool_data([str(xplane)], "trace_viewer", {})
+            return json.loads(data)["traceEvents"]
+    if chrome is None:
+        raise FileNotFoundError(f"{trace_dir}: no *.xplane.pb or *.trace.json.gz (was it written by jax.profiler.trace?)")
+    return json.load(gzip.open(chrome))["traceEvents"]
 
 
 def summarize(trace_dir, hlo_text: str, steps: int) -> dict:
     """Device time per step of the module `hlo_text`, by part and by op, from the newest trace in
     `trace_dir` (which holds `steps` calls of it)."""
-    trace = json.load(gzip.open(_trace_file(trace_dir)))
-    meta = [e for e in trace["traceEvents"] if e.get("ph") == "M"]
+    events = trace_events(trace_dir)
+    meta = [e for e in events if e.get("ph") == "M"]
     process = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
     thread = {(e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"}
-    timed = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    timed = [e for e in events if e.get("ph") == "X"]
     # A GPU's kernels run on its stream lines (other lines of the device, e.g. whole modules, span
     # them and would count twice); on a CPU, host threads run the ops and each carries its hlo_op.
     device = [e for e in timed if process.get(e["pid"], "").startswith("/device:")]

@@ -124,7 +124,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             batches = _chain([first], batches)
             signals.training()  # from here a signal saves the current step and stops
             result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,
-                                on_step=lambda step, st: ckpt.on_step(step, st, data_state(step)),
+                                on_step=lambda step, st: tele.on_step(step, st) or ckpt.on_step(step, st, data_state(step)),
                                 meter=meter, replay=replay)
             if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
                 ckpt.save(result.step, result.state, data_state(result.step))

@@ -1,8 +1,9 @@
 """Telemetry: metric names (defined once; reports and tests import them), FLOPs and MFU, sinks.
 
 Sinks, on process 0 only: a console progress bar with ETA, JSON Lines in ``WORKDIR/metrics.jsonl``
-(one record per log step), and wandb (``log.wandb_mode``: disabled/offline/online; offline by
-default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
+(one record per log step), TensorBoard event files in ``WORKDIR/tensorboard`` (``log.tensorboard``,
+on by default: ``tensorboard --logdir runs/``), and wandb (``log.wandb_mode``: disabled/offline/online;
+offline by default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
 versions, the jaxlm git commit, devices and mesh, once per run.
 """
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from jaxlm import budget as budget_lib
 from jaxlm import config as config_lib
-from jaxlm import files, paths, precision
+from jaxlm import files, paths, precision, tensorboard_sink
 
 # --- metric names -------------------------------------------------------------------------
 STEP = "step"
@@ -78,6 +79,10 @@ STATS_METRICS = {"resid_rms": RESID_RMS, "attn_max": ATTN_MAX, "attn_min": ATTN_
                  "fp8_amax": FP8_AMAX, "fp8_saturated": FP8_SATURATED, "fp8_underflow": FP8_UNDERFLOW,
                  "logit_mean": LOGIT_MEAN, "log_z": LOG_Z}
 EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
+# Lists of one value per step since the last record (the others are per layer): TensorBoard gets each
+# value at its own step, the record at step s holding steps s-n+1 .. s.
+PER_STEP_METRICS = (STEP_LOSSES, STEP_LRS, STEP_FRACTIONS)
+TENSORBOARD_DIR = "tensorboard"  # under the workdir; jax.profiler traces go to its plugins/profile
 
 
 def perplexity(loss: float) -> float:
@@ -228,6 +233,12 @@ class Telemetry:
         self._bar = None
         self._wandb = None
         self._jsonl = None
+        self._tb = None
+        # log.profile_steps: every process traces its devices (XProf shows each host) into the TensorBoard directory
+        local = paths.mirror(self.workdir) if self.remote else self.workdir
+        self.tensorboard_dir = Path(local) / TENSORBOARD_DIR
+        self._profile = (int(cfg.log.profile_start), int(cfg.log.profile_steps)) if cfg.log.profile_steps else None
+        self._tracing = False
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +261,9 @@ class Telemetry:
             files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
+        if cfg.log.tensorboard:
+            self._tb = tensorboard_sink.TensorBoard(self.tensorboard_dir, start_step, PER_STEP_METRICS, hparam_metrics=(
+                LOSS, EVAL_LOSS), run_metadata=None if run_metadata is None else jsonable(run_metadata))
         self._budget = budget_lib.parse(cfg.train.budget) if not cfg.train.budget_replay else None
         if self._budget is not None:  # under a budget the bar counts the run fraction f, in percent
             self._bar = tqdm(total=100, unit="%", dynamic_ncols=True, file=sys.stderr, disable=None,
@@ -277,6 +291,8 @@ class Telemetry:
                 elif isinstance(v, (int, float)):
                     flat[k] = v
             self._wandb.log(flat, step=int(step))
+        if self._tb is not None:
+            self._tb.log(int(step), {k: v for k, v in rec.items() if k not in (STEP, "time")})
         if self._bar is not None and self._bar.disable and LOSS in rec:  # no terminal: one line per record
             done = int(step) - self._step0
             eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - int(step))
@@ -307,6 +323,26 @@ class Telemetry:
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
 
+    def on_step(self, step: int, state) -> None:
+        """After step `step`: starts the log.profile_steps trace after step log.profile_start, stops it
+        once that many steps have run (waiting for them: dispatch is asynchronous)."""
+        if self._profile is None:
+            return
+        first, n = self._profile
+        if step == first and not self._tracing:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.tensorboard_dir))
+            self._tracing = True
+        elif self._tracing and step >= first + n:
+            self._stop_trace(state)
+
+    def _stop_trace(self, state=None) -> None:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self._tracing = False
+        self.message(f"profile: {self._profile[1]} steps traced into {self.tensorboard_dir / 'plugins' / 'profile'} "
+                     "(tensorboard --logdir: the Profile tab)")
+
     def message(self, text: str) -> None:
         if not self.is_main:
             return
@@ -319,6 +355,8 @@ class Telemetry:
         """Remote workdir: upload metrics.jsonl (whole, one atomic object write) if UPLOAD_EVERY_S has
         passed or `force` (the run forces it at every checkpoint save, so a resumed run's history is
         never shorter than its checkpoint). Local: nothing to do (every record is flushed)."""
+        if force and self._tb is not None:
+            self._tb.flush()
         if not (self.remote and self.is_main and self._jsonl is not None):
             return
         if force or time.time() - self._uploaded >= self.UPLOAD_EVERY_S:
@@ -326,6 +364,8 @@ class Telemetry:
             self._uploaded = time.time()
 
     def close(self) -> None:
+        if self._tracing:  # (a run that ended inside the profiled steps)
+            self._stop_trace()
         if self._bar is not None:
             self._bar.close()
         if self._jsonl is not None:
@@ -335,6 +375,9 @@ class Telemetry:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def budget_progress(b: budget_lib.Budget, rec: dict) -> str:
@@ -360,3 +403,4 @@ def _start_wandb(workdir: Path, cfg, meta):
                       resume="allow", name=workdir.name, config=config, group=cfg.log.wandb_group or None,
                       job_type=cfg.log.wandb_job_type or None,
                       settings=wandb.Settings(console="off", x_disable_stats=True))
+

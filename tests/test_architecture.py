@@ -13,7 +13,7 @@ PACKAGE = ROOT / "jaxlm"
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
-     "jaxlm.budget"],
+     "jaxlm.budget", "jaxlm.tensorboard_sink"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],
     ["jaxlm.model"],
@@ -31,11 +31,14 @@ LAYERS = [
      "jaxlm.ablate.runs", "jaxlm.ablate.analysis", "jaxlm.ablate.plots",  # the report's parts, one way: runs <- plots
      "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
      "jaxlm.data.bench", "jaxlm.probe", "jaxlm.probe.tasks", "jaxlm.probe.mdl", "jaxlm.probe.report",
-     "jaxlm.probe.study", "jaxlm.probe.__main__"],
+     "jaxlm.probe.study", "jaxlm.probe.__main__", "jaxlm.harness",
+     "jaxlm.harness_bench"],
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb"}
+# tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard);
+# xprof: XProf's trace converters (a C++ extension), only when a profile is read (profiling.trace_events).
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX", "xprof"}
 
 
 def _module_name(path: Path) -> str:

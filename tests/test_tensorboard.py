@@ -1,0 +1,183 @@
+"""The TensorBoard sink: the event files hold every scalar of metrics.jsonl at the same steps, read back
+with TensorBoard's own reader; a run resumed from an earlier checkpoint shows no step twice."""
+
+import math
+import shutil
+
+import pytest
+
+from conftest import ROOT
+
+
+def read_scalars(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} as TensorBoard shows a run (its reader applies purge_step); a step twice fails."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        steps = [e.step for e in events]
+        assert len(steps) == len(set(steps)), f"{tag}: steps {steps} repeat"
+        out[tag] = {e.step: e.value for e in events}
+    return out
+
+
+def raw_steps(directory, tag: str) -> list[int]:
+    """Every step written for `tag` in every event file, purged or not."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for f in sorted(directory.glob("events.out.tfevents.*")):
+        for e in EventFileLoader(str(f)).Load():
+            steps += [e.step for v in e.summary.value if v.tag == tag]
+    return steps
+
+
+def expected_scalars(records) -> dict[str, dict[int, float]]:
+    """The scalars of metrics.jsonl records as the sink maps them (the later record wins, as in TensorBoard)."""
+    from jaxlm import telemetry
+
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        s = r[telemetry.STEP]
+        for k, v in r.items():
+            if k in (telemetry.STEP, "time") or v is None:
+                continue
+            if k in telemetry.PER_STEP_METRICS:
+                for i, x in enumerate(v):
+                    out.setdefault(k, {})[s - len(v) + 1 + i] = float(x)
+            elif isinstance(v, list):
+                for i, x in enumerate(v):
+                    out.setdefault(f"{k}/{i}", {})[s] = float(x)
+            else:
+                out.setdefault(k, {})[s] = float(v)
+    return out
+
+
+def assert_same(tb, want):
+    assert sorted(tb) == sorted(want)
+    for tag, steps in want.items():
+        assert sorted(tb[tag]) == sorted(steps), tag
+        for s, v in steps.items():
+            got = tb[tag][s]
+            assert (math.isnan(got) and math.isnan(v)) or got == pytest.approx(v, rel=1e-6, abs=1e-30), (tag, s)
+
+
+def test_a_resumed_sink_purges_the_steps_it_writes_again(tmp_path):
+    """Records at steps 2, 4, 6, then a resume from step 2 writing 4, 6, 8 with other values: TensorBoard
+    shows each step once, the resumed values after step 2; the old file still holds the purged events."""
+    from jaxlm import config, telemetry
+
+    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
+    meta = {"config": config.to_dict(cfg)}
+
+    def record(step, run):  # logged every 2 steps
+        return {telemetry.LOSS: step + run, telemetry.STEP_LOSSES: [step + run - 0.5, step + run],
+                telemetry.RESID_RMS: [1.0 * run, 2.0], telemetry.GRAD_NORM: float("inf") if step + run == 6 else 1.0}
+
+    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=8, start_step=0, run_metadata=meta, is_main=True)
+    for step in (2, 4, 6):
+        tele.log(step, record(step, 0))
+    tele.close()
+    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=8, start_step=2, run_metadata=meta, is_main=True)
+    for step in (4, 6, 8):
+        tele.log(step, record(step, 10))
+    tele.close()
+
+    tb = read_scalars(tmp_path / "tensorboard")
+    records, _ = telemetry.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert_same(tb, expected_scalars(records))
+    assert tb[telemetry.LOSS] == {2: 2, 4: 14, 6: 16, 8: 18}
+    assert tb[telemetry.STEP_LOSSES] == {1: 1.5, 2: 2, 3: 13.5, 4: 14, 5: 15.5, 6: 16, 7: 17.5, 8: 18}  # per step
+    assert tb[f"{telemetry.RESID_RMS}/0"] == {2: 0.0, 4: 10.0, 6: 10.0, 8: 10.0} and tb[telemetry.GRAD_NORM][6] == 1.0
+    assert sorted(raw_steps(tmp_path / "tensorboard", telemetry.LOSS)) == [2, 4, 4, 6, 6, 8]  # purged, not erased
+
+
+def test_the_config_is_written_as_text_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from jaxlm import config, telemetry
+
+    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
+    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=1, run_metadata={"config": config.to_dict(cfg)}, is_main=True)
+    tele.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"n_layer": 2' in text
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and b"model.n_layer" in plugins["_hparams_/session_start_info"]
+
+
+def test_the_sink_can_be_turned_off(tmp_path):
+    from jaxlm import config, telemetry
+
+    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled", "log.tensorboard": False})
+    tele = telemetry.Telemetry(tmp_path, cfg, total_steps=1, is_main=True)
+    tele.log(1, {telemetry.LOSS: 1.0})
+    tele.close()
+    assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "tensorboard").exists()
+
+
+@pytest.mark.slow  # trains 4 steps, then 2 again
+def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(tmp_path):
+    """... and log.profile_steps puts a profiler trace where TensorBoard's profile plugin (XProf) finds it."""
+    from jaxlm import config, telemetry
+    from jaxlm import run as run_lib
+
+    from conftest import write_word_corpus
+
+    corpus = write_word_corpus(tmp_path / "corpus", 30)
+    cfg = config.load(ROOT / "configs" / "tiny.py", {
+        "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 4,
+        "train.eval_every": 2, "train.eval_batches": 1, "log.every": 1, "log.stats_every": 2,
+        "log.wandb_mode": "disabled", "checkpoint.stages": ((2, 10),), "log.profile_start": 1, "log.profile_steps": 2})
+    run = tmp_path / "run"
+    run_lib.run(cfg, run, log=lambda s: None)
+    assert list((run / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))  # steps 2-3, for XProf
+    records, _ = telemetry.read_metrics(run / "metrics.jsonl")
+    tb = read_scalars(run / "tensorboard")
+    assert {telemetry.LOSS, telemetry.EVAL_LOSS, f"{telemetry.RESID_RMS}/1", telemetry.COMPILE_TIME} <= set(tb)
+    assert_same(tb, expected_scalars(records))
+
+    shutil.rmtree(run / "checkpoints" / "4")  # resume from the earlier checkpoint: steps 3 and 4 again
+    (run / "done.json").unlink()
+    run_lib.run(cfg, run, log=lambda s: None)
+    records, _ = telemetry.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if telemetry.LOSS in r] == [1, 2, 3, 4]
+    assert_same(read_scalars(run / "tensorboard"), expected_scalars(records))
+    assert sorted(raw_steps(run / "tensorboard", telemetry.LOSS)) == [1, 2, 3, 3, 4, 4]
+
+
+@pytest.mark.slow  # a profiler trace and XProf's C++ converters: several seconds
+def test_a_profile_is_read_through_xprof_as_through_the_trace_json(tmp_path):
+    """profiling.summarize reads the xplane.pb with XProf's converter; on a real CPU trace it finds the same
+    ops, times and model parts as from the Chrome JSON that jax.profiler writes beside it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlm import profiling
+
+    def f(x, w):
+        with jax.named_scope("mlp"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("attn"):
+            return jnp.sum(y @ w.T)
+
+    g = jax.jit(jax.grad(f, argnums=1))
+    x = w = jnp.ones((32, 32))
+    compiled = g.lower(x, w).compile()
+    compiled(x, w).block_until_ready()
+    with jax.profiler.trace(str(tmp_path / "tb")):
+        for _ in range(2):
+            compiled(x, w).block_until_ready()
+    [chrome] = (tmp_path / "tb").rglob("*.trace.json.gz")
+    (tmp_path / "json").mkdir()
+    shutil.copy(chrome, tmp_path / "json" / chrome.name)
+    ours = profiling.summarize(tmp_path / "tb", compiled.as_text(), steps=2)  # the xplane, through XProf
+    ref = profiling.summarize(tmp_path / "json", compiled.as_text(), steps=2)
+    assert ours["ops"] and {o["op"]: o["ms"] for o in ours["ops"]} == pytest.approx({o["op"]: o["ms"] for o in ref["ops"]})
+    assert ours["parts"] == pytest.approx(ref["parts"]) and "mlp fwd" in ours["parts"]
