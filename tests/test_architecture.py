@@ -21,7 +21,8 @@ LAYERS = [
      "configs.stress_fp16", "configs.stress_fp16_deep", "configs.crammed", "configs.gpt2_small", "configs.gpt2_medium",
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
-    ["jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
+    ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
+     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train"],
     ["jaxlm.checkpoint"],

@@ -50,6 +50,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import files, paths
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -141,12 +142,35 @@ class TokenCache:
         return cache
 
 
+def local_tokenizer_spec(spec: str) -> str:
+    """`spec` itself for a local tokenizer; for one on an object store (``hf:gs://...`` or
+    ``gs://.../x.model``), its files copied into the local mirror of that URL, and their spec."""
+    hf = str(spec).startswith(tok_lib.HF_PREFIX)
+    path = str(spec)[len(tok_lib.HF_PREFIX):] if hf else str(spec)
+    if not paths.is_remote(path):
+        return spec
+    local = paths.mirror(path)
+    try:
+        if hf:
+            for name in tok_lib.HF_FILES:
+                url = paths.path(path) / name
+                if url.exists():
+                    local.mkdir(parents=True, exist_ok=True)
+                    files.atomic_write(local / name, url.read_bytes())
+            return tok_lib.HF_PREFIX + str(local)
+        target = local / paths.path(path).name
+        files.atomic_write(target, paths.path(path).read_bytes())
+        return str(target)
+    except FileNotFoundError:
+        raise DataError(f"data.tokenizer={spec!r}: not found in the object store") from None
+
+
 def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print,
                   fetch=None) -> tok_lib.AnyTokenizer:
     """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
     and cached."""
     if data_cfg.tokenizer:
-        return tok_lib.load(data_cfg.tokenizer)
+        return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
     kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
     if kind not in tok_lib.TRAINERS:
         raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tok_lib.TRAINERS)}")
@@ -455,8 +479,11 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
     try:
         for split in sources_lib.SPLITS:
             source.counters = sources_lib.Counters()
-            shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
-                                       2 * workers + 1, shard_counts)
+            if source.pretokenized:  # token shards: ids checked and cut into rows, no tokenizing
+                shards = source.token_chunks(split, tok.vocab_size, tok.eos_id, tok.dtype())
+            else:
+                shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
+                                           2 * workers + 1, shard_counts)
             splits[split] = _write_split(shards, tok, seq_len, out / f"{split}.bin", split)
             # What reading noticed, counted once per document read: without a native validation split
             # each pass reads the whole corpus, so the train pass has seen everything.
