@@ -22,7 +22,8 @@ LAYERS = [
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
-     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
+     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader",
+     "jaxlm.data.mixture", "jaxlm.data",
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train"],
     ["jaxlm.checkpoint"],

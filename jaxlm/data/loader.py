@@ -10,6 +10,8 @@ process would have read, so a multi-host run sees the same global batches as a s
 The state is grain's ``{"next_index": k}`` (batches consumed) plus the epoch, for humans;
 restoring it makes the next batch the one an uninterrupted run would have seen, because every
 batch is a pure function of (seed, k). Validation iterates the rows in order, once, no shuffle.
+A mixture gives its own global order (``order``: its schedule over its components' rows;
+``jaxlm.data.mixture``), cut into batches and host blocks the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Loader:
         prefetch: int = 2,
         threads: int = 2,
         split: str = "train",
+        order: grain.MapDataset | None = None,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -53,11 +56,14 @@ class Loader:
             )
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
         self.host_batch = global_batch // self.process_count
-        ds = grain.MapDataset.source(rows)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        if repeat:
-            ds = ds.repeat()
+        if order is not None:  # the global row order given (a mixture's schedule)
+            ds = order
+        else:
+            ds = grain.MapDataset.source(rows)
+            if shuffle:
+                ds = ds.shuffle(seed=seed)
+            if repeat:
+                ds = ds.repeat()
         ds = grain.MapDataset.source(_HostBlock(ds, self.process_index, self.host_batch, global_batch))
         ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=_stack_int32)
         self.dataset = ds
