@@ -1,14 +1,20 @@
 """Weighted mixtures: proportions, exact resume, caches shared across weights, one error line."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
-from test_data_sources import cfg_for, docs_of, write_jsonl, write_parquet
 
-from jaxlm import data
-from jaxlm.data import mixture
+from jaxlm import data, telemetry
+from jaxlm.data import mixture, tokenizer
 from jaxlm.errors import DataError
 
-from conftest import write_word_corpus
+from conftest import ROOT, write_word_corpus
+from helpers.corpora import cfg_for, docs_of, token_stream, write_datasets_dir, write_jsonl, write_llmc, write_parquet
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +108,63 @@ def test_a_component_matching_no_files_is_named(two, tmp_path):
     with pytest.raises(DataError) as e:
         data.prepare(cfg_for(f"mix:1*{pa_spec},1*jsonl:{tmp_path}/none/*.jsonl"), tmp_path, log=lambda s: None)
     assert "matched no files" in str(e.value) and "none/*.jsonl" in str(e.value)
+
+
+MIX_STEPS = 16
+
+
+def _train_args(workdir, source, tokenizer):
+    o = {"data.source": source, "data.tokenizer": tokenizer, "data.val_fraction": 0.1, "data.cache_dir":
+         str(workdir.parent / "cache"), "train.steps": MIX_STEPS, "train.batch_size": 8, "train.seq_len": 32,
+         "model.n_positions": 32, "optim.warmup_steps": 2, "log.every": 1, "log.stats_every": 0,
+         "log.wandb_mode": "disabled", "train.eval_every": 8, "train.eval_batches": 2,
+         "checkpoint.stages": "((4, 1000),)", "checkpoint.latest_every_minutes": 0.0}
+    return [sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={workdir}"] + [
+        f"--config.{k}={v}" for k, v in o.items()]
+
+
+@pytest.mark.slow
+def test_a_mixture_of_parquet_datasets_dir_and_token_shards_trains_and_resumes_bit_identically_after_kill_9(
+        tmp_path):
+    """One run over all three new sources: it trains, logs its proportions and per-component losses, and
+    a run killed -9 mid-way and restarted gives the uninterrupted run's losses at every step."""
+    docs = [docs_of(write_word_corpus(tmp_path / f"c{i}", 24, words_per_doc=0, seed=10 + i)) for i in range(3)]
+    tok = tokenizer.train_byte_bpe(iter(docs[0] + docs[1] + docs[2]), 300)
+    tok_spec = tok.save(tmp_path / "tok")
+    (tmp_path / "shards").mkdir()
+    ids = token_stream(tok, docs[2])
+    ids[: len(ids) // 2].tofile(tmp_path / "shards" / "a.bin")
+    write_llmc(tmp_path / "shards" / "b.bin", ids[len(ids) // 2:])
+    source = (f"mix:0.5*{write_parquet(tmp_path / 'pq', docs[0])},0.3*{write_datasets_dir(tmp_path / 'ds', docs[1])},"
+              f"0.2*tokens:{tmp_path}/shards/*.bin")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    ref = subprocess.run(_train_args(tmp_path / "ref", source, tok_spec), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "realised proportions over the run's 128 rows" in ref.stdout
+    want = _step_losses(tmp_path / "ref")
+    assert sorted(want) == list(range(1, MIX_STEPS + 1))
+    records, _ = telemetry.read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    evals = [r for r in records if telemetry.EVAL_LOSS in r]
+    assert evals and all(np.isfinite(r[telemetry.EVAL_COMPONENT_LOSS.format(i)]) for r in evals for i in range(3))
+
+    log = tmp_path / "killed.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_train_args(tmp_path / "run", source, tok_spec), cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while f"step {MIX_STEPS // 2 + 2}/" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    again = subprocess.run(_train_args(tmp_path / "run", source, tok_spec), cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from the checkpoint" in again.stdout and "tokenizing" not in again.stdout + again.stderr
+    assert _step_losses(tmp_path / "run") == want  # every step, exact floats
+
+
+def _step_losses(workdir):
+    records, _ = telemetry.read_metrics(workdir / "metrics.jsonl")
+    return {r["step"]: r[telemetry.STEP_LOSSES][-1] for r in records if telemetry.STEP_LOSSES in r}
