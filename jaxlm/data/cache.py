@@ -259,8 +259,7 @@ def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None =
     worker process on one thread (the processes are the parallelism); in this process on all cores."""
     tok = tok or _worker_tok
     dtype = tok.dtype()
-    ids = tok.encode(docs, num_threads=threads)
-    flat = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in ids])
+    flat = tok.encode_flat(docs, num_threads=threads).astype(dtype, copy=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
