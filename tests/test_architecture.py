@@ -22,7 +22,7 @@ LAYERS = [
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
-     "jaxlm.data.fastbpe",  # tiktoken as the engine of GPT-2-scheme tokenizers
+     "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data",
      "jaxlm.optim", "jaxlm.telemetry"],

@@ -6,7 +6,7 @@ import pytest
 from test_gcs import BUCKET, gcs  # noqa: F401  (the emulator fixture)
 
 from jaxlm import data, paths
-from jaxlm.data import sources, tokenizer
+from jaxlm.data import remote, sources, tokenizer
 
 from conftest import write_word_corpus
 from helpers.corpora import cfg_for, docs_of, token_stream, write_datasets_dir, write_jsonl, write_llmc, write_parquet
@@ -48,3 +48,27 @@ def test_sources_and_tokenizers_on_gs_read_what_the_local_files_hold(gcs, tmp_pa
     part = paths.path(f"{url}/pq/part-00000.parquet")  # a rewrite of a file in the bucket changes the fingerprint
     part.write_bytes(part.read_bytes())
     assert sources.open_source(cfg_for(specs["parquet"].replace(str(local), url)).data).fingerprint() != fp
+
+
+@pytest.mark.slow
+def test_a_streamed_cache_on_gs_gives_the_batches_of_a_local_copy_without_downloading_rows(gcs, tmp_path,  # noqa: F811
+                                                                                             monkeypatch):
+    corpus = write_word_corpus(tmp_path / "c", 30, words_per_doc=0)
+    over = {"data.cache_dir": f"gs://{BUCKET}/streamed", "data.vocab_size": 300}
+    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-a"))
+    built = data.prepare(cfg_for(f"files:{corpus}/*.txt", **over), tmp_path / "w", log=lambda s: None)  # uploads
+    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-b"))  # another host, rows left in the bucket
+    cfg = cfg_for(f"files:{corpus}/*.txt", **over, **{"data.remote_reads": "stream"})
+    streamed = data.prepare(cfg, tmp_path / "w", log=lambda s: None)
+    assert isinstance(streamed.split("train"), remote.RemoteRows)
+    assert not list((tmp_path / "host-b").rglob("*.bin"))  # nothing but the manifest and tokenizer came down
+    local, far = data.train_loader(built, cfg), data.train_loader(streamed, cfg)
+    for _ in range(12):  # more than an epoch of this small corpus
+        np.testing.assert_array_equal(next(far), next(local))
+    far.set_state({"next_index": 3})
+    np.testing.assert_array_equal(next(far), local.batch(3))
+    v_local, v_far = data.eval_loader(built, cfg), data.eval_loader(streamed, cfg)
+    for i in range(len(v_local)):
+        np.testing.assert_array_equal(v_far.batch(i), v_local.batch(i))
+    rows = streamed.split("validation")
+    np.testing.assert_array_equal(np.stack([rows[i] for i in range(len(rows))]), built.split("validation"))

@@ -7,13 +7,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import paths
-from jaxlm.data import mixture
+from jaxlm import files, paths
+from jaxlm.data import mixture, remote
 from jaxlm.data.cache import TokenCache, build, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache
@@ -42,7 +43,12 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
         local = paths.mirror(root)
 
         def fetch(directory: Path) -> None:  # a directory of the local mirror, from the store if committed
-            paths.pull(root / directory.relative_to(local).as_posix(), directory)
+            url = root / directory.relative_to(local).as_posix()
+            if directory.parent.name == "tokens" and _stream(cfg.data, url, local):  # rows stay in the store
+                if paths.pull(url, directory, exclude=remote.ROW_FILES):
+                    files.atomic_write(directory / remote.MARK, str(url))
+            else:
+                paths.pull(url, directory)
 
     def find_or_build() -> TokenCache:
         builder = mixture.build if mixture.is_mixture(cfg.data.source) else build
@@ -67,6 +73,20 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     if error is not None:
         raise error
     return cache or find_or_build()
+
+
+def _stream(data_cfg, url, local: Path) -> bool:
+    """Whether a committed token directory's rows are read from the store (data.remote_reads) rather
+    than downloaded: always, never, or (auto) when they would not fit in half the free local disk."""
+    mode = data_cfg.get("remote_reads", "auto")
+    if mode != "auto":
+        return mode == "stream"
+    record = paths.committed(url)
+    if record is None:
+        return False
+    need = sum(record["files"].get(f, 0) for f in remote.ROW_FILES)
+    local.mkdir(parents=True, exist_ok=True)
+    return need > shutil.disk_usage(local).free // 2
 
 
 def train_loader(cache: TokenCache | MixtureCache, cfg, **kw) -> Loader:

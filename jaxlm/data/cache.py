@@ -51,6 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import files, paths
+from jaxlm.data import remote
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -128,10 +129,15 @@ class TokenCache:
     def tokenizer(self) -> tok_lib.AnyTokenizer:
         return tok_lib.load(self.tokenizer_spec)
 
-    def split(self, name: str) -> np.ndarray:
+    def split(self, name: str) -> np.ndarray | remote.RemoteRows:
+        """The rows of a split: memory-mapped, or read by byte ranges from the store (a streamed cache)."""
         info = self.manifest["splits"][name]
         if info["sequences"] == 0:
             return np.zeros((0, self.seq_len + 1), np.dtype(self.manifest["dtype"]))
+        mark = self.path / remote.MARK
+        if mark.exists() and not (self.path / f"{name}.bin").exists():
+            return remote.RemoteRows(f"{mark.read_text().rstrip('/')}/{name}.bin", self.manifest["dtype"],
+                                     (info["sequences"], self.seq_len + 1))
         return np.memmap(self.path / f"{name}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r",
                          shape=(info["sequences"], self.seq_len + 1))
 

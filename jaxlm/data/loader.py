@@ -56,16 +56,21 @@ class Loader:
             )
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
         self.host_batch = global_batch // self.process_count
+        # Rows in an object store (remote.RemoteRows) are ordered as indices, then read a batch at a
+        # time with concurrent ranged reads: the same permutation (grain's shuffle depends on the
+        # length and the seed only), so the same batches as from a local copy.
+        by_index = order is None and hasattr(rows, "take_rows")
         if order is not None:  # the global row order given (a mixture's schedule)
             ds = order
         else:
-            ds = grain.MapDataset.source(rows)
+            ds = grain.MapDataset.source(range(len(rows)) if by_index else rows)
             if shuffle:
                 ds = ds.shuffle(seed=seed)
             if repeat:
                 ds = ds.repeat()
         ds = grain.MapDataset.source(_HostBlock(ds, self.process_index, self.host_batch, global_batch))
-        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=_stack_int32)
+        batch_fn = (lambda idx: rows.take_rows(idx).astype(np.int32)) if by_index else _stack_int32
+        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=batch_fn)
         self.dataset = ds
         self._iter = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
