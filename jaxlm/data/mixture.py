@@ -134,8 +134,12 @@ class MixtureCache:
         first = self.components[0].manifest
         splits = {s: {k: sum(c.manifest["splits"][s].get(k, 0) for c in self.components)
                       for k in ("documents", "tokens", "sequences")} for s in sources_lib.SPLITS}
+        for s in sources_lib.SPLITS:  # ids used by any component (a lower bound of the union)
+            splits[s]["vocab_used"] = max(c.manifest["splits"][s].get("vocab_used", 0) for c in self.components)
+        counters = {k: sum(c.manifest.get("counters", {}).get(k, 0) for c in self.components)
+                    for k in ("empty_documents", "replaced_bytes_documents", "missing_field")}
         return {**{k: first[k] for k in ("seq_len", "dtype", "vocab_size", "eos_id", "tokenizer_sha256")},
-                "source": self.spec, "splits": splits, "counters": {},
+                "source": self.spec, "splits": splits, "counters": counters,
                 "mixture": {"weights": self.weights, "schedule_key": self.schedule_key,
                             "components": [{"source": s, "weight": w, "cache": str(c.path)}
                                            for s, w, c in zip(self.specs, self.weights, self.components)]}}

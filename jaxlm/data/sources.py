@@ -358,6 +358,9 @@ def open_source(data_cfg) -> Source:
         return ArrowSource(spec, data_cfg, rest)
     if kind == "tokens" and rest:
         return TokensSource(spec, data_cfg, rest)
+    if kind == "mix":
+        raise DataError(f"data.source={spec!r}: a mixture is read only to train (its components' caches); "
+                        "where documents are needed, give one of its components")
     raise DataError(
         f"data.source={spec!r}: not understood; use one of stdlib, files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], "
         "parquet:GLOB, hf:DIR (a datasets directory), tokens:GLOB, mix:W*SOURCE,W*SOURCE,..."
