@@ -1,6 +1,10 @@
 """Parquet, Hugging Face datasets and token-shard sources: the same documents / tokens as the
 equivalent JSONL or raw ids, cached once, and one error line for each bad input."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +14,7 @@ from jaxlm import data
 from jaxlm.data import shards, sources, tokenizer
 from jaxlm.errors import DataError
 
-from conftest import write_word_corpus
+from conftest import ROOT, write_word_corpus
 from helpers.corpora import cfg_for, docs_of, token_stream, write_datasets_dir, write_jsonl, write_llmc, write_parquet
 
 
@@ -145,3 +149,23 @@ def test_bad_inputs_fail_with_one_line_each(corpus, gpt2_style, tmp_path):
         with pytest.raises(DataError) as e:
             sources.open_source(cfg_for(spec, **{"data.tokenizer": gpt2_style}).data)
         assert ("matched no files" in _one_line(e)) or ("no such directory" in _one_line(e)), spec
+
+
+@pytest.mark.slow
+def test_the_cli_prints_one_error_line_for_bad_data(corpus, gpt2_style, tmp_path):
+    """The same errors as users see them: `python -m jaxlm.data` exits non-zero with one `error:` line."""
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    bad = tmp_path / "bad.bin"
+    np.array([1, 2, 60000], np.uint16).tofile(bad)
+    cases = [(f"parquet:{broken}", {}, "not a readable Parquet file"),
+             (f"tokens:{bad}", {"data.tokenizer": gpt2_style}, "token id 60000 at position 2"),
+             (f"mix:0*files:{corpus}/*.txt", {}, "weights sum to 0")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for source, over, words in cases:
+        args = [sys.executable, "-m", "jaxlm.data", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                f"--config.data.source={source}"] + [f"--config.{k}={v}" for k, v in over.items()]
+        res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+        assert res.returncode != 0 and "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-2000:]
+        assert words in lines[0], lines[0]
