@@ -91,6 +91,10 @@ def test_token_shards_raw_and_llmc_are_the_raw_tokens(corpus, gpt2_style, tmp_pa
     assert s["train"]["documents"] + s["validation"]["documents"] == len(docs) and s["validation"]["documents"]
     assert s["train"]["tokens"] + s["validation"]["tokens"] == len(ids)
     np.testing.assert_array_equal(np.asarray(a.split("validation")), np.asarray(b.split("validation")))
+    # as text (what jaxlm.eval reads): the corpus's documents, each in the split its ids put it in
+    src = sources.open_source(cfg.data)
+    val, train = list(src.documents("validation")), list(src.documents("train"))
+    assert len(val) == s["validation"]["documents"] and sorted(val + train) == sorted(docs)
 
 
 # --- bad inputs: one line each -------------------------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxlm.data import columnar, shards, storage
+from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -315,6 +316,16 @@ class TokensSource(Source):
     def raw_documents(self, split):
         raise DataError(f"data.source={self.spec}: holds token ids, not text; use it to train (the cache), not "
                         "where text is needed")
+
+    def documents(self, split):
+        """The documents of `split` as text, decoded with data.tokenizer (what jaxlm.eval reads): the
+        same split as the cache's, by the hash of each document's ids."""
+        tok = tok_lib.load(self.cfg.tokenizer)
+        for _, flat in self.token_chunks(split, tok.vocab_size, tok.eos_id, np.int64):
+            for doc in shards.documents(flat, tok.eos_id):
+                text = tok.decode(doc[:-1] if doc[-1] == tok.eos_id else doc)
+                if text.strip():
+                    yield text
 
     def token_chunks(self, split: str, vocab_size: int, eos_id: int, dtype) -> Iterator[tuple[int, np.ndarray]]:
         """(documents, ids) per shard of `split`, in corpus order, checked against the vocabulary."""
