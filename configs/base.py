@@ -59,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"  # stdlib | files:GLOB | jsonl:GLOB | tfds:NAME[:SPLIT]
+    # stdlib | files:GLOB | jsonl:GLOB | tfds:NAME[:SPLIT] | parquet:GLOB | hf:DIR (a datasets directory) |
+    # tokens:GLOB (token shards) | mix:W*SOURCE,W*SOURCE,... (a weighted mixture); GLOB/DIR local or gs://
+    c.data.source = "stdlib"
     c.data.seed = 0  # data order (shuffle)
     c.data.text_field = "text"  # jsonl
     c.data.on_missing_field = "fail"  # fail | skip  (jsonl lines without text_field)
@@ -80,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
     # processes tokenizing the corpus when the token cache is built; 0 or 1 = in this process
     # (SentencePiece's threads over all cores). The rows are the same bytes for any count.
     c.data.workers = 1
+    c.data.token_format = "auto"  # tokens: shards: auto | llmc (256-int32 header) | raw (nanoGPT uint16)
+    # a token cache on an object store: auto = read by byte ranges when it would not fit on the local
+    # disk, else downloaded once; stream | download to insist
+    c.data.remote_reads = "auto"
 
     # --- optim ---------------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()

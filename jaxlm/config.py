@@ -34,7 +34,7 @@ CONFIGS_DIR = Path(configs.__file__).resolve().parent
 NEUTRAL_FIELDS = (
     "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
-    "model.attention_impl", "model.remat", "model.loss_chunk", "train.deterministic",
+    "model.attention_impl", "model.remat", "model.loss_chunk", "train.deterministic", "data.remote_reads",
 )
 # What a field meant in configs saved before it existed, where that differs from its default.
 # Any other field absent from a saved config reads as its default (a new field's default must
@@ -242,6 +242,9 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(f"data.on_missing_field: allowed: fail, skip; got {cfg.data.on_missing_field!r}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    for name, allowed in (("token_format", ("auto", "llmc", "raw")), ("remote_reads", ("auto", "stream", "download"))):
+        if cfg.data.get(name, allowed[0]) not in allowed:
+            raise ConfigError(f"data.{name}: allowed: {', '.join(allowed)}; got {cfg.data.get(name)!r}")
     if backend == "tpu" and pol.is_fp16:
         warnings.warn(
             f"precision.regime={cfg.precision.regime!r} uses fp16 on a TPU, which has no fast fp16 path; "

@@ -119,14 +119,16 @@ def publish(local: Path, url) -> None:
     (dest / COMMIT).write_text(json.dumps({"files": listing}, sort_keys=True))
 
 
-def pull(url, local: Path) -> bool:
-    """Downloads committed directory `url` into `local` (missing or wrong-sized files only); False if
-    `url` is not committed."""
+def pull(url, local: Path, exclude: tuple[str, ...] = ()) -> bool:
+    """Downloads committed directory `url` into `local` (missing or wrong-sized files only, none of
+    `exclude`); False if `url` is not committed."""
     record = committed(url)
     if record is None:
         return False
     src = path(url)
     for rel, size in record["files"].items():
+        if rel in exclude:
+            continue
         target = Path(local) / rel
         if target.is_file() and target.stat().st_size == size:
             continue

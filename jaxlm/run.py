@@ -77,6 +77,8 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
                                        current_config=meta["config"])
         loader = data.train_loader(cache, cfg)
         epoch_len = len(loader.rows)
+        if isinstance(cache, data.MixtureCache):
+            say(cache.describe(cfg.train.steps * cfg.train.batch_size))
 
         replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
         max_steps = int(cfg.train.max_steps)
@@ -104,6 +106,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         loader.set_state(data_state(start))  # batch k is the one step k consumes
         batches = data.device_prefetch(loader, trainer.batch_sharding)
         eval_fn = _validation_batches(cache, cfg, trainer, say)
+        components = _component_validation_batches(cache, cfg, trainer) if eval_fn is not None else None
 
         # the last step: a replay's, else train.steps; under a budget the meter ends the run (train.max_steps)
         total = len(replay) if replay is not None else cfg.train.steps if meter is None else max_steps or math.inf
@@ -123,7 +126,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
                     ckpt.save(0, state, data_state(0))
             batches = _chain([first], batches)
             signals.training()  # from here a signal saves the current step and stops
-            result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn,
+            result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn, eval_components=components,
                                 on_step=lambda step, st: tele.on_step(step, st) or ckpt.on_step(step, st, data_state(step)),
                                 meter=meter, replay=replay)
             if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
@@ -250,6 +253,15 @@ def _validation_batches(cache, cfg, trainer, say):
         f"{trainer.micro} x {cfg.train.seq_len}-token windows (python -m jaxlm.eval scores every token of the "
         "validation text with a sliding window; the two estimates differ slightly)")
     return lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
+
+
+def _component_validation_batches(cache, cfg, trainer):
+    """{component index: its evaluation batches} of a mixture (``telemetry.EVAL_COMPONENT_LOSS``)."""
+    out = {}
+    for c, val in data.component_eval_loaders(cache, cfg, batch_size=trainer.micro).items():
+        n = min(cfg.train.eval_batches, len(val))
+        out[c] = lambda val=val, n=n: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n))
+    return out
 
 
 def _chain(head, tail):

@@ -58,6 +58,7 @@ LOGIT_MEAN = "output/logit_mean"  # mean output logit over the vocabulary (at st
 LOG_Z = "output/log_z"  # mean log-partition function log Z of the output softmax (what z-loss pulls to 0)
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
+EVAL_COMPONENT_LOSS = "eval/mix{}/loss"  # data.source=mix:...: the validation loss of component i (format(i))
 # under a budget (train.budget)
 BUDGET_FRACTION = "budget/fraction"  # the budget fraction f the last step trained with
 STEP_FRACTIONS = "budget/step_fractions"  # every step's f since the last record (float32 values; replayable)

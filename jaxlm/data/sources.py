@@ -10,6 +10,15 @@
 ``tfds:NAME[:SPLIT]``   a prepared TFDS dataset read through its array_record data source (no
                         TensorFlow), from ``data.tfds_data_dir``; text in ``data.text_field``.
                         Its ``validation`` split is used when it has one.
+``parquet:GLOB``        Parquet files, the text in column ``data.text_field``, streamed by record batch.
+``hf:DIR``              a Hugging Face ``datasets`` directory (``save_to_disk`` output, or Arrow cache
+                        files), read with pyarrow; its ``validation`` split is used when it has one.
+                        (As a data.source; ``hf:DIR`` in data.tokenizer names a tokenizer.)
+``tokens:GLOB``         pre-tokenized shards (nanoGPT's uint16 ``.bin``, llm.c's headered ``.bin``;
+                        ``jaxlm.data.shards``) made with ``data.tokenizer``: no tokenization, the
+                        ids are checked against its vocabulary; a document ends at each EOS.
+
+Every GLOB / DIR may be local or an object-store URL (``gs://bucket/corpus/*.parquet``).
 
 Sources without a validation split get a deterministic held-out split by document hash
 (``data.val_fraction`` of documents; identical documents land in the same split).
@@ -20,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob as glob_lib
-import gzip
 import hashlib
 import json
 import sys
@@ -29,6 +36,10 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
+from jaxlm.data import columnar, shards, storage
+from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -49,6 +60,7 @@ class Source:
 
     spec: str
     has_validation = False
+    pretokenized = False  # True: token_chunks() gives ids, raw_documents() has no text
 
     def __init__(self, spec: str, data_cfg):
         self.spec, self.cfg = spec, data_cfg
@@ -80,6 +92,18 @@ class Source:
             if cap and n >= cap:
                 return
 
+    def _text(self, value, where: str) -> str | None:
+        """A column's value as text; None for a missing one when data.on_missing_field=skip."""
+        if isinstance(value, bytes):
+            return self._decode(value)
+        if isinstance(value, str):
+            return value
+        if self.cfg.on_missing_field == "skip":
+            self.counters.missing_field += 1
+            return None
+        raise DataError(f"{where}: a row without text in data.text_field={self.cfg.text_field!r} (null); "
+                        "set data.on_missing_field=skip to skip such rows")
+
     def _decode(self, data: bytes) -> str:
         try:
             return data.decode("utf-8")
@@ -96,27 +120,16 @@ def held_out(text: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
-def _glob(pattern: str, field: str) -> list[Path]:
-    paths = sorted(Path(p) for p in glob_lib.glob(pattern, recursive=True) if Path(p).is_file())
-    if not paths:
-        raise DataError(
-            f"data.source={field}:{pattern!r} matched no files (relative to {Path.cwd()}); "
-            "check the pattern (use ** for subdirectories) or the working directory"
-        )
-    return paths
+def _glob(pattern: str, field: str) -> list[str]:
+    return storage.expand(pattern, field)
 
 
-def _read_bytes(path: Path) -> bytes:
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        return f.read()
+def _read_bytes(path) -> bytes:
+    return storage.read_bytes(str(path))
 
 
-def _file_fingerprint(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+def _file_fingerprint(paths) -> str:
+    return storage.fingerprint([str(p) for p in paths])
 
 
 class FilesSource(Source):
@@ -237,6 +250,106 @@ class TfdsSource(Source):
             yield self._decode(text) if isinstance(text, bytes) else str(text)
 
 
+class ParquetSource(Source):
+    def __init__(self, spec, data_cfg, pattern):
+        super().__init__(spec, data_cfg)
+        self.paths = _glob(pattern, "parquet")
+
+    def fingerprint(self):
+        return {"spec": self.spec, "files": _file_fingerprint(self.paths), "field": self.cfg.text_field,
+                "on_missing": self.cfg.on_missing_field}
+
+    def raw_documents(self, split):
+        for p in self.paths:
+            for value in columnar.parquet_texts(p, self.cfg.text_field):
+                if (text := self._text(value, p)) is not None:
+                    yield text
+
+
+class ArrowSource(Source):
+    """``hf:DIR``: a datasets directory; its train split, and its validation split when it has one."""
+
+    def __init__(self, spec, data_cfg, directory):
+        super().__init__(spec, data_cfg)
+        self.layout = columnar.arrow_layout(directory.rstrip("/"))
+        if not self.layout.get("train"):
+            raise DataError(f"data.source={spec}: the datasets directory has no train split (splits: "
+                            f"{sorted(self.layout)}); point it at a directory with one")
+        self.has_validation = bool(self.layout.get("validation"))
+
+    def fingerprint(self):
+        files = [f for split in sorted(self.layout) for f in self.layout[split]]
+        return {"spec": self.spec, "files": _file_fingerprint(files), "splits": sorted(self.layout),
+                "field": self.cfg.text_field, "on_missing": self.cfg.on_missing_field}
+
+    def raw_documents(self, split):
+        for p in self.layout[split]:
+            for value in columnar.arrow_texts(p, self.cfg.text_field):
+                if (text := self._text(value, p)) is not None:
+                    yield text
+
+
+def held_out_tokens(tokens: np.ndarray, fraction: float) -> bool:
+    """`held_out` for a pre-tokenized document: by the hash of its ids."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(np.ascontiguousarray(tokens, "<u4").tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+class TokensSource(Source):
+    """``tokens:GLOB``: shards of token ids in corpus order; a document ends at each EOS."""
+
+    pretokenized = True
+
+    def __init__(self, spec, data_cfg, pattern):
+        super().__init__(spec, data_cfg)
+        if not data_cfg.tokenizer:
+            raise DataError(f"data.source={spec}: token shards need data.tokenizer, the tokenizer they were made "
+                            "with (GPT-2's: hf:DIR holding its vocab.json + merges.txt); none can be trained on ids")
+        self.paths = _glob(pattern, "tokens")
+        self.format = data_cfg.get("token_format", "auto")
+
+    def fingerprint(self):
+        return {"spec": self.spec, "files": _file_fingerprint(self.paths), "format": self.format}
+
+    def raw_documents(self, split):
+        raise DataError(f"data.source={self.spec}: holds token ids, not text; use it to train (the cache), not "
+                        "where text is needed")
+
+    def documents(self, split):
+        """The documents of `split` as text, decoded with data.tokenizer (what jaxlm.eval reads): the
+        same split as the cache's, by the hash of each document's ids."""
+        tok = tok_lib.load(self.cfg.tokenizer)
+        for _, flat in self.token_chunks(split, tok.vocab_size, tok.eos_id, np.int64):
+            for doc in shards.documents(flat, tok.eos_id):
+                text = tok.decode(doc[:-1] if doc[-1] == tok.eos_id else doc)
+                if text.strip():
+                    yield text
+
+    def token_chunks(self, split: str, vocab_size: int, eos_id: int, dtype) -> Iterator[tuple[int, np.ndarray]]:
+        """(documents, ids) per shard of `split`, in corpus order, checked against the vocabulary."""
+        fraction = self.cfg.val_fraction
+        carry = None  # a document cut at the end of a shard continues in the next one (llm.c's shards)
+        for i, p in enumerate(self.paths):
+            ids = shards.read_shard(p, self.format)
+            shards.check_ids(ids, vocab_size, p, self.cfg.tokenizer)
+            if carry is not None and carry.size:
+                ids = np.concatenate([carry, ids])
+            if i < len(self.paths) - 1:
+                ends = np.flatnonzero(ids == eos_id)
+                cut = int(ends[-1]) + 1 if ends.size else 0
+                ids, carry = ids[:cut], ids[cut:]
+            docs = shards.documents(ids, eos_id)
+            if fraction <= 0:
+                keep, flat = (docs, ids) if split == "train" else ([], ids[:0])
+            else:
+                keep = [d for d in docs if held_out_tokens(d, fraction) == (split == "validation")]
+                flat = np.concatenate(keep) if keep else ids[:0]
+            self.counters.documents += len(keep)
+            yield len(keep), flat.astype(dtype)
+
+
 def open_source(data_cfg) -> Source:
     """The Source named by ``data_cfg.source``; fails with the accepted forms on a bad spec."""
     spec = data_cfg.source
@@ -250,6 +363,16 @@ def open_source(data_cfg) -> Source:
     if kind == "tfds" and rest:
         name, _, split = rest.partition(":")
         return TfdsSource(spec, data_cfg, name, split)
+    if kind == "parquet" and rest:
+        return ParquetSource(spec, data_cfg, rest)
+    if kind == "hf" and rest:
+        return ArrowSource(spec, data_cfg, rest)
+    if kind == "tokens" and rest:
+        return TokensSource(spec, data_cfg, rest)
+    if kind == "mix":
+        raise DataError(f"data.source={spec!r}: a mixture is read only to train (its components' caches); "
+                        "where documents are needed, give one of its components")
     raise DataError(
-        f"data.source={spec!r}: not understood; use one of stdlib, files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT]"
+        f"data.source={spec!r}: not understood; use one of stdlib, files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], "
+        "parquet:GLOB, hf:DIR (a datasets directory), tokens:GLOB, mix:W*SOURCE,W*SOURCE,..."
     )

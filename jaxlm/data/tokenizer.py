@@ -23,6 +23,7 @@ Document boundaries are marked by ``eos_id``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from jaxlm.data import fastbpe
 from jaxlm.errors import DataError
 
 UNK_ID, EOS_ID = 0, 1
@@ -47,7 +49,17 @@ TRAIN_THREADS = 8
 DEFAULT_KIND = "sentencepiece"  # data.tokenizer_kind: what is trained when data.tokenizer is ''
 HF_PREFIX = "hf:"
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's end of text, the EOS of byte_bpe and of GPT-2 files
+SPOT_CHECK = 512  # every how many texts tiktoken's ids are checked against tokenizers' (HFTokenizer.encode)
 HF_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity), for thread counts."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _flat(ids: list[list[int]], eos: int, dtype) -> np.ndarray:
+    return np.concatenate([np.asarray(d + [eos], dtype) for d in ids]) if ids else np.zeros(0, dtype)
 
 
 def dtype_for(vocab_size: int):
@@ -86,10 +98,14 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
         """Token ids of each text (no EOS), in parallel over CPU cores."""
-        return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+        return self.sp.encode(list(texts), num_threads=num_threads or cores())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
+        """The texts' ids, each text followed by EOS, as one array of dtype() (what a cache shard holds)."""
+        return _flat(self.encode(texts, num_threads), self.eos_id, self.dtype())
 
     def dtype(self):
         return dtype_for(self.vocab_size)
@@ -148,11 +164,54 @@ class HFTokenizer:
                 "model_max_length": 2**30}
 
     def encode(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
-        """Token ids of each text (no EOS), in parallel over CPU cores (tokenizers' thread pool) unless
-        `num_threads` is 1."""
+        """Token ids of each text (no EOS), in parallel over CPU cores unless `num_threads` is 1. A
+        GPT-2-scheme BPE encodes with tiktoken (``fastbpe``), the first and every SPOT_CHECK-th text
+        checked against ``tokenizers``: on a difference this tokenizer goes back to ``tokenizers`` for good."""
+        texts = list(texts)
+        if (engine := self._tiktoken()) is not None:
+            threads = num_threads or cores()
+            ids = ([engine.encode(t, allowed_special="all") for t in texts] if threads == 1 else
+                   engine.encode_batch(texts, num_threads=threads, allowed_special="all"))
+            if self._agrees(texts, ids):
+                return ids
         if num_threads == 1:
             return [self.tk.encode(t, add_special_tokens=False).ids for t in texts]
-        return [e.ids for e in self.tk.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
+        """The texts' ids, each text followed by EOS, as one array of dtype() (what a cache shard holds)."""
+        texts, dtype = list(texts), self.dtype()
+        if (engine := self._tiktoken()) is not None:
+            def one(t):  # tiktoken's ids straight into an array: no Python list of ints
+                return engine.encode_to_numpy(t, allowed_special="all")
+
+            threads = num_threads or cores()
+            if threads == 1:
+                arrays = [one(t) for t in texts]
+            else:
+                with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # tiktoken releases the GIL
+                    arrays = list(pool.map(one, texts))
+            if self._agrees(texts, arrays):
+                eos = np.array([self.eos_id], dtype)
+                return np.concatenate([x for a in arrays for x in (a, eos)]).astype(dtype, copy=False) if arrays \
+                    else eos[:0]
+        return _flat(self.encode(texts, num_threads), self.eos_id, dtype)
+
+    def _agrees(self, texts, ids) -> bool:
+        """tiktoken's ids against tokenizers' on the first and every SPOT_CHECK-th text."""
+        if all(list(ids[i]) == self.tk.encode(texts[i], add_special_tokens=False).ids
+               for i in range(0, len(texts), SPOT_CHECK)):
+            return True
+        self._engine = False
+        return False
+
+    def _tiktoken(self):
+        if getattr(self, "_engine", None) is None:
+            self._engine = fastbpe.encoding(self.json) or False
+        return self._engine or None
+
+    def __getstate__(self):  # (to worker processes) the engine is rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_engine"}
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
