@@ -128,3 +128,10 @@ def test_main_resume_with_another_config(run_dir):
     res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={run_dir}", "--config.log.wandb_mode=disabled"])
     _assert_one_error(res, "the config differs from the one this run was started with")
     assert "cannot schedule new futures" not in res.stderr
+
+
+@pytest.mark.parametrize("flag, fragment", [("--top_p=2", "--top_p=2.0: must be in (0, 1]"),
+                                            ("--temperature=-1", "--temperature=-1.0: must be >= 0")])
+def test_generate_refuses_meaningless_sampling_flags(tmp_path, flag, fragment):
+    res = _cli(["jaxlm.generate", f"--workdir={tmp_path}", "--prompt=abc", flag])
+    _assert_one_error(res, fragment)
