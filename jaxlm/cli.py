@@ -105,11 +105,15 @@ def _not_orbax_below_error(record: logging.LogRecord) -> bool:
 
 
 def _resolve_config_arg(arg: str) -> str:
-    """``--config=configs/tiny.py`` found from any directory (``config.resolve_path``)."""
+    """``--config=configs/tiny.py`` found from any directory (``config.resolve_path``), and run once
+    through jaxlm's loader first (``config.read_file``), so that a file that does not run is one error
+    line naming its file and line, not ml_collections' traceback."""
     for prefix in ("--config=", "-config="):
         if arg.startswith(prefix):
             try:
-                return prefix + str(config_lib.resolve_path(arg[len(prefix):]))
+                path = config_lib.resolve_path(arg[len(prefix):])
+                config_lib.read_file(path)
+                return prefix + str(path)
             except ConfigError as e:
                 fail(e, status=2)
     return arg

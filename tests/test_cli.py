@@ -135,3 +135,16 @@ def test_main_resume_with_another_config(run_dir):
 def test_generate_refuses_meaningless_sampling_flags(tmp_path, flag, fragment):
     res = _cli(["jaxlm.generate", f"--workdir={tmp_path}", "--prompt=abc", flag])
     _assert_one_error(res, fragment)
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("def get_config(:\n    pass\n", "bad.py:1: invalid syntax (a Python syntax error in the config file)"),
+    ("from configs import tiny\n\n\ndef get_config():\n    return tiny_config\n",
+     "bad.py:5: NameError: name 'tiny_config' is not defined"),
+    ("from configs import tiny\n\nconfig = tiny.get_config()\n", "bad.py: defines no get_config(); a config file"),
+])
+def test_a_config_file_that_does_not_run_is_one_error_line_with_file_and_line(tmp_path, source, fragment):
+    (tmp_path / "bad.py").write_text(source)
+    res = _cli(["jaxlm.main", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_error(res, fragment, str(tmp_path / "bad.py"))
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
