@@ -55,9 +55,17 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     app.run(guarded, flags_parser=parse_flags)
 
 
+CONFIG_HELP = ("Every key, with its default and meaning: configs/base.py; override one with "
+               "--config.SECTION.KEY=VALUE, e.g. --config.train.steps=100")
+
+
 def define_config(name: str = "config", help_text: str = "A config file, e.g. configs/tiny.py.") -> flags.FlagHolder:
-    """An ml_collections config-file flag (locked, typed; ``--config.train.steps=5`` overrides)."""
-    return config_flags.DEFINE_config_file(name, None, help_text, lock_config=True)
+    """An ml_collections config-file flag (locked, typed; ``--config.train.steps=5`` overrides), listed
+    by the tool's ``--help`` with where its keys are documented."""
+    holder = config_flags.DEFINE_config_file(name, None, f"{help_text} {CONFIG_HELP}.", lock_config=True)
+    # absl's --help lists the program's key flags; this one is defined here, in jaxlm.cli
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    return holder
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -114,14 +114,16 @@ def test_ablate_report_of_a_missing_directory(run_dir, tmp_path):
     _assert_one_error(res, "no such directory")
 
 
-@pytest.mark.parametrize("tool, flag", [("jaxlm.main", "--workdir"), ("jaxlm.eval", "--all_steps"),
+@pytest.mark.parametrize("tool, flag", [("jaxlm.main", ("--workdir", "--config: A config file", "configs/base.py")),
+                                        ("jaxlm.eval", "--all_steps"),
                                         ("jaxlm.generate", "--top_p"), ("jaxlm.export", "--to_hf"),
                                         ("jaxlm.bench", "--batch_per_device"), ("jaxlm.ablate", "--layer_scaling"),
                                         ("jaxlm.data", "--workdir"), ("jaxlm.data.bench", "--batches")])
 def test_help_lists_the_flags(tool, flag):
     res = _cli([tool, "--help"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert flag in res.stdout + res.stderr
+    for f in (flag,) if isinstance(flag, str) else flag:
+        assert f in res.stdout + res.stderr, f
 
 
 def test_main_resume_with_another_config(run_dir):
@@ -148,3 +150,11 @@ def test_a_config_file_that_does_not_run_is_one_error_line_with_file_and_line(tm
     res = _cli(["jaxlm.main", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path / 'w'}"])
     _assert_one_error(res, fragment, str(tmp_path / "bad.py"))
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_run_json_records_the_jaxlm_version(run_dir):
+    import json
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert json.loads((run_dir / "run.json").read_text())["versions"]["jaxlm"] == version
