@@ -42,6 +42,8 @@ def run_dir(tmp_path_factory):
     (["--config=configs/tiny.py", "--workdir=W", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
     (["--config=configs/nope.py", "--workdir=W"], "no such file"),
     (["--config=configs/tiny.py", "--workdir=W", "--config.checkpoint.stages=((0, 100),)"], "checkpoint.stages"),
+    # refused once the run has begun (its log file opened): no logs/process-0.log left behind either
+    (["--config=configs/tiny.py", "--workdir=W", "--config.data.source=files:/nonexistent/*.txt"], "matched no files"),
 ])
 def test_main_bad_flags_and_config(tmp_path, args, fragment):
     res = _cli(["jaxlm.main", *[a.replace("=W", f"={tmp_path / 'w'}") for a in args]])
@@ -158,3 +160,14 @@ def test_run_json_records_the_jaxlm_version(run_dir):
 
     version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert json.loads((run_dir / "run.json").read_text())["versions"]["jaxlm"] == version
+
+
+def test_load_run_logs_no_warnings(run_dir, caplog):
+    import logging
+
+    from jaxlm import run as run_lib
+
+    with caplog.at_level(logging.INFO):
+        step = run_lib.load_run(run_dir)[-1]
+    assert step == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
