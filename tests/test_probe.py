@@ -257,3 +257,29 @@ def test_cli_no_checkpoints(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     res = _cli([f"--workdir={tmp_path}"])
     assert res.returncode == 1 and "error:" in res.stderr and "no complete checkpoint" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_probe_an_hf_export_with_the_default_split_and_nothing_written_beside_the_model(run_dir, tmp_path):
+    """--hf on the export of a SentencePiece run: its own tokenizer found, a 1,511-document jsonl and the
+    stdlib probed with the default held-out share, results and cache under the workdir."""
+    import json
+
+    from jaxlm import export
+
+    hf_dir = export.export(run_dir, tmp_path / "hf")
+    before = sorted(p.name for p in hf_dir.iterdir())
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 30))}) + "\n" for _ in range(1511)))
+    res = _cli([f"--hf={hf_dir}", f"--data=jsonl:{corpus}", f"--workdir={tmp_path / 'w'}", "--tasks=position",
+                "--window=32", "--rows=40", "--max_steps=50"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "w" / "probe" / "position.json").is_file()
+    assert list((tmp_path / "w" / "probe" / "cache").glob("tasks-*.npz"))
+    assert sorted(p.name for p in hf_dir.iterdir()) == before  # nothing written into the model's directory
+    src = study.hf_source(hf_dir, data="stdlib", workdir=tmp_path / "w2", max_docs=30)
+    assert len(src.val_stream) > 10 * 128 and src.out == tmp_path / "w2" / "probe"
+    with pytest.raises(ConfigError, match="--hf needs --workdir"):
+        study.hf_source(hf_dir, data="stdlib")
