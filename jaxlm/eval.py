@@ -50,6 +50,7 @@ from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 from jaxlm.errors import ConfigError, DataError
 
 # Hugging Face's perplexity recipe at GPT-2's 1024 positions with Mistral's stride.
@@ -308,10 +309,10 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
 
 
 def load_hf(directory, *, tokenizer: str | None = None, regime: str = "fp32"):
-    """(GPT2Config, graphdef, params, tokenizer) of a Hugging Face GPT-2 directory (a jaxlm export or
-    another model); the tokenizer is `tokenizer` (a spec) or the directory's own, whatever its kind."""
+    """(GPT2Config, graphdef, params, tokenizer) of a Hugging Face GPT-2 directory; the tokenizer is
+    `tokenizer` (a spec) or the directory's own, whatever its kind (``tokenizer_export.for_model_dir``)."""
     model_cfg, _, graphdef, params = hf.load_pretrained(directory, regime=regime)
-    tok = tok_lib.load(tokenizer or tok_lib.for_model_dir(directory))
+    tok = tok_lib.load(tokenizer or tokenizer_export.for_model_dir(directory))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}: not the "
                           "model's tokenizer (see --tokenizer)")
@@ -369,8 +370,7 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "The run directory.")
     flags.DEFINE_string("hf", None, "A Hugging Face GPT-2 directory (weights and tokenizer) instead of a run.")
     flags.DEFINE_string("regime", "fp32", "--hf: the precision regime to evaluate in.")
-    flags.DEFINE_string("tokenizer", None, "--hf: the model's tokenizer, hf:DIR or PATH.model (default: the "
-                        "directory's own: tokenizer.model, else tokenizer.json or vocab.json + merges.txt).")
+    flags.DEFINE_string("tokenizer", None, "--hf: the model's tokenizer, hf:DIR or PATH.model (default: its own).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_bool("all_steps", False, "Evaluate every saved checkpoint; write eval.csv and eval.png.")
     flags.DEFINE_alias("all-steps", "all_steps")

@@ -6,7 +6,7 @@ The run's tokenizer is written beside the weights as Hugging Face tokenizer file
 tokenizer_config.json, special_tokens_map.json; vocab.json + merges.txt for a byte-level BPE), and a
 SentencePiece run's ``tokenizer.model`` too, so that transformers' ``GPT2LMHeadModel.from_pretrained(OUT)``
 loads the model and ``AutoTokenizer.from_pretrained(OUT)`` a tokenizer that gives jaxlm's ids
-(``tokenizer.sentencepiece_to_hf``); ``jaxlm.eval --hf=OUT`` and ``jaxlm.probe --hf=OUT`` find it.
+(``jaxlm.data.tokenizer_export``); ``jaxlm.eval --hf=OUT`` and ``jaxlm.probe --hf=OUT`` find it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from absl import flags
 from jaxlm import cli, hf, paths
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 
 
 def export(workdir, out, step: int | None = None) -> Path:
@@ -33,7 +34,7 @@ def export(workdir, out, step: int | None = None) -> Path:
                              eos_token_id=int(meta["data"]["eos_id"]))
     spec = run_lib.tokenizer_spec(meta)
     if tok_lib.spec_path(spec).exists():  # (a run whose cache was deleted exports without it)
-        tok_lib.save_for_hf(tok_lib.load(spec), out)
+        tokenizer_export.save_for_hf(tok_lib.load(spec), out)
     if url is not None:
         paths.publish(out, url)
         return paths.path(url)

@@ -121,7 +121,7 @@ def main(argv):
     cli.require(workdir=F.workdir, prompt=F.prompt)
     check_sampling(F.temperature, F.top_k, F.top_p)  # before the checkpoint is read
     _, trainer, state, meta, step = run_lib.load_run(F.workdir, F.step)
-    tok = tok_lib.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
     ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
                    F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
                    seed=F.seed, eos_id=tok.eos_id)

@@ -22,6 +22,7 @@ LAYERS = [
      "configs.gpt2_large", "configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader", "jaxlm.data",
+     "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train"],
     ["jaxlm.checkpoint"],

@@ -16,6 +16,7 @@ from jaxlm import export as export_lib
 from jaxlm import run as run_lib
 from jaxlm.data import cache as cache_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -257,9 +258,9 @@ def _stdlib_texts(n: int, skip_files: int = 0) -> list[str]:
 def test_sentencepiece_export_tokenizes_in_transformers_as_in_jaxlm(tmp_path):
     # trained on some files, compared on others: merges the training text never needed are exercised too
     sp = tok_lib.train(_stdlib_texts(300) + DOCS, vocab_size=1024)
-    tok_lib.save_for_hf(sp, tmp_path / "export")
+    tokenizer_export.save_for_hf(sp, tmp_path / "export")
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
-    assert tok_lib.for_model_dir(tmp_path / "export") == str(tmp_path / "export" / "tokenizer.model")
+    assert tokenizer_export.for_model_dir(tmp_path / "export") == str(tmp_path / "export" / "tokenizer.model")
     texts = _stdlib_texts(990, skip_files=40) + [
         "def main(argv):", MIXED.replace("<|endoftext|>", ""), "", " ", "  x\n\n\t y  ", "🙂", "12345 678", "a" * 300,
         "日本語のテキスト", "\x00\x01 bytes"]
@@ -273,7 +274,7 @@ def test_sentencepiece_export_tokenizes_in_transformers_as_in_jaxlm(tmp_path):
     assert all(theirs.decode(ids) == t for ids, t in zip(ours, texts))
     # jaxlm reads the HF files alone (an export whose tokenizer.model was removed) to the same ids
     (tmp_path / "export" / "tokenizer.model").unlink()
-    assert tok_lib.load(tok_lib.for_model_dir(tmp_path / "export")).encode(texts) == ours
+    assert tok_lib.load(tokenizer_export.for_model_dir(tmp_path / "export")).encode(texts) == ours
 
 
 def test_sentencepiece_models_jaxlm_cannot_convert_exactly_are_refused():
@@ -283,4 +284,4 @@ def test_sentencepiece_models_jaxlm_cannot_convert_exactly_are_refused():
     m.ParseFromString(tok_lib.train(_stdlib_texts(300), vocab_size=1024).proto)
     m.normalizer_spec.add_dummy_prefix = True
     with pytest.raises(DataError, match="has a dummy prefix; only jaxlm's own kind"):
-        tok_lib.sentencepiece_to_hf(m.SerializeToString())
+        tokenizer_export.sentencepiece_to_hf(m.SerializeToString())

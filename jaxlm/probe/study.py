@@ -70,7 +70,7 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
     workdir = Path(workdir)
     steps = resolve_steps(checkpoint.saved_steps(workdir), step, steps, all_steps, str(workdir / "checkpoints"))
     meta = checkpoint.read_meta(workdir, steps[-1])
-    tok = tok_lib.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
     cache_path = Path(meta["data"]["cache"])
     if not (cache_path / "manifest.json").exists():  # the run directory was moved: look inside it
         cache_path = workdir / "data" / "tokens" / cache_path.name
