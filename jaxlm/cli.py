@@ -122,7 +122,7 @@ def _resolve_config_arg(arg: str) -> str:
                 path = config_lib.resolve_path(arg[len(prefix):])
                 config_lib.read_file(path)
                 return prefix + str(path)
-            except ConfigError as e:
+            except JaxlmError as e:
                 fail(e, status=2)
     return arg
 

@@ -171,3 +171,16 @@ def test_load_run_logs_no_warnings(run_dir, caplog):
         step = run_lib.load_run(run_dir)[-1]
     assert step == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_eval_hf_on_the_export_of_a_sentencepiece_run(run_dir, tmp_path):
+    import json
+
+    from jaxlm import export
+
+    out = export.export(run_dir, tmp_path / "hf")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("end of document 3. " * 40)
+    res = _cli(["jaxlm.eval", f"--hf={out}", f"--data=files:{corpus}", "--context=16"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["tokens"] > 0

@@ -236,6 +236,8 @@ def test_probe_a_run_and_report_its_seeds(run_dir, tmp_path):
     assert again == rows
     written = report.seeds([tmp_path / "a", tmp_path / "a"], tmp_path / "seeds")
     assert sorted(p.name for p in written) == sorted(f"{n}.png" for n in names)
+    res = _cli(["report", str(tmp_path / "a"), str(tmp_path / "a"), f"--out={tmp_path / 'cli'}"])
+    assert res.returncode == 0 and f"wrote 4 report(s) to {tmp_path / 'cli'}" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.slow
