@@ -23,6 +23,7 @@ last N plus every M-th; always the newest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -139,9 +140,11 @@ class Checkpointer:
             enable_async_checkpointing=bool(cfg.checkpoint.async_save),
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only,
+            save_interval_steps=0 if read_only else 1,  # (what Orbax sets, with a warning, for read_only)
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        with _without_read_only_notice():
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "data", "meta"))
         self._last_save_time = time.monotonic()
         self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
 
@@ -319,6 +322,21 @@ def other_layout(path, meta: dict, diffs: list[str]) -> str:
                    "Face format, which every jaxlm reads)")
     return (f"checkpoint {path} holds a train state of another structure or shape than this run builds "
             f"({'; '.join(why) or 'same config and jaxlm commit'}).")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """Orbax's manager logs a warning that its directory is read only whenever it is built so, as every
+    reader here (eval, generate, export, probe) builds it: that one record is dropped while it is built."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _reader(workdir) -> "Checkpointer":

@@ -55,9 +55,17 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     app.run(guarded, flags_parser=parse_flags)
 
 
+CONFIG_HELP = ("Every key, with its default and meaning: configs/base.py; override one with "
+               "--config.SECTION.KEY=VALUE, e.g. --config.train.steps=100")
+
+
 def define_config(name: str = "config", help_text: str = "A config file, e.g. configs/tiny.py.") -> flags.FlagHolder:
-    """An ml_collections config-file flag (locked, typed; ``--config.train.steps=5`` overrides)."""
-    return config_flags.DEFINE_config_file(name, None, help_text, lock_config=True)
+    """An ml_collections config-file flag (locked, typed; ``--config.train.steps=5`` overrides), listed
+    by the tool's ``--help`` with where its keys are documented."""
+    holder = config_flags.DEFINE_config_file(name, None, f"{help_text} {CONFIG_HELP}.", lock_config=True)
+    # absl's --help lists the program's key flags; this one is defined here, in jaxlm.cli
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    return holder
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -109,12 +117,16 @@ def _not_orbax_below_error(record: logging.LogRecord) -> bool:
 
 
 def _resolve_config_arg(arg: str) -> str:
-    """``--config=configs/tiny.py`` found from any directory (``config.resolve_path``)."""
+    """``--config=configs/tiny.py`` found from any directory (``config.resolve_path``), and run once
+    through jaxlm's loader first (``config.read_file``), so that a file that does not run is one error
+    line naming its file and line, not ml_collections' traceback."""
     for prefix in ("--config=", "-config="):
         if arg.startswith(prefix):
             try:
-                return prefix + str(config_lib.resolve_path(arg[len(prefix):]))
-            except ConfigError as e:
+                path = config_lib.resolve_path(arg[len(prefix):])
+                config_lib.read_file(path)
+                return prefix + str(path)
+            except JaxlmError as e:
                 fail(e, status=2)
     return arg
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import configs
 from configs import base
 from jaxlm import budget, precision, sharding
 from jaxlm import model as model_lib
-from jaxlm.errors import ConfigError
+from jaxlm.errors import ConfigError, JaxlmError
 
 # The jaxlm source tree (its git commit is recorded with every run).
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +64,35 @@ def resolve_path(path: str | os.PathLike) -> Path:
     raise ConfigError(f"--config={path}: no such file (the packaged configs are {known})")
 
 
-def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """A config file's ``get_config()``, locked, with dotted overrides {'train.steps': 5}; validated."""
+def read_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()``; a file that does not run (a syntax error, a NameError, ...) or
+    has no ``get_config`` is one ConfigError naming the file and line."""
     path = resolve_path(path)
     spec = importlib.util.spec_from_file_location(f"_jaxlm_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            raise ConfigError(f"{path}: defines no get_config(); a config file defines get_config() returning an "
+                              "ml_collections.ConfigDict (e.g. configs/tiny.py; every key: configs/base.py)")
+        cfg = get_config()
+    except JaxlmError:
+        raise
+    except SyntaxError as e:  # the file itself, or a module it imports
+        raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg} (a Python syntax error in the config file)") from None
+    except Exception as e:  # what running the file raised: where in it, and what
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        raise ConfigError(f"{where}: {type(e).__name__}: {one_line(e)} (running the config file)") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned a {type(cfg).__name__}, not an ml_collections.ConfigDict")
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()``, locked, with dotted overrides {'train.steps': 5}; validated."""
+    cfg = read_file(path)
     cfg.lock()
     for key, value in (overrides or {}).items():
         set_by_path(cfg, key, value)

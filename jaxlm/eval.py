@@ -1,7 +1,7 @@
 """Evaluation of checkpoints and Hugging Face GPT-2s on texts and benchmarks: library and CLI.
 
     python -m jaxlm.eval --workdir=RUN [--step=N | --all-steps] [--data=SPEC] [--context=N] [--stride=N]
-    python -m jaxlm.eval --hf=DIR --data=SPEC [--regime=fp32]
+    python -m jaxlm.eval --hf=DIR --data=SPEC [--tokenizer=hf:DIR|PATH.model] [--regime=fp32]
 
 What is evaluated (``--data``; a run's own validation split by default):
 
@@ -50,6 +50,7 @@ from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 from jaxlm.errors import ConfigError, DataError
 
 # Hugging Face's perplexity recipe at GPT-2's 1024 positions with Mistral's stride.
@@ -307,13 +308,23 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
     return rows
 
 
+def load_hf(directory, *, tokenizer: str | None = None, regime: str = "fp32"):
+    """(GPT2Config, graphdef, params, tokenizer) of a Hugging Face GPT-2 directory; the tokenizer is
+    `tokenizer` (a spec) or the directory's own, whatever its kind (``tokenizer_export.for_model_dir``)."""
+    model_cfg, _, graphdef, params = hf.load_pretrained(directory, regime=regime)
+    tok = tok_lib.load(tokenizer or tokenizer_export.for_model_dir(directory))
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model {model_cfg.vocab_size}: not the "
+                          "model's tokenizer (see --tokenizer)")
+    return model_cfg, graphdef, params, tok
+
+
 def evaluate_hf(directory, data_spec: str, *, regime: str = "fp32", context: int = 0, stride: int = 0,
-                max_docs: int = 0, log=print) -> dict:
+                max_docs: int = 0, tokenizer: str | None = None, log=print) -> dict:
     """Evaluates a Hugging Face GPT-2 directory (weights and tokenizer) on `data_spec`."""
     if not data_spec:
         raise ConfigError("--hf needs --data (a Hugging Face model has no validation split of its own)")
-    model_cfg, _, graphdef, params = hf.load_pretrained(directory, regime=regime)
-    tok = tok_lib.load(f"hf:{directory}")
+    model_cfg, graphdef, params, tok = load_hf(directory, tokenizer=tokenizer, regime=regime)
     ev = _evaluator(data_spec, config_lib.schema().data, tok, model_cfg.n_positions, context, stride, max_docs,
                     model_cfg.n_positions - 1, log)
     r = {"model": str(directory), **ev(graphdef, params)}
@@ -359,6 +370,7 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "The run directory.")
     flags.DEFINE_string("hf", None, "A Hugging Face GPT-2 directory (weights and tokenizer) instead of a run.")
     flags.DEFINE_string("regime", "fp32", "--hf: the precision regime to evaluate in.")
+    flags.DEFINE_string("tokenizer", None, "--hf: the model's tokenizer, hf:DIR or PATH.model (default: its own).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_bool("all_steps", False, "Evaluate every saved checkpoint; write eval.csv and eval.png.")
     flags.DEFINE_alias("all-steps", "all_steps")
@@ -376,8 +388,10 @@ def main(argv):
         if F.workdir or F.all_steps or F.step is not None:
             raise ConfigError("--hf evaluates one model: it takes no --workdir, --step or --all-steps")
         print(json.dumps(evaluate_hf(F.hf, F.data, regime=F.regime, context=F.context, stride=F.stride,
-                                     max_docs=F.max_docs, log=log)))
+                                     max_docs=F.max_docs, tokenizer=F.tokenizer, log=log)))
         return
+    if F.tokenizer:
+        raise ConfigError("--tokenizer goes with --hf; a run evaluates with its own tokenizer")
     cli.require(workdir=F.workdir)
     rows = evaluate_run(F.workdir, step=F.step, all_steps=F.all_steps, data_spec=F.data, context=F.context,
                         stride=F.stride, max_docs=F.max_docs, log=log)

@@ -2,10 +2,11 @@
 
     python -m jaxlm.export --workdir=DIR [--step=N] --to-hf=OUT
 
-The run's tokenizer is written beside the weights: SentencePiece's ``tokenizer.model``, or a Hugging
-Face tokenizer's files (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json), so that
-transformers' ``GPT2LMHeadModel.from_pretrained(OUT)`` loads the model and, for the latter,
-``AutoTokenizer.from_pretrained(OUT)`` the tokenizer.
+The run's tokenizer is written beside the weights as Hugging Face tokenizer files (tokenizer.json,
+tokenizer_config.json, special_tokens_map.json; vocab.json + merges.txt for a byte-level BPE), and a
+SentencePiece run's ``tokenizer.model`` too, so that transformers' ``GPT2LMHeadModel.from_pretrained(OUT)``
+loads the model and ``AutoTokenizer.from_pretrained(OUT)`` a tokenizer that gives jaxlm's ids
+(``jaxlm.data.tokenizer_export``); ``jaxlm.eval --hf=OUT`` and ``jaxlm.probe --hf=OUT`` find it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from absl import flags
 from jaxlm import cli, hf, paths
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 
 
 def export(workdir, out, step: int | None = None) -> Path:
@@ -32,7 +34,7 @@ def export(workdir, out, step: int | None = None) -> Path:
                              eos_token_id=int(meta["data"]["eos_id"]))
     spec = run_lib.tokenizer_spec(meta)
     if tok_lib.spec_path(spec).exists():  # (a run whose cache was deleted exports without it)
-        tok_lib.load(spec).save(out)
+        tokenizer_export.save_for_hf(tok_lib.load(spec), out)
     if url is not None:
         paths.publish(out, url)
         return paths.path(url)

@@ -12,6 +12,7 @@ plus new tokens must fit in ``n_positions``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,17 @@ from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import ConfigError
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Fails naming the sampling flag whose value has no meaning."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature={temperature}: must be >= 0 (0 = greedy; 1 = the model's distribution)")
+    if top_k < 0:
+        raise ConfigError(f"--top_k={top_k}: must be >= 0 (0 = all tokens)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"--top_p={top_p}: must be in (0, 1] (1 = all tokens; 0.95 keeps the most likely up to 95% "
+                          "of the probability)")
 
 
 def sample(logits_V, key, temperature: float, top_k: int, top_p: float):
@@ -60,6 +72,7 @@ def generate(graphdef, params, cfg: model_lib.GPT2Config, policy, prompt_ids, ma
              eos_id: int | None = None, use_cache: bool = True) -> list[int]:
     """New token ids after `prompt_ids` (stops early at `eos_id`). `use_cache=False` recomputes the
     whole sequence each step (the reference the cache must agree with)."""
+    check_sampling(temperature, top_k, top_p)
     prompt = list(int(t) for t in prompt_ids)
     model_lib.check_token_ids(prompt, cfg.vocab_size)
     if not prompt:
@@ -106,8 +119,9 @@ def define_flags():
 def main(argv):
     F = cli.FLAGS
     cli.require(workdir=F.workdir, prompt=F.prompt)
+    check_sampling(F.temperature, F.top_k, F.top_p)  # before the checkpoint is read
     _, trainer, state, meta, step = run_lib.load_run(F.workdir, F.step)
-    tok = tok_lib.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
     ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
                    F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
                    seed=F.seed, eos_id=tok.eos_id)

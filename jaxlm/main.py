@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import jax
 from absl import flags
@@ -37,6 +38,7 @@ def main(argv):
     config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)
 
     how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    existed = paths.is_remote(F.workdir) or Path(F.workdir).exists()
     log_file = distributed.process_log(F.workdir)
     absl_logging.set_verbosity(absl_logging.INFO)  # INFO reaches the per-process log file ...
     absl_logging.get_absl_handler().setLevel(logging.WARNING)  # ... the console shows warnings and up
@@ -56,12 +58,30 @@ def main(argv):
         result = run_lib.run(cfg, F.workdir, log=say)
     except JaxlmError as e:  # the console gets it once, from cli; the log file gets it at INFO
         logger.info("error: %s", e)
+        if not paths.is_remote(F.workdir):
+            _forget_log(log_file, Path(F.workdir), existed)
         raise
     except Exception:
         logger.exception("the run failed; see %s", log_file)
         raise
     if result.stopped and not result.preempted:
         sys.exit(2)  # e.g. a non-finite loss outside fp16; a preempted run exits 0 and resumes
+
+
+def _forget_log(log_file: Path, workdir: Path, existed: bool) -> None:
+    """A run refused before its first checkpoint (bad data, a model that does not fit the vocabulary)
+    leaves no log file behind, nor a workdir this command created and nothing else went into."""
+    if (workdir / "checkpoints").exists():
+        return  # a run that has started keeps its log
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)
+              and Path(h.baseFilename) == log_file.resolve()]:
+        root.removeHandler(h)
+        h.close()
+    log_file.unlink(missing_ok=True)
+    for d in (log_file.parent, *(() if existed else (workdir,))):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         max_steps = int(cfg.train.max_steps)
         meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None
                  else None)
+        say(_epochs(trainer, epoch_len, len(replay) if replay is not None else max_steps if meter else cfg.train.steps))
 
         def data_state(step):
             d = {"next_index": int(step), "epoch": int(step) * trainer.batch_size // epoch_len}
@@ -237,6 +238,20 @@ def _describe(trainer: train.Trainer, mesh) -> str:
             f"{mc.vocab_size}{padded}); precision {trainer.policy.describe()}; attention {trainer.attention}, "
             f"remat {mc.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
             "device(s)")
+
+
+def _epochs(trainer, epoch_len: int, steps: int) -> str:
+    """The startup line that says how many times the run will read its training rows (`steps` = 0: a
+    budget with no step cap, whose step count is known only as it runs)."""
+    if not steps:
+        return (f"data: {epoch_len:,} training rows of {trainer.batch_size} per step; "
+                "the budget decides how many steps (the progress line shows the epoch)")
+    n = steps * trainer.batch_size / epoch_len
+    line = (f"data: {steps:,} steps x {trainer.batch_size} rows = {n:.3g} epochs of the {epoch_len:,} training rows"
+            + (" (at most: the budget may stop it sooner)" if trainer.budget else ""))
+    if n > 1:  # memorising: the training loss falls below the validation loss
+        line = f"warning: {line}; each row is read about {n:.0f} times (more text, or fewer train.steps, avoid it)"
+    return line
 
 
 def _validation_batches(cache, cfg, trainer, say):

@@ -4,7 +4,8 @@ Sinks, on process 0 only: a console progress bar with ETA, JSON Lines in ``WORKD
 (one record per log step), TensorBoard event files in ``WORKDIR/tensorboard`` (``log.tensorboard``,
 on by default: ``tensorboard --logdir runs/``), and wandb (``log.wandb_mode``: disabled/offline/online;
 offline by default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
-versions, the jaxlm git commit, devices and mesh, once per run.
+versions (jaxlm's own too: a pip-installed jaxlm has no git commit), the jaxlm git commit, devices and
+mesh, once per run.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def git_commit(repo: Path) -> str:
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "tokenizers",
+    for p in ("jaxlm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "sentencepiece", "tokenizers",
               "safetensors", "ml-collections", "tensorflow-datasets", "wandb"):
         try:
             out[p] = metadata.version(p)

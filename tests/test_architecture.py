@@ -25,6 +25,7 @@ LAYERS = [
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data",
+     "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train"],
     ["jaxlm.checkpoint"],

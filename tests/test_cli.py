@@ -42,6 +42,8 @@ def run_dir(tmp_path_factory):
     (["--config=configs/tiny.py", "--workdir=W", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
     (["--config=configs/nope.py", "--workdir=W"], "no such file"),
     (["--config=configs/tiny.py", "--workdir=W", "--config.checkpoint.stages=((0, 100),)"], "checkpoint.stages"),
+    # refused once the run has begun (its log file opened): no logs/process-0.log left behind either
+    (["--config=configs/tiny.py", "--workdir=W", "--config.data.source=files:/nonexistent/*.txt"], "matched no files"),
 ])
 def test_main_bad_flags_and_config(tmp_path, args, fragment):
     res = _cli(["jaxlm.main", *[a.replace("=W", f"={tmp_path / 'w'}") for a in args]])
@@ -114,17 +116,71 @@ def test_ablate_report_of_a_missing_directory(run_dir, tmp_path):
     _assert_one_error(res, "no such directory")
 
 
-@pytest.mark.parametrize("tool, flag", [("jaxlm.main", "--workdir"), ("jaxlm.eval", "--all_steps"),
+@pytest.mark.parametrize("tool, flag", [("jaxlm.main", ("--workdir", "--config: A config file", "configs/base.py")),
+                                        ("jaxlm.eval", "--all_steps"),
                                         ("jaxlm.generate", "--top_p"), ("jaxlm.export", "--to_hf"),
                                         ("jaxlm.bench", "--batch_per_device"), ("jaxlm.ablate", "--layer_scaling"),
                                         ("jaxlm.data", "--workdir"), ("jaxlm.data.bench", "--batches")])
 def test_help_lists_the_flags(tool, flag):
     res = _cli([tool, "--help"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert flag in res.stdout + res.stderr
+    for f in (flag,) if isinstance(flag, str) else flag:
+        assert f in res.stdout + res.stderr, f
 
 
 def test_main_resume_with_another_config(run_dir):
     res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={run_dir}", "--config.log.wandb_mode=disabled"])
     _assert_one_error(res, "the config differs from the one this run was started with")
     assert "cannot schedule new futures" not in res.stderr
+
+
+@pytest.mark.parametrize("flag, fragment", [("--top_p=2", "--top_p=2.0: must be in (0, 1]"),
+                                            ("--temperature=-1", "--temperature=-1.0: must be >= 0")])
+def test_generate_refuses_meaningless_sampling_flags(tmp_path, flag, fragment):
+    res = _cli(["jaxlm.generate", f"--workdir={tmp_path}", "--prompt=abc", flag])
+    _assert_one_error(res, fragment)
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("def get_config(:\n    pass\n", "bad.py:1: invalid syntax (a Python syntax error in the config file)"),
+    ("from configs import tiny\n\n\ndef get_config():\n    return tiny_config\n",
+     "bad.py:5: NameError: name 'tiny_config' is not defined"),
+    ("from configs import tiny\n\nconfig = tiny.get_config()\n", "bad.py: defines no get_config(); a config file"),
+])
+def test_a_config_file_that_does_not_run_is_one_error_line_with_file_and_line(tmp_path, source, fragment):
+    (tmp_path / "bad.py").write_text(source)
+    res = _cli(["jaxlm.main", f"--config={tmp_path / 'bad.py'}", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_error(res, fragment, str(tmp_path / "bad.py"))
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_run_json_records_the_jaxlm_version(run_dir):
+    import json
+    import re
+
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert json.loads((run_dir / "run.json").read_text())["versions"]["jaxlm"] == version
+
+
+def test_load_run_logs_no_warnings(run_dir, caplog):
+    import logging
+
+    from jaxlm import run as run_lib
+
+    with caplog.at_level(logging.INFO):
+        step = run_lib.load_run(run_dir)[-1]
+    assert step == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_eval_hf_on_the_export_of_a_sentencepiece_run(run_dir, tmp_path):
+    import json
+
+    from jaxlm import export
+
+    out = export.export(run_dir, tmp_path / "hf")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("end of document 3. " * 40)
+    res = _cli(["jaxlm.eval", f"--hf={out}", f"--data=files:{corpus}", "--context=16"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["tokens"] > 0

@@ -172,3 +172,24 @@ def test_a_byte_bpe_run_and_its_hf_export_evaluate_the_same(tmp_path):
     theirs = eval_lib.evaluate_hf(out, spec, context=64, stride=32, log=lambda s: None)
     assert ours["tokens"] == theirs["tokens"] and ours["bytes"] == theirs["bytes"]
     assert theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # trains a tiny run
+def test_the_export_of_a_sentencepiece_run_evaluates_as_the_run(tmp_path):
+    """The default (SentencePiece) run's export evaluates with --hf, through its tokenizer.model, through
+    the HF files alone, and with --tokenizer given: the run's loss each time."""
+    from jaxlm import export
+
+    from conftest import train_tiny_run, write_word_corpus
+
+    run = train_tiny_run(tmp_path)
+    out = export.export(run, tmp_path / "hf")
+    spec = f"files:{write_word_corpus(tmp_path / 'corpus', 30)}/doc00*.txt"
+    quiet = lambda s: None  # noqa: E731
+    ours = eval_lib.evaluate_run(run, data_spec=spec, context=32, stride=16, log=quiet)[-1]
+    given = eval_lib.evaluate_hf(out, spec, context=32, stride=16, tokenizer=str(out / "tokenizer.model"), log=quiet)
+    own = eval_lib.evaluate_hf(out, spec, context=32, stride=16, log=quiet)
+    (out / "tokenizer.model").unlink()
+    hf_files = eval_lib.evaluate_hf(out, spec, context=32, stride=16, log=quiet)
+    for theirs in (given, own, hf_files):
+        assert theirs["tokens"] == ours["tokens"] and theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5)

@@ -236,6 +236,8 @@ def test_probe_a_run_and_report_its_seeds(run_dir, tmp_path):
     assert again == rows
     written = report.seeds([tmp_path / "a", tmp_path / "a"], tmp_path / "seeds")
     assert sorted(p.name for p in written) == sorted(f"{n}.png" for n in names)
+    res = _cli(["report", str(tmp_path / "a"), str(tmp_path / "a"), f"--out={tmp_path / 'cli'}"])
+    assert res.returncode == 0 and f"wrote 4 report(s) to {tmp_path / 'cli'}" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -257,3 +259,71 @@ def test_cli_no_checkpoints(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     res = _cli([f"--workdir={tmp_path}"])
     assert res.returncode == 1 and "error:" in res.stderr and "no complete checkpoint" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_probe_an_hf_export_with_the_default_split_and_nothing_written_beside_the_model(run_dir, tmp_path):
+    """--hf on the export of a SentencePiece run: its own tokenizer found, a 1,511-document jsonl probed with
+    the default held-out share, results and cache under the workdir. (The stdlib: the README's test.)"""
+    import json
+
+    from jaxlm import export
+
+    hf_dir = export.export(run_dir, tmp_path / "hf")
+    before = sorted(p.name for p in hf_dir.iterdir())
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 30))}) + "\n" for _ in range(1511)))
+    src = study.hf_source(hf_dir, data=f"jsonl:{corpus}", workdir=tmp_path / "w")
+    assert src.out == tmp_path / "w" / "probe" and src.tokenizer.kind == "sentencepiece"
+    settings = tasks_lib.TaskSettings(window=32, rows=40, tokens_per_row=10, pairs_per_row=4)
+    rows = study.probe_source(src, ["position"], settings=settings, hp=FAST, log=lambda s: None)
+    assert len(rows["position"]) == 3 and (tmp_path / "w" / "probe" / "position.json").is_file()
+    assert list((tmp_path / "w" / "probe" / "cache").glob("tasks-*.npz"))
+    assert sorted(p.name for p in hf_dir.iterdir()) == before  # nothing written into the model's directory
+    with pytest.raises(ConfigError, match="--hf needs --workdir"):
+        study.hf_source(hf_dir, data="stdlib")
+
+
+def _readme_block(title: str) -> list[str]:
+    """The commands of the first bash block of the README's section `title` (comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {title}"):]
+    block = section[section.index("```bash\n") + 8:]
+    return [line for line in block[: block.index("```")].splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow  # four tools in subprocesses
+def test_the_readme_probing_section_runs_as_written(tmp_path):
+    """The Probing section's commands, in order, from an empty directory, at tiny size (flags appended):
+    its run is not the quickstart's, every checkpoint is probed, and the HF directory is probed too."""
+    import json
+    import re
+    import shlex
+
+    from conftest import write_word_corpus
+
+    quickstart = {m for line in _readme_block("Quickstart") for m in re.findall(r"--workdir=(\S+)", line)}
+    corpus = write_word_corpus(tmp_path / "corpus", 30)
+    tiny = {"jaxlm.main": [f"--config.data.source=files:{corpus}/*.txt", "--config.data.vocab_size=300",
+                           "--config.data.val_fraction=0.2", "--config.train.steps=4", "--config.train.seq_len=32",
+                           "--config.train.eval_every=0",
+                           "--config.log.stats_every=0", "--config.log.wandb_mode=disabled"],
+            "jaxlm.probe": ["--window=32", "--rows=40", "--max_steps=50"], "jaxlm.export": []}
+    commands = _readme_block("Probing")
+    assert [c.split()[2] for c in commands] == ["jaxlm.main", "jaxlm.probe", "jaxlm.export", "jaxlm.probe"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
+    for command in commands:
+        args = shlex.split(command.replace("((25, 300),)", "((2, 4),)"))  # its checkpoint stages, to 4 steps
+        assert args[:2] == ["python", "-m"] and not quickstart & set(re.findall(r"--workdir=(\S+)", command))
+        extra = tiny[args[2]] + (["--max_docs=30"] if "--hf=" in command else [])
+        res = subprocess.run([sys.executable, *args[1:], *extra], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
+        if args[2] == "jaxlm.main":
+            assert "epochs of the" in res.stdout, res.stdout  # the run says how often it reads its corpus
+    run = tmp_path / "runs" / "tiny_probe"
+    probed = json.loads((run / "probe" / "token_frequency.json").read_text())
+    assert probed["steps"] == [0, 2, 4]  # every checkpoint of the run, none missing
+    assert (tmp_path / "runs" / "tiny_probe_hf_probe" / "probe" / "position.json").is_file()

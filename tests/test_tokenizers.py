@@ -16,6 +16,7 @@ from jaxlm import export as export_lib
 from jaxlm import run as run_lib
 from jaxlm.data import cache as cache_lib
 from jaxlm.data import tokenizer as tok_lib
+from jaxlm.data import tokenizer_export
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -236,3 +237,51 @@ def test_bad_kind_and_vocab_size_for_training(tmp_path):
     with pytest.raises(DataError, match=r"data.vocab_size=200 is too small for a byte-level BPE: at least 257"):
         data.prepare(_cfg(f"files:{corpus}/*.txt", **{"data.tokenizer_kind": "byte_bpe", "data.vocab_size": 200}),
                      tmp_path / "b", log=_quiet)
+
+
+# --- SentencePiece runs exported for transformers -------------------------------------------------
+
+def _stdlib_texts(n: int, skip_files: int = 0) -> list[str]:
+    """`n` pieces of Python source (700 characters each, a few per file), from the stdlib's files in order."""
+    import sysconfig
+
+    out = []
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[skip_files:]:
+        src = f.read_text(encoding="utf-8", errors="replace")
+        out += [src[i:i + 700] for i in range(0, min(len(src), 7000), 700)]
+        if len(out) >= n:
+            return out[:n]
+    return out
+
+
+@pytest.mark.slow  # transformers' AutoTokenizer
+def test_sentencepiece_export_tokenizes_in_transformers_as_in_jaxlm(tmp_path):
+    # trained on some files, compared on others: merges the training text never needed are exercised too
+    sp = tok_lib.train(_stdlib_texts(300) + DOCS, vocab_size=1024)
+    tokenizer_export.save_for_hf(sp, tmp_path / "export")
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
+    assert tokenizer_export.for_model_dir(tmp_path / "export") == str(tmp_path / "export" / "tokenizer.model")
+    texts = _stdlib_texts(990, skip_files=40) + [
+        "def main(argv):", MIXED.replace("<|endoftext|>", ""), "", " ", "  x\n\n\t y  ", "🙂", "12345 678", "a" * 300,
+        "日本語のテキスト", "\x00\x01 bytes"]
+    assert len(texts) == 1000
+    ours = sp.encode(texts)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert [theirs(t)["input_ids"] for t in texts] == ours
+    assert theirs.eos_token_id == sp.eos_id == 1 and theirs.eos_token == "</s>"
+    assert len(theirs) == sp.vocab_size == 1024
+    assert theirs.decode(theirs("def main(argv):")["input_ids"]) == "def main(argv):"
+    assert all(theirs.decode(ids) == t for ids, t in zip(ours, texts))
+    # jaxlm reads the HF files alone (an export whose tokenizer.model was removed) to the same ids
+    (tmp_path / "export" / "tokenizer.model").unlink()
+    assert tok_lib.load(tokenizer_export.for_model_dir(tmp_path / "export")).encode(texts) == ours
+
+
+def test_sentencepiece_models_jaxlm_cannot_convert_exactly_are_refused():
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(tok_lib.train(_stdlib_texts(300), vocab_size=1024).proto)
+    m.normalizer_spec.add_dummy_prefix = True
+    with pytest.raises(DataError, match="has a dummy prefix; only jaxlm's own kind"):
+        tokenizer_export.sentencepiece_to_hf(m.SerializeToString())

@@ -18,7 +18,8 @@ decoder, ``<|endoftext|>`` as EOS. Lossless too, deterministic, and saved in Hug
 (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json), so ``transformers.AutoTokenizer``
 loads it. As in transformers, ``<|endoftext|>`` written inside a text encodes as the EOS token.
 
-Document boundaries are marked by ``eos_id``.
+Document boundaries are marked by ``eos_id``. An export writes either kind in transformers' format
+(``jaxlm.data.tokenizer_export``).
 """
 
 from __future__ import annotations
@@ -252,7 +253,6 @@ class HFTokenizer:
 
 
 AnyTokenizer = Tokenizer | HFTokenizer  # what load() returns: the interface in the module docstring
-
 
 def load(spec: str | os.PathLike) -> AnyTokenizer:
     """The tokenizer of `spec`: ``hf:DIR`` (Hugging Face files) or a SentencePiece ``.model`` path."""

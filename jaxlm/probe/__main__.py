@@ -1,10 +1,12 @@
 """Probe a run's checkpoints (or a Hugging Face GPT-2) layer by layer; compare seeds.
 
     python -m jaxlm.probe --workdir=RUN [--step=N | --all-steps | --steps=0,100,1000] [--tasks=position,bm25]
-    python -m jaxlm.probe --hf=DIR --tokenizer=hf:DIR|PATH.model --data=SPEC [--tasks=...]
+    python -m jaxlm.probe --hf=DIR --data=SPEC --workdir=W [--tokenizer=hf:DIR|PATH.model] [--val_fraction=0.1]
+        [--max_docs=2000] [--tasks=...]
     python -m jaxlm.probe report RUN_A RUN_B ... --out=DIR
 
-Writes ``RUN/probe/<task>.json``, ``.csv`` and ``.png`` (see ``jaxlm.probe.study`` and
+Writes ``RUN/probe/<task>.json``, ``.csv`` and ``.png`` (``W/probe/`` with ``--hf``; nothing goes into
+the model's directory) (see ``jaxlm.probe.study`` and
 ``jaxlm.probe.report``; the tasks and labels are defined in ``jaxlm.probe.tasks``, the probes and
 codelengths in ``jaxlm.probe.mdl``). Every task's control runs with it.
 """
@@ -12,6 +14,7 @@ codelengths in ``jaxlm.probe.mdl``). Every task's control runs with it.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -22,10 +25,15 @@ from jaxlm.probe import tasks as tasks_lib
 
 
 def define_flags():
-    flags.DEFINE_string("workdir", None, "The run directory.")
+    flags.DEFINE_string("workdir", None, "The run directory; with --hf, where the results go (WORKDIR/probe).")
     flags.DEFINE_string("hf", None, "A Hugging Face GPT-2 directory to probe instead of a run.")
-    flags.DEFINE_string("tokenizer", None, "With --hf: the model's tokenizer.")
-    flags.DEFINE_string("data", None, "With --hf: a data.source spec (validation split probed, train split counted).")
+    flags.DEFINE_string("tokenizer", None, "With --hf: the model's tokenizer, hf:DIR or PATH.model (default: the "
+                        "directory's own).")
+    flags.DEFINE_string("data", None, "With --hf: a data.source spec (its held-out documents probed, the others "
+                        "counted for the corpus statistics).")
+    flags.DEFINE_float("val_fraction", study.HF_VAL_FRACTION, "With --hf: the share of --data's documents held out "
+                       "and probed.")
+    flags.DEFINE_integer("max_docs", study.HF_MAX_DOCS, "With --hf: at most this many documents per split (0 = all).")
     flags.DEFINE_integer("step", None, "One checkpoint step (default: the newest).")
     flags.DEFINE_bool("all_steps", False, "Probe every saved checkpoint.")
     flags.DEFINE_alias("all-steps", "all_steps")
@@ -48,11 +56,13 @@ def main(argv):
         cli.require(out=F.out)
         if len(argv) < 3:
             raise ConfigError("report: give the run directories (python -m jaxlm.probe report RUN_A RUN_B --out=DIR)")
-        for path in report.seeds(argv[2:], F.out):
+        written = report.seeds(argv[2:], F.out)
+        for path in written:
             print(path)
+        print(f"wrote {len(written)} report(s) to {Path(F.out).resolve()}", file=sys.stderr)
         return
-    if bool(F.workdir) == bool(F.hf):
-        raise ConfigError("give one of --workdir (a run) or --hf (a Hugging Face GPT-2 directory)")
+    if not F.workdir and not F.hf:
+        raise ConfigError("give --workdir (a run) or --hf (a Hugging Face GPT-2 directory)")
     if sum([F.step is not None, bool(F.steps), F.all_steps]) > 1:
         raise ConfigError("give at most one of --step, --steps, --all-steps")
     names = tasks_lib.check_tasks(F.tasks)
@@ -60,10 +70,11 @@ def main(argv):
         steps = [int(s) for s in F.steps] if F.steps else None
     except ValueError:
         raise ConfigError(f"--steps: integers separated by commas, got {','.join(F.steps)!r}") from None
-    if F.workdir:
-        src = study.run_source(F.workdir, step=F.step, steps=steps, all_steps=F.all_steps, out=F.out)
+    if F.hf:
+        src = study.hf_source(F.hf, tokenizer=F.tokenizer, data=F.data, out=F.out, workdir=F.workdir,
+                              val_fraction=F.val_fraction, max_docs=F.max_docs)
     else:
-        src = study.hf_source(F.hf, tokenizer=F.tokenizer, data=F.data, out=F.out)
+        src = study.run_source(F.workdir, step=F.step, steps=steps, all_steps=F.all_steps, out=F.out)
     settings = tasks_lib.TaskSettings(window=F.window, rows=F.rows, seed=F.seed)
     hp = mdl.ProbeSettings(max_steps=F.max_steps)
     study.probe_source(src, names, settings=settings, hp=hp, log=lambda s: print(s, file=sys.stderr, flush=True))

@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import base as base_config
 from jaxlm import checkpoint, precision
-from jaxlm import hf as hf_lib
+from jaxlm import eval as eval_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
 from jaxlm.data import cache as cache_lib
@@ -70,7 +70,7 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
     workdir = Path(workdir)
     steps = resolve_steps(checkpoint.saved_steps(workdir), step, steps, all_steps, str(workdir / "checkpoints"))
     meta = checkpoint.read_meta(workdir, steps[-1])
-    tok = tok_lib.load(meta["data"]["tokenizer"])
+    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
     cache_path = Path(meta["data"]["cache"])
     if not (cache_path / "manifest.json").exists():  # the run directory was moved: look inside it
         cache_path = workdir / "data" / "tokens" / cache_path.name
@@ -92,29 +92,41 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
                   n_positions)
 
 
-def hf_source(hf_dir, *, tokenizer: str, data: str, out=None, max_docs: int = 2000) -> Source:
-    """A Hugging Face GPT-2 directory (one 'step', 0), with a tokenizer and a data.source spec for the text."""
-    if not tokenizer or not data:
-        raise ConfigError("--hf needs --tokenizer (the model's tokenizer) and --data (a data.source spec whose "
-                          "validation split is probed and whose train split gives the corpus statistics)")
-    cfg, _, graphdef, params = hf_lib.load_pretrained(hf_dir)
-    tok = tok_lib.load(tokenizer)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"--tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size}: not its tokenizer")
+# --hf: the model has no validation split of its own, so one is held out of --data's documents
+HF_VAL_FRACTION, HF_MAX_DOCS = 0.1, 2000
+
+
+def hf_source(hf_dir, *, data: str, tokenizer: str | None = None, out=None, workdir=None,
+              val_fraction: float = HF_VAL_FRACTION, max_docs: int = HF_MAX_DOCS) -> Source:
+    """A Hugging Face GPT-2 directory (one 'step', 0) with its tokenizer (`tokenizer`, a spec, or the
+    directory's own) and a data.source spec: `val_fraction` of its documents (at most `max_docs` per
+    split; 0 = all) are probed, the rest give the corpus statistics. Nothing is written into the model
+    directory: results and the example cache go to `out`, default WORKDIR/probe."""
+    if not data:
+        raise ConfigError("--hf needs --data (a data.source spec whose held-out documents are probed and whose other "
+                          "documents give the corpus statistics)")
+    if not out and not workdir:
+        raise ConfigError("--hf needs --workdir (or --out): where the probe's results and example cache go (the model "
+                          "directory is left as it is)")
+    if not 0 < val_fraction < 1 or max_docs < 0:
+        raise ConfigError(f"--val_fraction={val_fraction} must be in (0, 1) and --max_docs={max_docs} >= 0 (0 = all)")
+    cfg, graphdef, params, tok = eval_lib.load_hf(hf_dir, tokenizer=tokenizer)
     data_cfg = base_config.get_config().data
-    data_cfg.source, data_cfg.max_docs = data, max_docs
+    data_cfg.source, data_cfg.max_docs, data_cfg.val_fraction = data, max_docs, val_fraction
     src = sources_lib.open_source(data_cfg)
 
     def stream(split):
         docs = list(src.documents(split))
         if not docs:
-            raise DataError(f"--data={data}: no documents in its {split} split")
+            raise DataError(f"--data={data}: no documents in its {split} split (--val_fraction={val_fraction}, "
+                            f"--max_docs={max_docs}); raise --val_fraction or --max_docs, or give more documents")
         return np.concatenate([np.asarray(d + [tok.eos_id], np.int32) for d in tok.encode(docs)])
 
     return Source(str(hf_dir), [0], lambda s: (graphdef, params), tok, stream("validation"),
                   stream("train")[:MAX_TRAIN_TOKENS], {"hf": str(Path(hf_dir).resolve()), "data": data,
+                                                        "val_fraction": val_fraction, "max_docs": max_docs,
                                                         "tokenizer": tok.sha256},
-                  Path(out) if out else Path(hf_dir) / "probe", cfg.n_positions)
+                  Path(out) if out else Path(workdir) / "probe", cfg.n_positions)
 
 
 # --- representations --------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ def make(val_stream: np.ndarray, stats: CorpusStats, tasks, settings: TaskSettin
     n_rows = min(s.rows, len(val_stream) // T)
     if n_rows < 10:
         raise DataError(f"the validation text has {len(val_stream)} tokens: fewer than 10 windows of {T}; "
-                        "use a smaller --window or a run with more validation text")
+                        "use a smaller --window or more validation text (a run with more; with --hf, a larger "
+                        "--val_fraction or --max_docs)")
     n_train_rows = n_rows - max(1, round(n_rows * s.test_fraction))
     windows = np.asarray(val_stream[: n_rows * T], np.int32).reshape(n_rows, T)
     V = stats.counts.size
