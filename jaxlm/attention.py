@@ -11,8 +11,9 @@ Three implementations:
                scores and softmax inside. Exact (up to summation order) only where the policy
                upcasts the scores (``*_upcast``), no attention dropout and no Megatron scaling.
 ``flash``      ``jaxlm.flash``: a Pallas flash-attention kernel with the attention dropout inside,
-               fp32 scores and softmax like cudnn; on one GPU (elsewhere it runs interpreted, for
-               tests). Its dropout mask is the reference path's, so the two are the same function.
+               fp32 scores and softmax like cudnn; on GPUs, one or a mesh of them (``shard_map``
+               over the batch and head axes; elsewhere it runs interpreted, for tests). Its dropout
+               mask is the reference path's, so the two are the same function on every mesh.
 ``auto``       on a GPU, where exact: cudnn for passes without attention dropout, flash for
                passes with it; else reference.
 
@@ -105,7 +106,6 @@ def resolve_implementation(
     query_key_layer_scaling: bool,
     softcap: float = 0.0,
     backend: str | None = None,
-    devices: int | None = None,
 ) -> str:
     """Which implementation `impl` means for this policy; fails if cudnn or flash was forced where it
     is not the same function (or cannot run)."""
@@ -114,7 +114,6 @@ def resolve_implementation(
     if impl == "reference":
         return impl
     backend = backend or jax.default_backend()
-    devices = jax.device_count() if devices is None else devices
     fused = []  # why neither fused kernel is this regime's function
     if not policy.computes_in_16bit:
         fused.append(f"the fused kernels take fp16/bf16 inputs only (compute dtype is "
@@ -135,8 +134,6 @@ def resolve_implementation(
     flash_reasons = list(fused) if backend == "gpu" else []  # elsewhere it runs interpreted: exact float32
     if head_dim < 16 or head_dim & (head_dim - 1):
         flash_reasons.append(f"head size {head_dim} is not a power of two >= 16")
-    if devices > 1:
-        flash_reasons.append(f"the Pallas kernel is not partitioned over {devices} devices")
     if impl == "auto":
         if backend != "gpu":
             return "reference"
@@ -148,6 +145,14 @@ def resolve_implementation(
         raise ConfigError(f"model.attention_impl={impl!r} cannot be used: " + "; ".join(reasons)
                           + ". Use 'auto' or 'reference'.")
     return impl
+
+
+def describe(impl: str, mesh_shape: dict[str, int]) -> str:
+    """The startup line's words for the resolved implementation on a mesh of `mesh_shape`."""
+    if impl != "flash" or math.prod(mesh_shape.values()) == 1:
+        return impl
+    split = "×".join(f"{a}={n}" for a, n in mesh_shape.items() if n > 1)
+    return f"flash (shard_map over {split}; dropout masks hash global rows and heads)"
 
 
 def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling):
@@ -230,7 +235,7 @@ def attention(
         out = flash.flash_attention(
             q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
             scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx), dropout_rate=dropout_rate,
-            dropout_key=dropout_key, interpret=jax.default_backend() != "gpu")
+            dropout_key=dropout_key)
         stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
         return out, stats
     if implementation not in ("reference", "flash"):
