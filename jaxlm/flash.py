@@ -285,6 +285,11 @@ def partitioned(kernel, q, k, v, seed):
                          check_vma=False)(q, k, v, seed)
 
 
+def kernel(q_BTHK, k_BTHK, v_BTHK, seed4, n_heads: int, *, scale: float, rate: float, interpret=None):
+    """``partitioned``'s kernel: this shard's (B, T, H, K) pieces, `seed4` uint32[4]."""
+    return _flash(q_BTHK, k_BTHK, v_BTHK, seed4, scale, rate, n_heads, interpret)
+
+
 def flash_attention(q_BTHK, k_BTHK, v_BTHK, *, scale: float, dropout_rate: float = 0.0, dropout_key=None,
                     interpret: bool | None = None) -> jax.Array:
     """Causal softmax(scale · QK^T) V with attention dropout drawn from `dropout_key` (see
@@ -297,5 +302,5 @@ def flash_attention(q_BTHK, k_BTHK, v_BTHK, *, scale: float, dropout_rate: float
     seed = key_bits(dropout_key) if dropout_key is not None else jnp.zeros((2,), jnp.uint32)
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale {scale}")
-    kernel = lambda q, k, v, seed4, n_heads: _flash(q, k, v, seed4, float(scale), rate, n_heads, interpret)  # noqa: E731
-    return partitioned(kernel, q_BTHK, k_BTHK.astype(q_BTHK.dtype), v_BTHK.astype(q_BTHK.dtype), seed)
+    run = functools.partial(kernel, scale=float(scale), rate=rate, interpret=interpret)
+    return partitioned(run, q_BTHK, k_BTHK.astype(q_BTHK.dtype), v_BTHK.astype(q_BTHK.dtype), seed)
