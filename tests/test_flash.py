@@ -173,3 +173,22 @@ def test_flash_on_any_mesh_is_the_one_device_run_masks_included():
     assert res["DP=8"]["census_flash"]["counts"] == {"all-reduce": 1}  # the one fused gradient all-reduce
     exp = res["export_cuda"]
     assert exp["triton_calls"] >= 3 * exp["n_layer"] and exp["score_arrays"] == [], exp
+
+
+@pytest.mark.slow  # two subprocesses on 4 simulated devices: ~30-60 s on 2 cores
+def test_killed_on_fsdp4_resumed_on_dp2_tp2_draws_the_same_masks(tmp_path):
+    """Attention dropout 0.1 in the flash kernel (tests/helpers/flash_resume.py): a run on FSDP=4 saves
+    step 3 and is SIGKILLed; resumed on DP=2×TP=2 its steps 3-5 have the uninterrupted run's losses up
+    to summation order: the masks hash global rows and heads, so the mesh does not change them."""
+    helper, env = str(HELPERS / "flash_resume.py"), {**os.environ, "JAX_PLATFORMS": "cpu"}
+    first = subprocess.run([sys.executable, helper, "first", str(tmp_path)], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert first.returncode == -9, first.stderr[-3000:]  # killed, as intended, after printing
+    second = subprocess.run([sys.executable, helper, "second", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
+    assert a["attention"] == b["attention"] == "flash"
+    assert a["mesh"] != b["mesh"]
+    uninterrupted, resumed = np.array(a["losses"][3:]), np.array(b["losses"])
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=0)
