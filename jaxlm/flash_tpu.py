@@ -47,7 +47,7 @@ _NT = (((1,), (1,)), ((), ()))  # A @ B^T
 
 def supported(T: int, head_dim: int) -> str | None:
     """Why the kernel cannot run these shapes, or None."""
-    if head_dim % 8 and head_dim not in (16, 32, 64):
+    if head_dim % 8:
         return f"head size {head_dim} is not a multiple of 8"
     if T % min(BLOCK, T) or T % 8:
         return f"sequence length {T} is not a multiple of {BLOCK} (or of 8 below it)"
