@@ -153,8 +153,8 @@ def test_flash_on_any_mesh_is_the_one_device_run_masks_included():
     the kernel runs under shard_map, each shard hashing its global rows and heads, so the mask it
     applies is bit-identical to the reference path's global mask on every mesh, and the loss and every
     gradient equal the one-device flash run and the reference path (fp32, 1e-6 relative). The kernel
-    adds no collective: the census is the reference path's. Exported for CUDA, the sharded train step
-    holds the Triton kernels and no (B, H, T, T) array, global or per shard."""
+    adds no collective: the census is the reference path's. Exported for CUDA (TPU), the sharded train
+    step holds the Triton (Mosaic) kernels and no (B, H, T, T) array, global or per shard."""
     out = subprocess.run([sys.executable, str(HELPERS / "flash_meshes.py")], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -171,8 +171,10 @@ def test_flash_on_any_mesh_is_the_one_device_run_masks_included():
         assert "all-to-all" not in counts and "collective-permute" not in counts, (name, counts)
         assert r["census_flash"]["global_batch"] == [], (name, r["census_flash"])
     assert res["DP=8"]["census_flash"]["counts"] == {"all-reduce": 1}  # the one fused gradient all-reduce
-    exp = res["export_cuda"]
-    assert exp["triton_calls"] >= 3 * exp["n_layer"] and exp["score_arrays"] == [], exp
+    cuda, tpu = res["export_cuda"], res["export_tpu"]
+    assert cuda["triton_calls"] >= 3 * cuda["n_layer"] and cuda["mosaic_calls"] == 0, cuda
+    assert tpu["mosaic_calls"] >= 3 * tpu["n_layer"] and tpu["triton_calls"] == 0, tpu  # the TPU kernel, sharded
+    assert cuda["score_arrays"] == [] and tpu["score_arrays"] == [], (cuda, tpu)
 
 
 @pytest.mark.slow  # two subprocesses on 4 simulated devices: ~30-60 s on 2 cores

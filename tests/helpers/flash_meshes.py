@@ -6,7 +6,7 @@ reference path's global mask, the loss and the largest per-leaf relative gradien
 the one-device flash run and to the one-device reference run, and the compiled gradient step's
 collective census (``sharded_step.census``); with ``--reference-census`` also the reference path's
 census on each mesh (for comparison; it doubles the compile time). Then the FSDP=2×TP=4 train step
-exported for CUDA: its Triton calls and any (B, H, T, T) array in it.
+exported for CUDA and for TPU: its Triton (Mosaic) calls and any (B, H, T, T) array in it.
 """
 
 import os
@@ -88,19 +88,20 @@ def rel(a_tree, b_tree) -> dict:
             "max": max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in pairs)}
 
 
-def exported_for_cuda(mesh_axes: dict) -> dict:
+def exported(mesh_axes: dict, platform: str) -> dict:
+    """The sharded train step exported for `platform`: its kernel calls and any (B, H, T, T) array in it."""
     cfg = make_cfg("flash", mesh_axes, regime="bf16_upcast")
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), vocab_size=cfg.data.vocab_size)
     batch = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=trainer.batch_sharding)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract_state,
                          trainer.state_sharding)
-    text = export.export(trainer.train_step, platforms=["cuda"],
-                         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        state, batch).mlir_module()
+    triton = "__gpu$xla.gpu.triton"
+    checks = [export.DisabledSafetyCheck.custom_call(triton)] if platform == "cuda" else []
+    text = export.export(trainer.train_step, platforms=[platform], disabled_checks=checks)(state, batch).mlir_module()
     dp, tp = mesh_axes["data"] * mesh_axes["fsdp"], mesh_axes["tensor"]
     scores = [s for b, h in ((B, H), (B // dp, H // tp)) for s in re.findall(rf"tensor<{b}x{h}x{T}x{T}x\w+>", text)]
-    return {"triton_calls": text.count("@__gpu$xla.gpu.triton"), "score_arrays": scores,
-            "n_layer": cfg.model.n_layer}
+    return {"triton_calls": text.count(f"@{triton}"), "mosaic_calls": text.count("@tpu_custom_call"),
+            "score_arrays": scores, "n_layer": cfg.model.n_layer}
 
 
 def main():
@@ -124,7 +125,8 @@ def main():
             abs(loss - ref1) / ref1, "grad_rel_vs_flash1": rel(g, g_flash1), "grad_rel_vs_reference1": rel(g, g_ref1),
             "census_flash": census_flash, "census_reference": census_ref, "attention": trainer.attention,
         }
-    out["export_cuda"] = exported_for_cuda(MESHES["FSDP=2xTP=4"])
+    out["export_cuda"] = exported(MESHES["FSDP=2xTP=4"], "cuda")
+    out["export_tpu"] = exported(MESHES["FSDP=2xTP=4"], "tpu")
     print(json.dumps(out))
 
 
