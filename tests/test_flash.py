@@ -158,7 +158,11 @@ def test_flash_on_any_mesh_is_the_one_device_run_masks_included():
     out = subprocess.run([sys.executable, str(HELPERS / "flash_meshes.py")], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    check_meshes(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def check_meshes(res: dict) -> None:
+    """The assertions on flash_meshes.py's JSON (a function, so a saved output can be checked too)."""
     one = res["one_device"]
     assert one["mask_equal"] and one["grad_rel_flash_vs_reference"]["norm"] <= 1e-6, one
     for name in ("DP=8", "FSDP=8", "FSDP=2xTP=4", "DP=2xTP=4"):
