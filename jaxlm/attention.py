@@ -11,10 +11,14 @@ Three implementations:
                scores and softmax inside. Exact (up to summation order) only where the policy
                upcasts the scores (``*_upcast``), no attention dropout and no Megatron scaling.
 ``flash``      ``jaxlm.flash``: a Pallas flash-attention kernel with the attention dropout inside,
-               fp32 scores and softmax like cudnn; on one GPU (elsewhere it runs interpreted, for
-               tests). Its dropout mask is the reference path's, so the two are the same function.
+               fp32 scores and softmax like cudnn; on GPUs, one or a mesh of them (``shard_map``
+               over the batch and head axes; elsewhere it runs interpreted, for tests). Its dropout
+               mask is the reference path's, so the two are the same function on every mesh.
+               On a TPU the same name runs ``jaxlm.flash_tpu``, its Mosaic twin (same mask); the
+               kernel is picked by the platform the program is lowered for.
 ``auto``       on a GPU, where exact: cudnn for passes without attention dropout, flash for
-               passes with it; else reference.
+               passes with it; on a TPU flash for passes with attention dropout and XLA's
+               attention (reference) without; else reference.
 
 Attention dropout draws its mask from ``flash.keep_mask`` (a hash of the layer's key and the
 position) in every implementation.
@@ -38,12 +42,13 @@ Shapes: B batch, T query length, S key length, H heads, K head size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxlm import flash, precision
+from jaxlm import flash, flash_tpu, precision
 from jaxlm.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "reference", "cudnn", "flash")
@@ -105,7 +110,6 @@ def resolve_implementation(
     query_key_layer_scaling: bool,
     softcap: float = 0.0,
     backend: str | None = None,
-    devices: int | None = None,
 ) -> str:
     """Which implementation `impl` means for this policy; fails if cudnn or flash was forced where it
     is not the same function (or cannot run)."""
@@ -114,7 +118,6 @@ def resolve_implementation(
     if impl == "reference":
         return impl
     backend = backend or jax.default_backend()
-    devices = jax.device_count() if devices is None else devices
     fused = []  # why neither fused kernel is this regime's function
     if not policy.computes_in_16bit:
         fused.append(f"the fused kernels take fp16/bf16 inputs only (compute dtype is "
@@ -132,12 +135,14 @@ def resolve_implementation(
         cudnn.append("cuDNN's dropout seed is a compile-time constant in JAX (the same mask every step)")
     if head_dim % 8 or head_dim > 128:
         cudnn.append(f"head size {head_dim} is not a multiple of 8 up to 128")
-    flash_reasons = list(fused) if backend == "gpu" else []  # elsewhere it runs interpreted: exact float32
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    flash_reasons = list(fused) if backend in ("gpu", "tpu") else []  # elsewhere it runs interpreted: exact
+    if backend == "tpu" and head_dim % 8:
+        flash_reasons.append(f"head size {head_dim} is not a multiple of 8")
+    elif backend != "tpu" and (head_dim < 16 or head_dim & (head_dim - 1)):
         flash_reasons.append(f"head size {head_dim} is not a power of two >= 16")
-    if devices > 1:
-        flash_reasons.append(f"the Pallas kernel is not partitioned over {devices} devices")
     if impl == "auto":
+        if backend == "tpu":
+            return "flash" if dropout and not flash_reasons else "reference"
         if backend != "gpu":
             return "reference"
         if dropout:
@@ -148,6 +153,14 @@ def resolve_implementation(
         raise ConfigError(f"model.attention_impl={impl!r} cannot be used: " + "; ".join(reasons)
                           + ". Use 'auto' or 'reference'.")
     return impl
+
+
+def describe(impl: str, mesh_shape: dict[str, int]) -> str:
+    """The startup line's words for the resolved implementation on a mesh of `mesh_shape`."""
+    if impl != "flash" or math.prod(mesh_shape.values()) == 1:
+        return impl
+    split = "×".join(f"{a}={n}" for a, n in mesh_shape.items() if n > 1)
+    return f"flash (shard_map over {split}; dropout masks hash global rows and heads)"
 
 
 def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling):
@@ -181,6 +194,19 @@ def _stats(s_BHTS, mask_TS) -> ScoreStats:
         min=jnp.where(has_nan, nan, jnp.min(jnp.where(mask_TS, s, jnp.inf))),
         nonfinite=jnp.any(jnp.where(mask_TS, ~jnp.isfinite(s), False)),
     )
+
+
+def fused_attention(q_BTHK, k_BTHK, v_BTHK, *, scale: float, dropout_rate: float, dropout_key) -> jax.Array:
+    """The flash kernel of the platform the program is lowered for -- Mosaic (``flash_tpu``) on TPU,
+    Triton (``flash``; interpreted off GPUs) elsewhere -- partitioned over the installed mesh."""
+    rate = float(dropout_rate) if dropout_key is not None else 0.0
+    seed = flash.key_bits(dropout_key) if dropout_key is not None else jnp.zeros((2,), jnp.uint32)
+
+    def kernel(q, k, v, seed4, n_heads):
+        kw = dict(n_heads=n_heads, scale=float(scale), rate=rate)
+        return jax.lax.platform_dependent(q, k, v, seed4, tpu=functools.partial(flash_tpu.kernel, **kw),
+                                          default=functools.partial(flash.kernel, **kw))
+    return flash.partitioned(kernel, q_BTHK, k_BTHK, v_BTHK, seed)
 
 
 def attention(
@@ -226,11 +252,10 @@ def attention(
         stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
         return out, stats
     if (implementation == "flash" and plain_causal and T == S and not softcap
-            and flash.supported(T, q_BTHK.shape[-1]) is None):
-        out = flash.flash_attention(
-            q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
-            scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx), dropout_rate=dropout_rate,
-            dropout_key=dropout_key, interpret=jax.default_backend() != "gpu")
+            and flash.supported(T, q_BTHK.shape[-1]) is None and flash_tpu.supported(T, q_BTHK.shape[-1]) is None):
+        out = fused_attention(q_BTHK.astype(cdt), k_BSHK.astype(cdt), v_BSHK.astype(cdt),
+                              scale=score_scale(q_BTHK.shape[-1], layer_idx, inverse_layer_idx),
+                              dropout_rate=dropout_rate, dropout_key=dropout_key)
         stats = _stats(_scores(q_BTHK, k_BSHK, policy, **kw)[0], mask_TS) if collect_stats else None
         return out, stats
     if implementation not in ("reference", "flash"):

@@ -18,6 +18,13 @@ matmuls take the compute dtype with float32 accumulation.
 
 Shapes: q, k, v (B, T, H, K), one sequence length (self-attention, causal), K a power of two >= 16,
 T a multiple of the block sizes. ``interpret=True`` runs the same kernels on any backend (tests).
+
+On a mesh (inside ``sharding.use_mesh``) the kernel runs under ``shard_map``: q, k, v are split as
+``LOGICAL_RULES`` lays out (batch, length, heads, head_dim) -- batch over (data, fsdp), heads over
+tensor, which is how the model's qkv activation already lies, so no collective is added. Each shard
+hashes its *global* batch row and head (its offsets from ``lax.axis_index``), so the mask is one
+function of (key, global row, global head, query, key) on every mesh and a run resumed on another
+mesh draws the same masks.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlm import precision
+from jaxlm import naming, precision
 
 BLOCK_Q, BLOCK_K = 64, 64  # query and key rows per program and per loop step, both passes
 _NEG = 0.7 * float(precision.finfo_min(precision.FP32))  # masked scores: finite, so exp() is 0, never NaN
@@ -87,6 +94,12 @@ def _causal(s, rows, cols):
     return jnp.where(rows[:, None] >= cols[None, :], s, _NEG)
 
 
+def _bh(seed_ref, b, h, n_heads):
+    """The global batch·head index of program (b, h): `seed_ref` holds (key bits, row offset, head offset)."""
+    u32 = jnp.uint32
+    return (seed_ref[2] + b.astype(u32)) * u32(n_heads) + seed_ref[3] + h.astype(u32)
+
+
 def _dropped(p, seed_ref, bh, rows, cols, T, rate):
     """P ⊙ M / keep for one tile (identity at rate 0)."""
     if rate == 0.0:
@@ -98,7 +111,7 @@ def _dropped(p, seed_ref, bh, rows, cols, T, rate):
 def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, rate, n_heads, block_q, block_k):
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     T = k_ref.shape[0]
-    bh = b * n_heads + h
+    bh = _bh(seed_ref, b, h, n_heads)
     q = q_ref[...]
     rows = qb * block_q + jnp.arange(block_q)
 
@@ -127,7 +140,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_r
                  n_heads, block_q, block_k):
     kb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     T = q_ref.shape[0]
-    bh = b * n_heads + h
+    bh = _bh(seed_ref, b, h, n_heads)
     k, v = k_ref[...], v_ref[...]
     cols = kb * block_k + jnp.arange(block_k)
 
@@ -154,7 +167,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref
                block_q, block_k):
     qb, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     T = k_ref.shape[0]
-    bh = b * n_heads + h
+    bh = _bh(seed_ref, b, h, n_heads)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     rows = qb * block_q + jnp.arange(block_q)
 
@@ -179,38 +192,46 @@ def _specs(T, K, block_q, block_k):
     whole = pl.BlockSpec((None, T, None, K), lambda i, b, h: (b, 0, h, 0))
     vec = lambda n: pl.BlockSpec((None, None, n), lambda i, b, h: (b, h, i))  # noqa: E731
     vec_whole = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
-    seed = pl.BlockSpec((2,), lambda i, b, h: (0,))
+    seed = pl.BlockSpec((4,), lambda i, b, h: (0,))
     return rows, whole, vec, vec_whole, seed
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, interpret, name):
-    # Triton's compiler parameters also choose the Triton backend (not Mosaic GPU) on a GPU
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
-                          name=name)
+    """The pallas_call; `interpret` None: Triton where the program is lowered for CUDA, interpreted
+    elsewhere -- chosen at lowering (``lax.platform_dependent``), so a step traced on a CPU host and
+    exported for GPUs holds the Triton kernels."""
+    def call(interpret):
+        # Triton's compiler parameters also choose the Triton backend (not Mosaic GPU) on a GPU
+        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                              compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
+                              name=name)
+    if interpret is not None:
+        return call(interpret)
+    return lambda *args: jax.lax.platform_dependent(*args, cuda=call(False), default=call(True))
 
 
-def _forward(q, k, v, seed, scale, rate, interpret):
+def _forward(q, k, v, seed, scale, rate, n_heads, interpret):
     B, T, H, K = q.shape
     bq, bk = _blocks(T)
     rows, whole, vec, _, seed_spec = _specs(T, K, bq, bk)
-    kernel = functools.partial(_forward_kernel, scale=scale, rate=rate, n_heads=H, block_q=bq, block_k=bk)
+    kernel = functools.partial(_forward_kernel, scale=scale, rate=rate, n_heads=n_heads, block_q=bq, block_k=bk)
     return _call(kernel, (T // bq, B, H), [seed_spec, rows(bq), whole, whole], [rows(bq), vec(bq)],
                  [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), precision.FP32)],
                  interpret, "flash_forward")(seed, q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, seed, scale, rate, interpret):
-    return _forward(q, k, v, seed, scale, rate, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seed, scale, rate, n_heads, interpret):
+    """`seed`: uint32[4], the key's bits and this shard's first global batch row and head; `n_heads`: global."""
+    return _forward(q, k, v, seed, scale, rate, n_heads, interpret)[0]
 
 
-def _flash_fwd(q, k, v, seed, scale, rate, interpret):
-    o, lse = _forward(q, k, v, seed, scale, rate, interpret)
+def _flash_fwd(q, k, v, seed, scale, rate, n_heads, interpret):
+    o, lse = _forward(q, k, v, seed, scale, rate, n_heads, interpret)
     return o, (q, k, v, seed, o, lse)
 
 
-def _flash_bwd(scale, rate, interpret, res, do):
+def _flash_bwd(scale, rate, n_heads, interpret, res, do):
     q, k, v, seed, o, lse = res
     B, T, H, K = q.shape
     bq, bk = _blocks(T)
@@ -218,7 +239,7 @@ def _flash_bwd(scale, rate, interpret, res, do):
     f32 = precision.FP32
     delta = jnp.einsum("bthk,bthk->bht", o.astype(f32), do.astype(f32))  # rowsum(dO ⊙ O)
     do = do.astype(q.dtype)
-    kw = dict(scale=scale, rate=rate, n_heads=H, block_q=bq, block_k=bk)
+    kw = dict(scale=scale, rate=rate, n_heads=n_heads, block_q=bq, block_k=bk)
     dk, dv = _call(functools.partial(_dkdv_kernel, **kw), (T // bk, B, H),
                    [seed_spec, whole, rows(bk), rows(bk), whole, vec_whole, vec_whole], [rows(bk), rows(bk)],
                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -232,10 +253,48 @@ def _flash_bwd(scale, rate, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+AXES_BTHK = ("batch", "length", "heads", "head_dim")  # q, k, v's logical axes (jaxlm.sharding.LOGICAL_RULES)
+
+
+def shard_offset(axis, local: int) -> jax.Array:
+    """Inside ``shard_map``: the global index of this shard's first element along a dim split over
+    mesh `axis` (a name, a tuple of names, major first, or None) in pieces of `local`."""
+    if axis is None:
+        return jnp.zeros((), jnp.int32)
+    return jax.lax.axis_index(axis if isinstance(axis, tuple) else (axis,)) * local
+
+
+def partitioned(kernel, q, k, v, seed):
+    """``kernel(q, k, v, seed4, n_heads)`` on this shard's (B, T, H, K) pieces, under ``shard_map`` when a
+    mesh layout is installed (``sharding.use_mesh``); `seed4` carries the shard's global row and head
+    offsets after the key's two words, and `n_heads` is the global head count."""
+    B, T, H, K = q.shape
+    spec = naming.layout_of(AXES_BTHK, q.shape, "the flash kernel's q, k and v")
+    mesh = jax.sharding.get_abstract_mesh()
+    if spec is None or mesh.empty or not any(spec):
+        return kernel(q, k, v, jnp.concatenate([seed, jnp.zeros((2,), jnp.uint32)]), H)
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError(f"flash_attention: sequence and head size must not be split, got {spec}")
+
+    def local(q, k, v, seed):
+        offsets = jnp.stack([shard_offset(spec[0], q.shape[0]), shard_offset(spec[2], q.shape[2])])
+        return kernel(q, k, v, jnp.concatenate([seed, offsets.astype(jnp.uint32)]), H)
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P()), out_specs=spec,
+                         check_vma=False)(q, k, v, seed)
+
+
+def kernel(q_BTHK, k_BTHK, v_BTHK, seed4, n_heads: int, *, scale: float, rate: float, interpret=None):
+    """``partitioned``'s kernel: this shard's (B, T, H, K) pieces, `seed4` uint32[4]."""
+    return _flash(q_BTHK, k_BTHK, v_BTHK, seed4, scale, rate, n_heads, interpret)
+
+
 def flash_attention(q_BTHK, k_BTHK, v_BTHK, *, scale: float, dropout_rate: float = 0.0, dropout_key=None,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool | None = None) -> jax.Array:
     """Causal softmax(scale · QK^T) V with attention dropout drawn from `dropout_key` (see
-    ``keep_mask``); (B, T, H, K) in and out, in q's dtype. No key or rate 0: no dropout."""
+    ``keep_mask``); (B, T, H, K) in and out, in q's dtype. No key or rate 0: no dropout. `interpret`:
+    None runs Triton on CUDA and the interpreter elsewhere (see ``_call``); a bool forces one."""
     T, K = q_BTHK.shape[1], q_BTHK.shape[3]
     if (why := supported(T, K)) is not None:
         raise ValueError(f"flash_attention: {why}")
@@ -243,5 +302,5 @@ def flash_attention(q_BTHK, k_BTHK, v_BTHK, *, scale: float, dropout_rate: float
     seed = key_bits(dropout_key) if dropout_key is not None else jnp.zeros((2,), jnp.uint32)
     if not math.isfinite(scale):
         raise ValueError(f"flash_attention: scale {scale}")
-    return _flash(q_BTHK, k_BTHK.astype(q_BTHK.dtype), v_BTHK.astype(q_BTHK.dtype), seed, float(scale), rate,
-                  interpret)
+    run = functools.partial(kernel, scale=float(scale), rate=rate, interpret=interpret)
+    return partitioned(run, q_BTHK, k_BTHK.astype(q_BTHK.dtype), v_BTHK.astype(q_BTHK.dtype), seed)

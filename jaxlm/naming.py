@@ -44,6 +44,12 @@ def layouts(layout: Layout) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def layout_of(axes: tuple[str | None, ...], shape: tuple[int, ...], what: str):
+    """The installed layout's PartitionSpec for an array of `shape` whose dims are `axes`; None without one."""
+    layout = _LAYOUT.get()
+    return None if layout is None else layout(axes, shape, what)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...], what: str) -> jax.Array:
     """`x`, whose dims are the logical `axes`, laid out by the installed layout; the identity without one."""
     layout = _LAYOUT.get()

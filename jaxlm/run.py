@@ -21,6 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
 from jaxlm import checkpoint, data, files, paths, sharding, telemetry, train
 from jaxlm import config as config_lib
@@ -235,7 +236,8 @@ def _describe(trainer: train.Trainer, mesh) -> str:
     mc = trainer.model_cfg
     padded = f", token table padded to {mc.padded_vocab_size} rows" if mc.padded_vocab_size != mc.vocab_size else ""
     return (f"model: GPT-2 {trainer.n_params:,} parameters ({mc.n_layer} layers, d={mc.n_embd}, vocab "
-            f"{mc.vocab_size}{padded}); precision {trainer.policy.describe()}; attention {trainer.attention}, "
+            f"{mc.vocab_size}{padded}); precision {trainer.policy.describe()}; "
+            f"attention {attn_lib.describe(trainer.attention, dict(mesh.shape))}, "
             f"remat {mc.remat}; mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
             "device(s)")
 

@@ -14,7 +14,7 @@ LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
      "jaxlm.budget", "jaxlm.tensorboard_sink"],
-    ["jaxlm.flash"],
+    ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",

@@ -2,6 +2,11 @@
 same function as the reference path, dropout mask included; the mask's statistics; and the
 trainer's dropout keys as a pure function of (seed, step, micro-batch, layer)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +16,8 @@ from jax import export
 from jaxlm import attention, config, flash, model, precision, sharding, telemetry, train
 
 from conftest import ROOT
+
+HELPERS = ROOT / "tests" / "helpers"
 
 F32 = precision.FP32
 
@@ -138,3 +145,56 @@ def test_the_kernels_lower_to_triton_for_a_gpu_without_a_score_matrix(dtype):
     text = exported.mlir_module()
     assert text.count("@__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
     assert f"tensor<{B}x{H}x{T}x{T}x" not in text and f"tensor<{B}x{T}x{H}x{T}x" not in text
+
+
+@pytest.mark.slow  # one subprocess, 8 simulated devices, four meshes: ~60-90 s on 2 cores
+def test_flash_on_any_mesh_is_the_one_device_run_masks_included():
+    """DP=8, FSDP=8, FSDP=2×TP=4 and DP=2×TP=4 with attention dropout 0.1 (tests/helpers/flash_meshes.py):
+    the kernel runs under shard_map, each shard hashing its global rows and heads, so the mask it
+    applies is bit-identical to the reference path's global mask on every mesh, and the loss and every
+    gradient equal the one-device flash run and the reference path (fp32, 1e-6 relative). The kernel
+    adds no collective: the census is the reference path's. Exported for CUDA (TPU), the sharded train
+    step holds the Triton (Mosaic) kernels and no (B, H, T, T) array, global or per shard."""
+    out = subprocess.run([sys.executable, str(HELPERS / "flash_meshes.py")], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_meshes(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def check_meshes(res: dict) -> None:
+    """The assertions on flash_meshes.py's JSON (a function, so a saved output can be checked too)."""
+    one = res["one_device"]
+    assert one["mask_equal"] and one["grad_rel_flash_vs_reference"]["norm"] <= 1e-6, one
+    for name in ("DP=8", "FSDP=8", "FSDP=2xTP=4", "DP=2xTP=4"):
+        r = res[name]
+        assert r["attention"] == "flash" and r["mask_equal"], (name, r)
+        assert r["loss_rel_vs_flash1"] <= 1e-6 and r["loss_rel_vs_reference1"] <= 1e-6, (name, r)
+        assert r["grad_rel_vs_flash1"]["norm"] <= 1e-6 and r["grad_rel_vs_reference1"]["norm"] <= 1e-6, (name, r)
+        assert r["grad_rel_vs_flash1"]["max"] <= 1e-5, (name, r)
+        counts = r["census_flash"]["counts"]  # what the sharding test allows: no activation resharded
+        assert "all-to-all" not in counts and "collective-permute" not in counts, (name, counts)
+        assert r["census_flash"]["global_batch"] == [], (name, r["census_flash"])
+    assert res["DP=8"]["census_flash"]["counts"] == {"all-reduce": 1}  # the one fused gradient all-reduce
+    cuda, tpu = res["export_cuda"], res["export_tpu"]
+    assert cuda["triton_calls"] >= 3 * cuda["n_layer"] and cuda["mosaic_calls"] == 0, cuda
+    assert tpu["mosaic_calls"] >= 3 * tpu["n_layer"] and tpu["triton_calls"] == 0, tpu  # the TPU kernel, sharded
+    assert cuda["score_arrays"] == [] and tpu["score_arrays"] == [], (cuda, tpu)
+
+
+@pytest.mark.slow  # two subprocesses on 4 simulated devices: ~30-60 s on 2 cores
+def test_killed_on_fsdp4_resumed_on_dp2_tp2_draws_the_same_masks(tmp_path):
+    """Attention dropout 0.1 in the flash kernel (tests/helpers/flash_resume.py): a run on FSDP=4 saves
+    step 3 and is SIGKILLed; resumed on DP=2×TP=2 its steps 3-5 have the uninterrupted run's losses up
+    to summation order: the masks hash global rows and heads, so the mesh does not change them."""
+    helper, env = str(HELPERS / "flash_resume.py"), {**os.environ, "JAX_PLATFORMS": "cpu"}
+    first = subprocess.run([sys.executable, helper, "first", str(tmp_path)], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert first.returncode == -9, first.stderr[-3000:]  # killed, as intended, after printing
+    second = subprocess.run([sys.executable, helper, "second", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (first, second))
+    assert a["attention"] == b["attention"] == "flash"
+    assert a["mesh"] != b["mesh"]
+    uninterrupted, resumed = np.array(a["losses"][3:]), np.array(b["losses"])
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=0)

@@ -127,17 +127,17 @@ def test_cudnn_forced_on_cpu_explains_why_not():
     up = precision.policy("fp16_upcast")
     assert attention.resolve_implementation("auto", up, head_dim=64, dropout=False,
                                             query_key_layer_scaling=False, backend="gpu") == "cudnn"
-    # attention dropout on a GPU: the flash kernel (cuDNN's dropout seed is static), on one device
+    # attention dropout on a GPU: the flash kernel (cuDNN's dropout seed is static), on any mesh
     assert attention.resolve_implementation("auto", up, head_dim=64, dropout=True,
-                                            query_key_layer_scaling=False, backend="gpu", devices=1) == "flash"
-    assert attention.resolve_implementation("auto", up, head_dim=64, dropout=True,
-                                            query_key_layer_scaling=False, backend="gpu", devices=8) == "reference"
+                                            query_key_layer_scaling=False, backend="gpu") == "flash"
+    assert attention.describe("flash", {"data": 2, "fsdp": 1, "tensor": 4}) == (
+        "flash (shard_map over data=2×tensor=4; dropout masks hash global rows and heads)")
     with pytest.raises(ConfigError, match=r"'cudnn' cannot be used.*dropout seed is a compile-time constant"):
         attention.resolve_implementation("cudnn", up, head_dim=64, dropout=True, query_key_layer_scaling=False,
                                          backend="gpu")
     with pytest.raises(ConfigError, match=r"'flash' cannot be used.*'fp16'.*not the same function"):
         attention.resolve_implementation("flash", pol, head_dim=64, dropout=True, query_key_layer_scaling=False,
-                                         backend="gpu", devices=1)
+                                         backend="gpu")
 
 
 @pytest.mark.parametrize("regime", ["fp32", "bf16", "bf16_upcast", "fp16", "fp16_upcast"])
