@@ -55,7 +55,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     app.run(guarded, flags_parser=parse_flags)
 
 
-CONFIG_HELP = ("Every key, with its default and meaning: configs/base.py; override one with "
+CONFIG_HELP = ("Every key, with its default and meaning: jaxlm/configs/base.py; override one with "
                "--config.SECTION.KEY=VALUE, e.g. --config.train.steps=100")
 
 

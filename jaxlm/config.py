@@ -1,5 +1,5 @@
-"""Configs: loading, overriding and validating them (the values live in ``configs/``; the schema,
-every key with its default, is ``configs/base.py``).
+"""Configs: loading, overriding and validating them (the values live in ``jaxlm/configs/``; the schema,
+every key with its default, is ``jaxlm/configs/base.py``).
 
 Configs are ``ml_collections.ConfigDict``s used as designed: locked (an unknown key is an error that
 suggests the nearest known one) and typed (a value of the wrong type is refused when it is set).
@@ -20,10 +20,9 @@ from typing import Any
 
 import ml_collections
 
-import configs
-from configs import base
-from jaxlm import budget, precision, sharding
+from jaxlm import budget, configs, precision, sharding
 from jaxlm import model as model_lib
+from jaxlm.configs import base
 from jaxlm.errors import ConfigError, JaxlmError
 
 # The jaxlm source tree (its git commit is recorded with every run).
@@ -46,12 +45,12 @@ ABSENT_MEANS: dict[str, Any] = {
 
 
 def schema() -> ml_collections.ConfigDict:
-    """Every key jaxlm knows, with its default (``configs/base.py``), unlocked."""
+    """Every key jaxlm knows, with its default (``jaxlm/configs/base.py``), unlocked."""
     return base.get_config()
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
-    """A config file: `path` itself, else the same relative path under the installed ``configs/``
+    """A config file: `path` itself, else the same relative path under the packaged ``jaxlm/configs/``
     (so ``--config=configs/tiny.py`` works from any directory)."""
     p = Path(path)
     if p.is_file():
@@ -75,7 +74,7 @@ def read_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
         get_config = getattr(module, "get_config", None)
         if not callable(get_config):
             raise ConfigError(f"{path}: defines no get_config(); a config file defines get_config() returning an "
-                              "ml_collections.ConfigDict (e.g. configs/tiny.py; every key: configs/base.py)")
+                              "ml_collections.ConfigDict (e.g. configs/tiny.py; every key: jaxlm/configs/base.py)")
         cfg = get_config()
     except JaxlmError:
         raise

@@ -189,7 +189,7 @@ def expected(row: dict, chip: str, vocab: int, eta: float | None = None) -> dict
 
 def padded_vocab(size: str) -> int:
     """The token table's rows in configs/gpt2_<size>.py (GPT-2's 50257, padded by model.vocab_multiple)."""
-    cfg = config_lib.load(ROOT / "configs" / f"gpt2_{size}.py")
+    cfg = config_lib.load(ROOT / "jaxlm" / "configs" / f"gpt2_{size}.py")
     return config_lib.model_config(cfg).padded_vocab_size
 
 
@@ -231,7 +231,7 @@ def main(argv):
         out = Path(F.out)
         rows = json.loads(out.read_text())["rows"] if out.exists() else {}
         for size in F.sizes:
-            cfg = config_lib.load(ROOT / "configs" / f"gpt2_{size}.py",
+            cfg = config_lib.load(ROOT / "jaxlm" / "configs" / f"gpt2_{size}.py",
                                   {"precision.regime": F.regime, "model.attn_pdrop": 0.0})
             config_lib.validate(cfg)
             for mesh in F.meshes:

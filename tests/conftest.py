@@ -16,7 +16,7 @@ def train_tiny_run(root: Path, **overrides) -> Path:
     from jaxlm import run as run_lib
 
     corpus = write_word_corpus(root / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 2,
         "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0, "checkpoint.stages": ((1, 10),),
         **overrides})

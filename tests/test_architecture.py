@@ -17,9 +17,9 @@ LAYERS = [
     ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
     ["jaxlm.model"],
-    ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",
-     "configs.stress_fp16", "configs.stress_fp16_deep", "configs.crammed", "configs.gpt2_small", "configs.gpt2_medium",
-     "configs.gpt2_large", "configs.gpt2_xl"],
+    ["jaxlm.sharding", "jaxlm.hf", "jaxlm.configs", "jaxlm.configs.base", "jaxlm.configs._gpt2", "jaxlm.configs.tiny",
+     "jaxlm.configs.stress_fp16", "jaxlm.configs.stress_fp16_deep", "jaxlm.configs.crammed", "jaxlm.configs.gpt2_small",
+     "jaxlm.configs.gpt2_medium", "jaxlm.configs.gpt2_large", "jaxlm.configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
@@ -56,7 +56,7 @@ def _module_name(path: Path) -> str:
 
 
 def _sources():
-    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "configs").glob("*.py")]):
+    for path in sorted(PACKAGE.rglob("*.py")):
         yield _module_name(path), path, ast.parse(path.read_text())
 
 

@@ -64,7 +64,7 @@ def test_a_regime_out_of_memory_is_reported_and_the_others_still_run(monkeypatch
 
     from jaxlm import bench, config
 
-    cfg = config.load(ROOT / "configs" / "tiny.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py")
 
     def fake(cfg, regime, steps, warmup, peak, batch, profile_dir=None, hlo_dir=None):
         if regime == "fp32":

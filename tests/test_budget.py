@@ -25,7 +25,7 @@ def _tiny(**over):
     o = {"train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32, "optim.warmup_steps": 0,
          "log.wandb_mode": "disabled", "log.stats_every": 0, "train.eval_every": 0, "train.budget": "1m"}
     o.update(over)
-    return config.load(ROOT / "configs" / "tiny.py", o)
+    return config.load(ROOT / "jaxlm" / "configs" / "tiny.py", o)
 
 
 def _trainer(cfg):
@@ -75,7 +75,7 @@ def test_cli_refuses_a_bad_budget_in_one_line(tmp_path):
 @pytest.mark.parametrize("schedule", budget.BUDGET_SCHEDULES)
 @pytest.mark.parametrize("seconds_per_step", [0.013, 0.25, 3.7])
 def test_schedule_reaches_its_floor_exactly_at_f_1_whatever_the_step_rate(schedule, seconds_per_step):
-    o = config.load(ROOT / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": schedule,
+    o = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": schedule,
                                                      "optim.final_lr_ratio": 0.1, "optim.warmup_steps": 3}).optim
     clock = itertools.count(0.0, seconds_per_step)  # each step costs seconds_per_step
     meter = budget.Meter(budget.parse("1m"), clock=lambda: next(clock))
@@ -95,7 +95,7 @@ def test_schedule_reaches_its_floor_exactly_at_f_1_whatever_the_step_rate(schedu
 
 
 def test_triangle_and_wsd_shapes():
-    o = config.load(ROOT / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": "triangle",
+    o = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"train.budget": "1m", "optim.schedule": "triangle",
                                                      "optim.warmup_steps": 0, "optim.budget_peak": 0.25}).optim
     lr = lambda f: float(budget.lr_factor(o, 100, f))  # noqa: E731
     assert lr(0.0) == 0.0 and lr(0.125) == pytest.approx(0.5) and lr(0.25) == pytest.approx(1.0)
@@ -136,7 +136,7 @@ def test_the_batch_ramp_trains_on_the_first_micro_batches_only():
 # --- what ends a budgeted run: the budget, or an explicit step cap ---------------------------------
 
 SHORT_CONFIG = """
-from configs import tiny
+from jaxlm.configs import tiny
 def get_config():
     c = tiny.get_config()
     c.train.steps = 6  # the file's own step count: the length of its step-based runs
@@ -244,7 +244,7 @@ def _fractions(workdir):
 @pytest.fixture(scope="module")
 def budgeted(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("budgetrun")
-    cfg = config.load(ROOT / "configs" / "tiny.py", _run_over(corpus, root / "cache"))
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", _run_over(corpus, root / "cache"))
     res = run_lib.run(cfg, root / "run", log=lambda s: None)
     return root, res
 
@@ -264,7 +264,7 @@ def test_a_budgeted_run_stops_at_the_budget_with_a_final_checkpoint_and_eval(bud
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_replay_is_bit_identical_to_the_logged_losses(budgeted, corpus):
     root, res = budgeted
-    cfg = config.load(ROOT / "configs" / "tiny.py",
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py",
                       _run_over(corpus, root / "cache", **{"train.budget_replay": str(root / "run")}))
     again = run_lib.run(cfg, root / "replay", log=lambda s: None)
     assert again.step == res.step
@@ -275,7 +275,7 @@ def test_a_replay_is_bit_identical_to_the_logged_losses(budgeted, corpus):
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
 def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp_path):
-    cfg = config.load(ROOT / "configs" / "tiny.py", _run_over(
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", _run_over(
         corpus, tmp_path / "cache", **{"optim.schedule": "linear", "optim.warmup_steps": 100_000}))
     with pytest.raises(ConfigError, match=r"shorter than the warmup: optim.warmup_steps=100000 at the measured"):
         run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
@@ -304,7 +304,7 @@ def test_kill_9_and_resume_ends_at_the_same_total_budget_with_f_continuing(corpu
     over = _run_over(corpus, tmp_path / "cache", **{"train.budget": "4s", "checkpoint.async_save": False,
                                                              "checkpoint.stages": ((20, 100_000),)})
     work = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(ROOT / "configs" / "tiny.py"), repr(over),
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(ROOT / "jaxlm" / "configs" / "tiny.py"), repr(over),
                              str(work)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -312,11 +312,11 @@ def test_kill_9_and_resume_ends_at_the_same_total_budget_with_f_continuing(corpu
     fs_before, _, _ = _fractions(work)
     assert len(fs_before) == 45
     from jaxlm import checkpoint
-    saved = checkpoint.Checkpointer(work, config.load(ROOT / "configs" / "tiny.py", over), read_only=True)
+    saved = checkpoint.Checkpointer(work, config.load(ROOT / "jaxlm" / "configs" / "tiny.py", over), read_only=True)
     spent_at_40 = saved.manager.restore(40, args=checkpoint.ocp.args.Composite(
         data=checkpoint.ocp.args.JsonRestore()))["data"]["budget"]["seconds"]
     saved.close()
-    res = run_lib.run(config.load(ROOT / "configs" / "tiny.py", over), work, log=lambda s: None)
+    res = run_lib.run(config.load(ROOT / "jaxlm" / "configs" / "tiny.py", over), work, log=lambda s: None)
     assert res.budget_spent
     done = json.loads((work / "done.json").read_text())
     assert 4.0 <= done["budget"]["seconds"] < 4.0 + 1.0  # the same total budget (plus at most one step)

@@ -31,7 +31,7 @@ def _overrides(corpus, root, workers=1):
 
 
 def _cfg(corpus, root, workers=1):
-    return config.load(ROOT / "configs" / "tiny.py", _overrides(corpus, root, workers))
+    return config.load(ROOT / "jaxlm" / "configs" / "tiny.py", _overrides(corpus, root, workers))
 
 
 def _files(p: Path):

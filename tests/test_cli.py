@@ -143,9 +143,9 @@ def test_generate_refuses_meaningless_sampling_flags(tmp_path, flag, fragment):
 
 @pytest.mark.parametrize("source, fragment", [
     ("def get_config(:\n    pass\n", "bad.py:1: invalid syntax (a Python syntax error in the config file)"),
-    ("from configs import tiny\n\n\ndef get_config():\n    return tiny_config\n",
+    ("from jaxlm.configs import tiny\n\n\ndef get_config():\n    return tiny_config\n",
      "bad.py:5: NameError: name 'tiny_config' is not defined"),
-    ("from configs import tiny\n\nconfig = tiny.get_config()\n", "bad.py: defines no get_config(); a config file"),
+    ("from jaxlm.configs import tiny\n\nconfig = tiny.get_config()\n", "bad.py: defines no get_config(); a config file"),
 ])
 def test_a_config_file_that_does_not_run_is_one_error_line_with_file_and_line(tmp_path, source, fragment):
     (tmp_path / "bad.py").write_text(source)
@@ -184,3 +184,17 @@ def test_eval_hf_on_the_export_of_a_sentencepiece_run(run_dir, tmp_path):
     res = _cli(["jaxlm.eval", f"--hf={out}", f"--data=files:{corpus}", "--context=16"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout)["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_jaxlm_alone_with_its_configs_inside(tmp_path):
+    """No top-level `configs` package beside jaxlm in site-packages: the configs ship as jaxlm/configs."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                    str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("jaxlm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"jaxlm"}, top
+    assert "jaxlm/configs/tiny.py" in names and "jaxlm/configs/base.py" in names

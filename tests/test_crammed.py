@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import crammed
 from jaxlm import config, hf, model, naming, optim, precision
+from jaxlm.configs import crammed
 from jaxlm.errors import CheckpointError, ConfigError
 
 from conftest import ROOT
@@ -76,13 +76,13 @@ def test_switches_that_change_the_function_are_refused_by_hf_export(tmp_path, sw
 
 
 def test_the_crammed_config_is_the_recipe():
-    c = config.load(ROOT / "configs" / "crammed.py")
+    c = config.load(ROOT / "jaxlm" / "configs" / "crammed.py")
     m, o, t = c.model, c.optim, c.train
     assert (m.use_bias, m.mlp_kind, m.ln_embed, m.ln_final) == (False, "gated_gelu", True, True)
     assert m.embd_pdrop == m.attn_pdrop == m.resid_pdrop == 0.0
     assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm, o.lr) == (0.9, 0.98, 1e-12, 0.01, 0.5, 1e-3)
     assert (o.schedule, t.batch_ramp, t.budget) == ("triangle", 0.6, "10m")
-    assert t.seq_len == config.load(ROOT / "configs" / "tiny.py").train.seq_len
+    assert t.seq_len == config.load(ROOT / "jaxlm" / "configs" / "tiny.py").train.seq_len
     # weight decay still only on matrices: no biases to exclude, LayerNorms (embedding one too) excluded
     _, params = model.create(config.model_config(c), precision.policy("fp32"), 0)
     decayed = {k for k, v in naming.flat(optim.decay_mask(params)).items() if v}

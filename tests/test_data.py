@@ -19,7 +19,7 @@ WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 
 def _cfg(source, **over):
-    cfg = config.load(ROOT / "configs" / "tiny.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py")
     cfg.data.source = source
     cfg.data.vocab_size = 400
     cfg.data.val_fraction = 0.1

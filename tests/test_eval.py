@@ -161,7 +161,7 @@ def test_a_byte_bpe_run_and_its_hf_export_evaluate_the_same(tmp_path):
     from conftest import ROOT, write_word_corpus
 
     corpus = write_word_corpus(tmp_path / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
         "train.steps": 3, "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
         "checkpoint.stages": ((3, 10),)})

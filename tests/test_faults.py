@@ -23,7 +23,7 @@ def _cfg(corpus, cache, **over):
          "log.stats_every": 0, "log.wandb_mode": "disabled", "train.eval_every": 0,
          "checkpoint.stages": ((3, 1000),), "checkpoint.latest_every_minutes": 0.0}
     o.update(over)
-    return config.load(ROOT / "configs" / "tiny.py", o)
+    return config.load(ROOT / "jaxlm" / "configs" / "tiny.py", o)
 
 
 def _records(workdir):

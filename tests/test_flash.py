@@ -105,7 +105,7 @@ def test_a_model_with_flash_is_the_reference_model_dropout_included():
 def test_dropout_keys_are_a_pure_function_of_seed_step_and_micro_batch():
     """Same (train.seed, step): the same masks, so the same update bit for bit; another step or
     another seed: other masks. (Layers and micro-batches get keys split/folded from the step's.)"""
-    cfg = config.load(ROOT / "configs" / "tiny.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py")
     cfg = config.with_overrides(cfg, {"model.attn_pdrop": 0.1, "train.batch_size": 4, "train.seq_len": 32,
                                       "model.n_positions": 32, "optim.warmup_steps": 0})
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), 64)

@@ -90,7 +90,7 @@ def test_the_train_step_lowered_for_tpu_holds_mosaic_kernels_and_no_score_matrix
     for TPU: its attention is the Mosaic kernels (forward, dK/dV and dQ per layer; the remat
     recomputation of the forward may add more) and the program holds no (B, H, T, T) array."""
     B, T = 2, 256  # T != 128: the log-sum-exp residual is (B, H, T, 128), lane-broadcast
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "model.attn_pdrop": 0.1, "model.attention_impl": "flash", "precision.regime": "bf16_upcast",
         "train.batch_size": B, "train.seq_len": T, "model.n_positions": T, "optim.warmup_steps": 0})
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), 256)

@@ -143,7 +143,7 @@ def test_a_run_on_gs_trains_survives_kill_9_resumes_bit_identically_evaluates_an
 
 
 def _data_cfg(corpus, **over):
-    return config.with_overrides(config.load(ROOT / "configs" / "tiny.py"), {
+    return config.with_overrides(config.load(ROOT / "jaxlm" / "configs" / "tiny.py"), {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.05,
         "train.seq_len": 32, **over})
 

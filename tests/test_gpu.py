@@ -99,7 +99,7 @@ def test_flash_dropout_rate_and_mean_on_the_gpu():
 def test_the_recipe_step_runs_flash_and_repeats_bit_for_bit():
     """gpt2_small's recipe at toy size on the GPU: the train step's attention is the flash kernel,
     and the same step from the same state gives the same loss bit for bit (deterministic ops)."""
-    cfg = config.load(ROOT / "configs" / "gpt2_small.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "gpt2_small.py")
     cfg = config.with_overrides(cfg, {"model.n_layer": 2, "train.batch_size": 4, "train.micro_batch_size": 0,
                                       "train.seq_len": 256, "model.vocab_size": 512})
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), 512)

@@ -70,7 +70,7 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("harness")
     corpus = write_word_corpus(root / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
         "train.steps": 3, "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
         "checkpoint.stages": ((3, 10),)})

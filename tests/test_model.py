@@ -34,7 +34,7 @@ def test_param_count_equals_hugging_face(size):
 
 def test_configs_build_the_documented_sizes():
     for name, size in [("gpt2_small", "small"), ("gpt2_medium", "medium"), ("gpt2_large", "large"), ("gpt2_xl", "xl")]:
-        cfg = config.load(ROOT / "configs" / f"{name}.py")
+        cfg = config.load(ROOT / "jaxlm" / "configs" / f"{name}.py")
         mc = config.model_config(cfg)
         assert {k: getattr(mc, k) for k in model.SIZES[size]} == model.SIZES[size]
         assert mc.vocab_size == 50257 and mc.n_positions == 1024
@@ -63,12 +63,12 @@ def test_initialisation_follows_gpt2():
 ])
 def test_bad_config_names_the_field(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        config.load(ROOT / "configs" / "tiny.py", overrides)
+        config.load(ROOT / "jaxlm" / "configs" / "tiny.py", overrides)
 
 
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match=r'config.model.n_heads: unknown key; Did you mean "n_head"'):
-        config.load(ROOT / "configs" / "tiny.py", {"model.n_heads": 4})
+        config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"model.n_heads": 4})
 
 
 def test_sequence_longer_than_positions_fails_at_call():

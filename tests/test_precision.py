@@ -152,7 +152,7 @@ def test_every_matmul_of_the_train_step_runs_in_the_regime_dtype(regime):
 
     from conftest import ROOT
 
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,
                                                     "model.n_positions": 16, "precision.regime": regime})
     tr = train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), cfg.data.vocab_size)
     batch = jax.ShapeDtypeStruct((4, 17), jnp.int32, sharding=tr.batch_sharding)

@@ -96,7 +96,7 @@ def test_fp8_train_step_quantises_every_large_matmul_and_nothing_else():
     head's and the attention core's matmuls take none."""
     from jaxlm import config, sharding, train
 
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"train.batch_size": 4, "train.seq_len": 16,
                                                     "model.n_positions": 16, "precision.regime": "fp8"})
     tr = train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), cfg.data.vocab_size)
     batch = jax.ShapeDtypeStruct((4, 17), jnp.int32, sharding=tr.batch_sharding)
@@ -207,7 +207,7 @@ def test_z_loss_is_added_to_the_objective_not_to_the_reported_loss():
     from jaxlm import config, sharding, train
 
     for z in (0.0, 0.5):
-        cfg = config.load(ROOT / "configs" / "tiny.py", {"train.batch_size": 2, "train.seq_len": 8,
+        cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"train.batch_size": 2, "train.seq_len": 8,
                                                         "model.n_positions": 8, "model.z_loss": z})
         tr = train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), cfg.data.vocab_size)
         params = tr.init(0).params
@@ -223,7 +223,7 @@ def test_z_loss_is_added_to_the_objective_not_to_the_reported_loss():
 def test_grid_cells_are_the_product_of_the_switches():
     from jaxlm import config
 
-    cfg = config.load(ROOT / "configs" / "stress_fp16.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "stress_fp16.py")
     sw = [grid.parse_switch("layer_scaling=none,megatron"), grid.parse_switch("model.qk_norm=off,on"),
           grid.parse_switch("optim.lr=1e-3,3e-2")]
     cells = grid.cells(["fp16", "fp8"], [21, 49], sw)
@@ -271,7 +271,7 @@ def test_interrupted_sweep_resumes(tmp_path, monkeypatch):
     from conftest import write_word_corpus
 
     corpus = write_word_corpus(tmp_path / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 4,
         "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0, "log.every": 1,
         "checkpoint.stages": ((2, 4),), "checkpoint.async_save": False})

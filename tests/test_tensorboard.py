@@ -70,7 +70,7 @@ def test_a_resumed_sink_purges_the_steps_it_writes_again(tmp_path):
     shows each step once, the resumed values after step 2; the old file still holds the purged events."""
     from jaxlm import config, telemetry
 
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
     meta = {"config": config.to_dict(cfg)}
 
     def record(step, run):  # logged every 2 steps
@@ -101,7 +101,7 @@ def test_the_config_is_written_as_text_and_hparams(tmp_path):
 
     from jaxlm import config, telemetry
 
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
     tele = telemetry.Telemetry(tmp_path, cfg, total_steps=1, run_metadata={"config": config.to_dict(cfg)}, is_main=True)
     tele.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -115,7 +115,7 @@ def test_the_config_is_written_as_text_and_hparams(tmp_path):
 def test_the_sink_can_be_turned_off(tmp_path):
     from jaxlm import config, telemetry
 
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"log.wandb_mode": "disabled", "log.tensorboard": False})
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"log.wandb_mode": "disabled", "log.tensorboard": False})
     tele = telemetry.Telemetry(tmp_path, cfg, total_steps=1, is_main=True)
     tele.log(1, {telemetry.LOSS: 1.0})
     tele.close()
@@ -131,7 +131,7 @@ def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(t
     from conftest import write_word_corpus
 
     corpus = write_word_corpus(tmp_path / "corpus", 30)
-    cfg = config.load(ROOT / "configs" / "tiny.py", {
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 4,
         "train.eval_every": 2, "train.eval_batches": 1, "log.every": 1, "log.stats_every": 2,
         "log.wandb_mode": "disabled", "checkpoint.stages": ((2, 10),), "log.profile_start": 1, "log.profile_steps": 2})

@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
 
 
 def _cfg(source, **over):
-    cfg = config.load(ROOT / "configs" / "tiny.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py")
     over = {"data.source": source, "data.vocab_size": 300, "data.val_fraction": 0.1, "train.seq_len": 32,
             "train.batch_size": 8, **over}
     for k, v in over.items():

@@ -27,7 +27,7 @@ def _cfg(**over):
     base = {"train.batch_size": 16, "train.seq_len": 32, "model.n_positions": 64, "optim.warmup_steps": 0,
             "optim.eps": 1e-3}
     base.update(over)
-    return config.load(ROOT / "configs" / "tiny.py", base)
+    return config.load(ROOT / "jaxlm" / "configs" / "tiny.py", base)
 
 
 def _batch(cfg, seed=0):

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import base as base_config
 from jaxlm import checkpoint, precision
 from jaxlm import eval as eval_lib
 from jaxlm import model as model_lib
 from jaxlm import run as run_lib
+from jaxlm.configs import base as base_config
 from jaxlm.data import cache as cache_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib

@@ -17,7 +17,7 @@ def docs_of(corpus: Path) -> list[str]:
 
 
 def cfg_for(source, **over):
-    cfg = config.load(ROOT / "configs" / "tiny.py")
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py")
     cfg.data.source = source
     cfg.data.vocab_size = 300
     cfg.data.val_fraction = 0.1

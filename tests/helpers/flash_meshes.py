@@ -38,7 +38,7 @@ ONE = dict(data=1, fsdp=1, tensor=1)
 
 
 def make_cfg(impl: str, mesh: dict, regime: str = "fp32"):
-    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py"),
+    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "jaxlm", "configs", "tiny.py"),
                       {"train.batch_size": B, "train.seq_len": T, "model.n_positions": T, "data.vocab_size": 256,
                        "model.attn_pdrop": RATE, "model.attention_impl": impl, "precision.regime": regime,
                        "optim.warmup_steps": 0, "model.n_layer": 1})  # one block: the kernels' compile is the cost

@@ -24,7 +24,7 @@ MESHES = {"first": dict(data=1, fsdp=4, tensor=1), "second": dict(data=2, fsdp=1
 
 
 def main(mode: str, workdir: str):
-    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py"),
+    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "jaxlm", "configs", "tiny.py"),
                       {"train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32, "data.vocab_size": 256,
                        "model.attn_pdrop": 0.1, "model.attention_impl": "flash", "train.steps": STEPS,
                        "optim.warmup_steps": 2, "checkpoint.async_save": False})

@@ -64,7 +64,7 @@ def census(hlo: str, cfg) -> dict:
 
 def main():
     assert jax.device_count() == 8, jax.devices()
-    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py"),
+    cfg = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "jaxlm", "configs", "tiny.py"),
                       # vocab 1000: the table is padded to 1024 rows, so the logits' mask runs sharded too
                       {"train.batch_size": 16, "train.seq_len": 32, "model.n_positions": 64, "data.vocab_size": 1000,
                        "optim.warmup_steps": 0, "optim.eps": 1e-3})

@@ -3,7 +3,7 @@
     python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny
 """
 
-from configs import base
+from jaxlm.configs import base
 from jaxlm.model import SIZES
 
 

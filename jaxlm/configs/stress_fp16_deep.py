@@ -11,7 +11,7 @@ seq_len 128), 6 layers, a batch of 8 to keep a cell near a minute on 2 CPU cores
 numbers are in STUDIES.md.
 """
 
-from configs import stress_fp16
+from jaxlm.configs import stress_fp16
 
 
 def get_config():

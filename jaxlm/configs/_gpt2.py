@@ -5,7 +5,7 @@
 checkpoints on Mistral's dense early schedule.
 """
 
-from configs import base
+from jaxlm.configs import base
 from jaxlm.model import SIZES
 
 

@@ -6,14 +6,14 @@ on a Single GPU in One Day*, 2023) as switches on jaxlm's GPT-2, trained to a wa
 
 Each switch below carries the paper's reason (Cramming studied an encoder, BERT; here the same
 changes are applied to GPT-2's decoder, which the paper did not test). Everything not listed is the
-base config's (``tiny``: configs/tiny.py; ``small``: Mistral's recipe, configs/_gpt2.py), the
+base config's (``tiny``: configs/tiny.py; ``small``: Mistral's recipe, jaxlm/configs/_gpt2.py), the
 sequence length included. ``crammed(c)`` applies the recipe to any config.
 
 Not HF-exportable: the embedding LayerNorm and the gated MLP change GPT-2's function
 (``jaxlm.hf.unexportable``); a model with only ``use_bias=False`` exports (as zero biases).
 """
 
-from configs import _gpt2, tiny
+from jaxlm.configs import _gpt2, tiny
 
 BUDGETS = {"tiny": "10m", "small": "20m"}
 

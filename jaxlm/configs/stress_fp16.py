@@ -20,7 +20,7 @@ initial loss scale is 2^10 rather than DeepSpeed's 2^16 so that the fp16 regimes
 overflow for scale calibration alone: the only overflow left is the attention one.
 """
 
-from configs import tiny
+from jaxlm.configs import tiny
 
 
 def get_config():
