@@ -16,6 +16,8 @@ LAYERS = [
      "jaxlm.budget"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],
+    ["jaxlm.model_config", "jaxlm.layers"],
+    ["jaxlm.scan"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "configs", "configs.base", "configs._gpt2", "configs.tiny",
      "configs.stress_fp16", "configs.stress_fp16_deep", "configs.crammed", "configs.gpt2_small", "configs.gpt2_medium",
