@@ -389,12 +389,11 @@ def param_axes(name: str) -> tuple[str, ...]:
     an optimizer moment's path is ignored), as its module declared them; a stacked block's parameter
     ('h.attn.c_attn.kernel', model.scan_layers) has the 'layers' axis first. KeyError if there is none."""
     given = name.split(".")
-    parts = [p for p in given if not p.isdigit()]
     declared = _declared_axes()
-    for i in range(len(parts)):
-        if ".".join(parts[i:]) in declared:
-            axes = declared[".".join(parts[i:])]
-            stacked = parts[i] == "h" and not given[len(given) - len(parts) + i + 1].isdigit()
+    for i, part in enumerate(given):
+        axes = declared.get(".".join(p for p in given[i:] if not p.isdigit()))
+        if axes is not None:
+            stacked = part == "h" and not given[i + 1].isdigit()
             return ("layers", *axes) if stacked else axes
     raise KeyError(name)
 

@@ -163,5 +163,5 @@ def other_layout(abstract_state) -> tuple[Any, Callable] | None:
         return None
     stacked = is_stacked(params)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    convert = jax.jit(lambda s: to_layout(s, stacked), out_shardings=shardings, donate_argnums=0)
+    convert = jax.jit(lambda s: to_layout(s, stacked), out_shardings=shardings)
     return to_layout(abstract_state, not stacked), convert
