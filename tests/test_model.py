@@ -43,6 +43,7 @@ def test_configs_build_the_documented_sizes():
 def test_initialisation_follows_gpt2():
     cfg = model.GPT2Config(vocab_size=4000, n_positions=256, n_embd=256, n_layer=8, n_head=4)
     _, p = model.create(cfg, precision.policy("fp32"), seed=0)
+    p = model.per_layer(p)  # the loop's layout, whatever model.scan_layers says
     std = lambda x: float(np.std(np.asarray(x)))
     assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
     assert std(p["h"][0]["attn"]["c_attn"]["kernel"]) == pytest.approx(0.02, rel=0.05)

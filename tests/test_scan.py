@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlm import config, hf, model, naming, precision, sharding
+from jaxlm import config, hf, model, naming, precision, sharding, train
 from jaxlm import scan as scan_lib
 
-from conftest import ROOT, train_tiny_run
+from conftest import ROOT, SHARED_DATA, train_tiny_run
 
 # every layer-index dependence on, dropout on (embedding, attention, residual)
 CFG = model.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=3, n_head=2, attention_impl="reference",
@@ -153,6 +153,29 @@ def test_a_loop_checkpoint_resumes_with_scan_on_the_same_losses(tmp_path):
         losses[scan] = {r["step"]: r["train/loss"] for r in records if "train/loss" in r and r["step"] > 2}
     assert sorted(losses[True]) == [3, 4]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.slow  # 2 × 300 tiny steps in-process: ~20 s on an idle machine
+def test_the_tiny_configs_300_losses_with_scan_are_the_loops():
+    """configs/tiny.py's model, optimizer and batch shape for its 300 steps, trained on the bytes of
+    tinyshakespeare (no tokenizer: the point is the layouts, not the text), loop and scan."""
+    text = SHARED_DATA / "tinyshakespeare.txt"
+    if not text.exists():
+        pytest.skip(f"{text} is absent")
+    cfg = config.load(ROOT / "configs" / "tiny.py", {"data.vocab_size": 256})
+    n, b, t = cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len
+    ids = np.frombuffer(text.read_bytes()[: n * b * (t + 1)], np.uint8).astype(np.int32).reshape(n, b, t + 1)
+    losses = {}
+    for scan in (False, True):
+        cfg.model.scan_layers = scan
+        trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), vocab_size=256)
+        state, out = trainer.init(np.uint32(cfg.train.seed)), []
+        for batch in ids:
+            state, metrics = trainer.train_step(state, jnp.asarray(batch))
+            out.append(float(metrics["train/loss"]))
+        losses[scan] = np.asarray(out)
+    assert losses[False][-1] < losses[False][0] - 1.0  # it learned
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)  # fp32 rounding over 300 steps
 
 
 def test_the_gpt2_configs_scan_and_the_tiny_one_loops():
