@@ -106,6 +106,24 @@ def test_scan_equals_the_loop_parameters_loss_gradients_telemetry_and_decode():
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the flash kernel interpreted, two layers as a lax.switch: ~10 s idle
+def test_scan_with_the_flash_kernel_and_layer_scaling_is_the_loop():
+    """The kernel takes its scale as a constant: under the scan the core is one branch per layer."""
+    cfg = model.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4, embd_pdrop=0.0,
+                           attn_pdrop=0.2, resid_pdrop=0.0, attention_impl="flash",
+                           scale_attn_by_inverse_layer_idx=True)
+    toks = jax.random.randint(jax.random.key(1), (2, 65), 0, 97)
+    results = []
+    for c in (cfg, cfg.replace(scan_layers=True)):
+        gd, p = model.create(c, precision.policy("fp32"), 0)
+        loss = lambda p, gd=gd: model.token_losses(gd, p, toks[:, :-1], toks[:, 1:],
+                                                   dropout_key=jax.random.key(3))[0].mean()
+        results.append(jax.jit(jax.value_and_grad(loss))(p))
+    (l0, d0), (l1, d1) = results
+    assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+    _close(d0, d1, "gradients")
+
+
 def test_hf_export_is_byte_identical_and_imports_into_either_layout(tmp_path):
     cfg = CFG.replace(query_key_layer_scaling=False)  # HF-exportable
     pol = precision.policy("fp32")
