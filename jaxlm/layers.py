@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm import naming, precision
+from jaxlm.errors import DataError
 
 # Logical axes, the names jaxlm.sharding's one table maps to mesh axes:
 #   batch, length    a batch of sequences          vocab, positions  the embedding tables' rows
@@ -134,3 +136,19 @@ def chunked_cross_entropy(head, x_BTD, targets_BT, chunk: int):
 
 def split(key, n: int) -> tuple:
     return tuple(jax.random.split(key, n)) if key is not None else (None,) * n
+
+
+def z_loss(log_z_BT: jax.Array, coefficient: float) -> jax.Array:
+    """coefficient · mean(log² Z), from the log-partition values ``token_losses`` returns (PaLM's
+    auxiliary loss; padding logits hold the float32 minimum and add nothing to Z)."""
+    return coefficient * jnp.mean(jnp.square(log_z_BT))
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Fails naming the offending ids if any token is outside [0, vocab_size): inside jit an id past
+    the table would read a padding row or clamp (NaN logits, or the last row for -1), silently."""
+    t = np.asarray(tokens)
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        bad = np.unique(t[(t < 0) | (t >= vocab_size)])
+        raise DataError(f"token ids {bad[:8].tolist()} are outside the vocabulary [0, {vocab_size}); "
+                        "tokenize with the model's own tokenizer")

@@ -26,21 +26,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxlm import attention as attn_lib
-from jaxlm import layers, naming, precision
+from jaxlm import layers, model_config, naming, precision
 from jaxlm import scan as scan_lib
-from jaxlm.errors import ConfigError, DataError
-from jaxlm.layers import ACTIVATIONS, constrain  # noqa: F401  (the model's activation kinds, re-exported)
-from jaxlm.model_config import MLP_KINDS, REMAT_POLICIES, SIZES, GPT2Config  # noqa: F401  (re-exported)
+from jaxlm.errors import ConfigError
+from jaxlm.layers import ACTIVATIONS, check_token_ids, constrain, z_loss  # noqa: F401  (re-exported)
+from jaxlm.model_config import MLP_KINDS, REMAT_POLICIES, SIZES, GPT2Config, count_params  # noqa: F401  (re-exported)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: GPT2Config, policy: precision.Policy, layer_idx: int, implementations, *, rngs: nnx.Rngs):
         self.cfg, self.policy, self.layer_idx = cfg, policy, layer_idx
-        self.implementation, self.dropout_implementation = implementations  # see _attention_implementations
+        self.implementation, self.dropout_implementation = implementations  # see model_config.attention_implementations
         self.collect_stats = False
         d = cfg.n_embd
         # One fused QKV projection whose output is laid out (3, n_head, head_dim): HF's (d, 3d)
@@ -103,7 +102,7 @@ class Attention(nnx.Module):
         if probs_key is None or self.cfg.attn_pdrop == 0:
             return self.implementation
         if self.dropout_implementation is None:  # attention_impl cannot drop out: say why
-            attn_lib.resolve_implementation(**_resolve_args(self.cfg, self.policy), dropout=True)
+            attn_lib.resolve_implementation(**model_config.resolve_args(self.cfg, self.policy), dropout=True)
         return self.dropout_implementation
 
 
@@ -178,7 +177,7 @@ class GPT2(nnx.Module):
                              embedding_metadata=layers.axes("vocab", "embed"), **emb)
         self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
                              embedding_metadata=layers.axes("positions", "embed"), **emb)
-        impls = _attention_implementations(cfg, policy)
+        impls = model_config.attention_implementations(cfg, policy)
         blocks = [Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)]
         # model.scan_layers: one block of the same parameters stacked, run by a scan (jaxlm.scan)
         self.h = scan_lib.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
@@ -267,27 +266,6 @@ def _positions(cfg: GPT2Config, T: int, cache):
     return start + jnp.arange(T)[None, :]
 
 
-def _resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
-    return dict(impl=cfg.attention_impl, policy=policy, head_dim=cfg.head_dim,
-                query_key_layer_scaling=cfg.query_key_layer_scaling, softcap=cfg.attn_logit_softcap)
-
-
-def _attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
-    """The attention implementation without attention dropout and with it, decided once per model.
-
-    They differ where cuDNN serves evaluation and the flash kernel the training passes, which drop
-    attention probabilities out. None: `attention_impl` forces an implementation that cannot run a
-    pass with attention dropout (cuDNN).
-    """
-    plain = attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=False)
-    if cfg.attn_pdrop == 0:
-        return plain, plain
-    try:
-        return plain, attn_lib.resolve_implementation(**_resolve_args(cfg, policy), dropout=True)
-    except ConfigError:
-        return plain, None
-
-
 # --- the functional interface: split once, jit over plain state -------------------------------
 
 def create(cfg: GPT2Config, policy: precision.Policy, seed: int | jax.Array = 0):
@@ -362,12 +340,6 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_r
     return out, stats
 
 
-def z_loss(log_z_BT: jax.Array, coefficient: float) -> jax.Array:
-    """coefficient · mean(log² Z), from the log-partition values ``token_losses`` returns (PaLM's
-    auxiliary loss; padding logits hold the float32 minimum and add nothing to Z)."""
-    return coefficient * jnp.mean(jnp.square(log_z_BT))
-
-
 def token_losses(graphdef, params, tokens_BT, targets_BT, **kwargs):
     """(cross-entropy, log Z), float32 (B, T): what training, validation and evaluation score, without
     the full logits (``GPT2.token_losses``); pure, so it jits. `kwargs` as ``GPT2.__call__``'s."""
@@ -408,22 +380,6 @@ def _declared_axes() -> dict[str, tuple[str, ...]]:
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]
             for path, v in variables}
-
-
-def count_params(params, cfg: GPT2Config | None = None) -> int:
-    """Parameters of `params`; given its config, without the token table's padding rows."""
-    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd if cfg is not None else 0
-    return sum(int(x.size) for x in jax.tree.leaves(params)) - padding
-
-
-def check_token_ids(tokens, vocab_size: int) -> None:
-    """Fails naming the offending ids if any token is outside [0, vocab_size): inside jit an id past
-    the table would read a padding row or clamp (NaN logits, or the last row for -1), silently."""
-    t = np.asarray(tokens)
-    if t.size and (t.min() < 0 or t.max() >= vocab_size):
-        bad = np.unique(t[(t < 0) | (t >= vocab_size)])
-        raise DataError(f"token ids {bad[:8].tolist()} are outside the vocabulary [0, {vocab_size}); "
-                        "tokenize with the model's own tokenizer")
 
 
 def logits(graphdef, params, tokens_BT) -> jax.Array:

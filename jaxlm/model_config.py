@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from jaxlm import attention as attn_lib
+from jaxlm import precision
 from jaxlm.errors import ConfigError
 
 
@@ -122,3 +123,30 @@ SIZES: dict[str, dict[str, int]] = {
     "large": dict(n_embd=1280, n_layer=36, n_head=20),  # 774M
     "xl": dict(n_embd=1600, n_layer=48, n_head=25),  # 1.5B
 }
+
+
+def resolve_args(cfg: GPT2Config, policy: precision.Policy) -> dict:
+    return dict(impl=cfg.attention_impl, policy=policy, head_dim=cfg.head_dim,
+                query_key_layer_scaling=cfg.query_key_layer_scaling, softcap=cfg.attn_logit_softcap)
+
+
+def attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tuple[str, str | None]:
+    """The attention implementation without attention dropout and with it, decided once per model.
+
+    They differ where cuDNN serves evaluation and the flash kernel the training passes, which drop
+    attention probabilities out. None: `attention_impl` forces an implementation that cannot run a
+    pass with attention dropout (cuDNN).
+    """
+    plain = attn_lib.resolve_implementation(**resolve_args(cfg, policy), dropout=False)
+    if cfg.attn_pdrop == 0:
+        return plain, plain
+    try:
+        return plain, attn_lib.resolve_implementation(**resolve_args(cfg, policy), dropout=True)
+    except ConfigError:
+        return plain, None
+
+
+def count_params(params, cfg: GPT2Config | None = None) -> int:
+    """Parameters of `params`; given its config, without the token table's padding rows."""
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd if cfg is not None else 0
+    return sum(int(x.size) for x in jax.tree.leaves(params)) - padding
