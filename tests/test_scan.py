@@ -173,10 +173,10 @@ def test_a_loop_checkpoint_resumes_with_scan_on_the_same_losses(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
-@pytest.mark.slow  # 2 × 100 tiny steps in-process: ~25 s on an idle machine
-def test_the_tiny_configs_losses_with_scan_are_the_loops(steps=100):
+@pytest.mark.slow  # 2 × 40 tiny steps in-process: ~30 s
+def test_the_tiny_configs_losses_with_scan_are_the_loops(steps=40):
     """configs/tiny.py's model, optimizer and batch shape, trained on the bytes of tinyshakespeare (no
-    tokenizer: the point is the layouts, not the text), loop and scan. The suite runs the first 100 of
+    tokenizer: the point is the layouts, not the text), loop and scan. The suite runs the first 40 of
     the config's 300 steps; all 300 passed too (PERFORMANCE.md, 2026-12-02)."""
     text = SHARED_DATA / "tinyshakespeare.txt"
     if not text.exists():
@@ -193,7 +193,7 @@ def test_the_tiny_configs_losses_with_scan_are_the_loops(steps=100):
             state, metrics = trainer.train_step(state, jnp.asarray(batch))
             out.append(float(metrics["train/loss"]))
         losses[scan] = np.asarray(out)
-    assert losses[False][-1] < losses[False][0] - 0.5  # it learned
+    assert losses[False][-1] < losses[False][0] - 0.3  # it learned
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)  # fp32 rounding
 
 
