@@ -88,11 +88,20 @@ class KVCache:
                        self.index + k_BTHK.shape[1])
 
 
-def score_scale(head_dim: int, layer_idx: int, inverse_layer_idx: bool) -> float:
+def score_scale(head_dim: int, layer_idx, inverse_layer_idx: bool, n_layer: int | None = None, dtype=None):
+    """1/sqrt(d_head), over (layer_idx+1) with inverse-layer-index scaling. A traced `layer_idx` (the
+    layer scan, jaxlm.scan) reads the factor from the table of the `n_layer` Python values in `dtype`:
+    the same float the loop's Python number becomes."""
     scale = 1.0 / math.sqrt(head_dim)
+    if inverse_layer_idx and not isinstance(layer_idx, int):
+        return _table([scale / float(i + 1) for i in range(n_layer)], dtype, layer_idx)
     if inverse_layer_idx:
         scale /= float(layer_idx + 1)
     return scale
+
+
+def _table(values: list[float], dtype, index: jax.Array) -> jax.Array:
+    return jnp.asarray(values, dtype)[index]
 
 
 def causal_mask(q_len: int, kv_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
@@ -163,14 +172,19 @@ def describe(impl: str, mesh_shape: dict[str, int]) -> str:
     return f"flash (shard_map over {split}; dropout masks hash global rows and heads)"
 
 
-def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling):
+def _scores(q_BTHK, k_BSHK, policy, *, layer_idx, inverse_layer_idx, query_key_layer_scaling, n_layer=None):
     """Scaled QK^T in the dtype the softmax will run in; returns (scores_BHTS, its dtype)."""
     head_dim = q_BTHK.shape[-1]
-    scale = score_scale(head_dim, layer_idx, inverse_layer_idx)
     sdt, mp = policy.attn_dtype, policy.matmul_precision
+    scale = score_scale(head_dim, layer_idx, inverse_layer_idx, n_layer, sdt)
     if query_key_layer_scaling:
-        coeff = float(layer_idx + 1)
-        q = (q_BTHK.astype(precision.FP32) * (scale / coeff)).astype(sdt)
+        if isinstance(layer_idx, int):
+            coeff, q_scale = float(layer_idx + 1), scale / float(layer_idx + 1)
+        else:  # the scan's traced index: (i+1) is exact in float32, the product from the loop's values
+            coeff = (layer_idx + 1).astype(precision.FP32)
+            q_scale = _table([score_scale(head_dim, i, inverse_layer_idx) / float(i + 1) for i in range(n_layer)],
+                             precision.FP32, layer_idx)
+        q = (q_BTHK.astype(precision.FP32) * q_scale).astype(sdt)
         s = jnp.einsum("bthk,bshk->bhts", q, k_BSHK.astype(sdt), preferred_element_type=sdt, precision=mp)
         return s.astype(precision.FP32) * coeff, precision.FP32
     # Upcast regimes multiply the 16-bit Q and K with a float32 result: products of 16-bit numbers
@@ -215,7 +229,8 @@ def attention(
     v_BSHK: jax.Array,
     *,
     policy: precision.Policy,
-    layer_idx: int,
+    layer_idx: int | jax.Array,
+    n_layer: int | None = None,
     inverse_layer_idx: bool = False,
     query_key_layer_scaling: bool = False,
     softcap: float = 0.0,
@@ -240,7 +255,7 @@ def attention(
         mask_TS = causal_mask(T, S)
     cdt = policy.compute_dtype
     kw = dict(layer_idx=layer_idx, inverse_layer_idx=inverse_layer_idx,
-              query_key_layer_scaling=query_key_layer_scaling)
+              query_key_layer_scaling=query_key_layer_scaling, n_layer=n_layer)
 
     if implementation == "cudnn":
         out = jax.nn.dot_product_attention(

@@ -40,6 +40,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm import config as config_lib
 from jaxlm import naming, paths, telemetry
+from jaxlm import scan as scan_lib
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
@@ -131,6 +132,9 @@ class Checkpointer:
         self.stages = stages
         self.abstract_state = abstract_state
         self.signature = state_signature(abstract_state) if abstract_state is not None else None
+        # the parameters' other layout (model.scan_layers, jaxlm.scan): its checkpoints restore converted
+        self.other_layout = scan_lib.other_layout(abstract_state) if abstract_state is not None else None
+        self.other_signature = state_signature(self.other_layout[0]) if self.other_layout else None
         keep, keep_every = int(cfg.checkpoint.keep), int(cfg.checkpoint.keep_every)
         if keep:
             policies = [ocm.LatestN(n=keep)] + ([ocm.EveryNSteps(interval_steps=keep_every)] if keep_every else [])
@@ -210,7 +214,7 @@ class Checkpointer:
                         "that change its results:\n  " + "\n  ".join(diffs) +
                         "\nUse a new --workdir, revert these fields, or pass "
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
-            if meta.get("state_signature") not in (None, self.signature):
+            if meta.get("state_signature") not in (None, self.signature, self.other_signature):
                 raise CheckpointError(other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
             _drop_orphaned_read_errors()  # were this restore to fail
             try:
@@ -234,9 +238,10 @@ class Checkpointer:
         fingerprints saved with it (CheckpointError naming the leaves that differ)."""
         if self.abstract_state is None:
             raise CheckpointError("restore needs the abstract train state")
+        convert = self.other_signature is not None and self.read_meta(step).get("state_signature") == self.other_signature
+        target = self.other_layout[0] if convert else self.abstract_state
         r = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self.abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         saved = r["meta"].get("fingerprints")
         if saved is not None:
             now = fingerprints(r["state"])
@@ -244,7 +249,8 @@ class Checkpointer:
             if bad:
                 raise CheckpointError(f"contents differ from the fingerprints saved with the checkpoint "
                                       f"(damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
-        return r["state"], r["data"], r["meta"], step
+        state = self.other_layout[1](r["state"]) if convert else r["state"]  # into this run's layout
+        return state, r["data"], r["meta"], step
 
     def restore_or_fail(self, step: int):
         """``restore``, a damaged checkpoint being a CheckpointError that names it and the cause."""

@@ -35,6 +35,7 @@ NEUTRAL_FIELDS = (
     "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "model.loss_chunk", "train.deterministic", "data.remote_reads",
+    "model.scan_layers",  # the same function; a checkpoint of the other layout restores through jaxlm.scan
 )
 # What a field meant in configs saved before it existed, where that differs from its default.
 # Any other field absent from a saved config reads as its default (a new field's default must

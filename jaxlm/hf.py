@@ -173,6 +173,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
                    source: str = "checkpoint"):
     """(graphdef, params) of jaxlm from HF tensors; fails naming any missing/unknown/mis-shaped tensor."""
     graphdef, abstract = model_lib.abstract(cfg, policy)
+    abstract = model_lib.per_layer(abstract)  # HF's names are per layer; model.scan_layers stacks them below
     want = naming.flat(abstract)
     ours_by_hf = {v: k for k, v in name_map(cfg.n_layer).items()}
     found: dict[str, np.ndarray] = {}
@@ -209,7 +210,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
     def fill(path, leaf):
         return jnp.asarray(found[naming.param_name(path)], dtype=leaf.dtype)
 
-    return graphdef, jax.tree_util.tree_map_with_path(fill, abstract)
+    return graphdef, model_lib.layout_for(cfg, jax.tree_util.tree_map_with_path(fill, abstract))
 
 
 def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_overrides):
@@ -246,7 +247,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: model_lib.GPT2Config, polic
     check_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flat = naming.flat(params)
+    flat = naming.flat(model_lib.per_layer(params))  # HF's names are per layer (model.scan_layers stacks them)
     tensors = {}
     for ours, hf_name in name_map(cfg.n_layer).items():
         if ours not in flat and ours.endswith(".bias") and not cfg.use_bias:  # model.use_bias=False: zero biases

@@ -71,6 +71,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",  # whole heads per tensor shard
     "head_dim": None,
     "mlp": "tensor",
+    "layers": None,  # the stacked blocks' leading axis (model.scan_layers): every device holds every layer
 }
 
 

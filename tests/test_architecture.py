@@ -16,6 +16,8 @@ LAYERS = [
      "jaxlm.budget", "jaxlm.tensorboard_sink"],
     ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
+    ["jaxlm.model_config", "jaxlm.layers"],
+    ["jaxlm.scan"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "jaxlm.configs", "jaxlm.configs.base", "jaxlm.configs._gpt2", "jaxlm.configs.tiny",
      "jaxlm.configs.stress_fp16", "jaxlm.configs.stress_fp16_deep", "jaxlm.configs.crammed", "jaxlm.configs.gpt2_small",

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxlm import config, model, precision
+from jaxlm import config, layers, model, precision
 from jaxlm.errors import ConfigError, DataError
 
 ROOT = __import__("conftest").ROOT
@@ -43,6 +43,7 @@ def test_configs_build_the_documented_sizes():
 def test_initialisation_follows_gpt2():
     cfg = model.GPT2Config(vocab_size=4000, n_positions=256, n_embd=256, n_layer=8, n_head=4)
     _, p = model.create(cfg, precision.policy("fp32"), seed=0)
+    p = model.per_layer(p)  # the loop's layout, whatever model.scan_layers says
     std = lambda x: float(np.std(np.asarray(x)))
     assert std(p["wte"]["embedding"]) == pytest.approx(0.02, rel=0.05)
     assert std(p["h"][0]["attn"]["c_attn"]["kernel"]) == pytest.approx(0.02, rel=0.05)
@@ -172,7 +173,7 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 def test_layernorm_variance_is_two_pass_like_pytorch():
     """Features sharing a large mean: E[x^2] - mean^2 in float32 cancels away the variance."""
     cfg = model.GPT2Config(vocab_size=97, n_positions=16, n_embd=256, n_layer=1, n_head=2)
-    ln = model._layernorm(cfg, precision.policy("fp32"), nnx.Rngs(0))
+    ln = layers.layernorm(cfg, precision.policy("fp32"), nnx.Rngs(0))
     x = 3000.0 + np.random.RandomState(0).randn(4, 256).astype(np.float32) * 0.05
     ref = (x.astype(np.float64) - x.mean(-1, keepdims=True)) / np.sqrt(x.astype(np.float64).var(-1, keepdims=True) + 1e-5)
     np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), ref, atol=2e-2)  # torch: 7e-3; E[x^2]-mean^2: 43
