@@ -144,6 +144,9 @@ class Checkpointer:
                                              item_names=("state", "data", "meta"))
         self._last_save_time = time.monotonic()
         self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
+        # Multi-process: a distributed.StopVote, so a signal to any one process stops all at one step
+        self.vote = None
+        self.preempted = False  # on_step stopped the run for a signal (here or, by the vote, elsewhere)
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -161,7 +164,10 @@ class Checkpointer:
     def on_step(self, step: int, state, data_state: dict) -> str | None:
         """Saves when due; on a pending SIGTERM/SIGINT saves, waits, and returns why to stop."""
         asked = self.signals.received if self.signals is not None else None
+        if self.vote is not None:  # every process reads the same vote for the same step
+            asked = (asked or "a signal to another process") if self.vote.cast(asked is not None) else None
         if asked or self._multihost_preemption(step):
+            self.preempted = True
             self.save(step, state, data_state)
             self.manager.wait_until_finished()
             return (f"preempted by {asked or 'the cluster'}: checkpoint for step {step} saved in "
@@ -272,11 +278,14 @@ class Signals:
     Until ``training()`` is called a signal raises :class:`Interrupted` where the program is, so
     startup unwinds at once (every temporary file it was writing is removed on the way out); after
     it, a signal is only recorded (``received``), and the loop saves the current step and stops.
+    On a multi-process run a signal is only recorded from the start: one process unwinding alone
+    would leave the others at a barrier; the step vote (``Checkpointer.vote``) stops them all at
+    the same step once training starts.
     """
 
     def __init__(self):
         self.received: str | None = None
-        self._raise = True
+        self._raise = jax.process_count() == 1
         self._old: dict = {}
 
     def __enter__(self) -> "Signals":
@@ -329,6 +338,19 @@ def _reader(workdir) -> "Checkpointer":
     probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
         "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
     return Checkpointer(workdir, probe, read_only=True)
+
+
+def resume_hint(directory) -> str:
+    """'resume from the checkpoint at step N' (the newest complete one), for the lost-peer message.
+    Lists the directory only (no Orbax manager, no barrier: it runs while peers may be gone): Orbax
+    renames a finished step into place, and on an object store writes commit_success.txt last."""
+    d = paths.path(directory)
+    remote = paths.is_remote(directory)
+    steps = [int(c.name) for c in d.iterdir() if c.name.isdigit() and (
+        not remote or (c / "commit_success.txt").exists())] if d.exists() else []
+    if not steps:
+        return "start again (no complete checkpoint yet)"
+    return f"resume from the checkpoint at step {max(steps)} in {d}"
 
 
 def saved_steps(workdir) -> list[int]:

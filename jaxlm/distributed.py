@@ -8,15 +8,34 @@
 
 After it, ``jax.devices()`` spans every process; the mesh, the loader (each process reads its
 own block of every batch) and Orbax (every process writes its own shards) work across them.
+
+What one process sees, every process learns (``distributed.*`` in the config):
+
+* A lost peer (killed -9, crashed, unreachable): each process's :class:`Watchdog` thread posts a
+  heartbeat counter in the coordination service's key-value store every second and reads the
+  others'; a counter that has not moved for ``lost_after_s`` ends this process at once with one
+  ``error:`` line naming the lost process and the checkpoint the rerun resumes from. The
+  coordination service's own heartbeat (``heartbeat_timeout_s``, longer) is the backstop.
+* A failed peer: a process that fails posts its one error line (:func:`publish_failure`); the
+  others print that same line and exit non-zero, so nobody waits at a barrier for it.
+* A preempted peer: :class:`StopVote` ORs every process's "SIGTERM seen" flag with a tiny
+  all-reduce after each step, read one step later, so every process stops at the same step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import paths
 from jaxlm.errors import ConfigError
@@ -37,9 +56,13 @@ def detect() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: list[int] | None = None) -> str:
-    """Initialises jax.distributed if this is a multi-process run; returns how ('explicit', 'tpu',
-    'slurm' or 'single')."""
+               process_id: int | None = None, local_device_ids: list[int] | None = None, timeouts=None) -> str:
+    """Initialises jax.distributed if this is a multi-process run, and starts the :class:`Watchdog`;
+    returns how ('explicit', 'tpu', 'slurm' or 'single'). `timeouts`: the config's ``distributed``
+    section (lost_after_s, heartbeat_timeout_s, shutdown_timeout_s); None: the defaults."""
+    t = {**DEFAULT_TIMEOUTS, **(dict(timeouts) if timeouts is not None else {})}
+    kw = {"heartbeat_timeout_seconds": int(t["heartbeat_timeout_s"]),
+          "shutdown_timeout_seconds": int(t["shutdown_timeout_s"])}
     coordinator_address = coordinator_address or os.environ.get("JAXLM_COORDINATOR_ADDRESS")
     num_processes = num_processes if num_processes is not None else _env_int("JAXLM_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAXLM_PROCESS_ID")
@@ -48,13 +71,158 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too "
                              "(or JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID)")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids)
+                                   process_id=process_id, local_device_ids=local_device_ids, **kw)
+        _watch(float(t["lost_after_s"]))
         return "explicit"
     how = detect()
     if how:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**kw)
+        _watch(float(t["lost_after_s"]))
         return how
     return "single"
+
+
+# The defaults of configs/base.py's ``distributed`` section. lost_after_s bounds how long the
+# survivors of a killed process hold their devices; it must exceed the longest time a live
+# process's watchdog thread can go without running (a GIL held by one long C call).
+DEFAULT_TIMEOUTS = {"lost_after_s": 10.0, "heartbeat_timeout_s": 30, "shutdown_timeout_s": 30}
+_KEY = "jaxlm/alive/"
+_state: dict = {"watchdog": None, "failed": False, "resume_hint": None}
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordination service's client (no public API)
+
+    return jax_distributed.global_state.client
+
+
+def set_resume_hint(hint: Callable[[], str]) -> None:
+    """What the lost-peer line says the rerun resumes from (the run sets it once checkpoints exist)."""
+    _state["resume_hint"] = hint
+
+
+def publish_failure(message: str) -> None:
+    """Tells every peer that this process failed with `message` (one line): they print it and exit."""
+    _state["failed"] = True
+    if jax.process_count() > 1 and _client() is not None:
+        try:
+            _client().key_value_set(f"{_KEY}{jax.process_index()}", "failed:" + message, allow_overwrite=True)
+        except Exception:  # the coordinator is gone: the peers' watchdogs find this process lost instead
+            pass
+
+
+def publish_done() -> None:
+    """This process finished (or stopped at an agreed step): peers stop watching it."""
+    w = _state["watchdog"]
+    if w is not None:
+        w.finish()
+
+
+def process_prefix() -> str:
+    """'process I of N: ' on a multi-process run (every process prints a failed peer's line as is)."""
+    return f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+
+
+def _watch(lost_after_s: float) -> None:
+    if jax.process_count() == 1 or lost_after_s <= 0:
+        return
+    _state["watchdog"] = Watchdog(lost_after_s)
+    _state["watchdog"].start()
+    # atexit runs last-registered first, so this runs before jax.distributed.shutdown (registered at
+    # its initialize): a failed process does not wait at the shutdown barrier for peers that will
+    # never come (they exit on seeing its failure, without that barrier).
+    atexit.register(_exit_now_if_failed)
+
+
+def _exit_now_if_failed() -> None:
+    if _state["failed"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+class Watchdog(threading.Thread):
+    """Heartbeats through the coordination service's key-value store; ends this process with one
+    ``error:`` line when a peer has failed (it posted its error) or is lost (its counter stopped)."""
+
+    def __init__(self, lost_after_s: float, every_s: float = 1.0):
+        super().__init__(name="jaxlm-watchdog", daemon=True)
+        self.lost_after_s, self.every_s = lost_after_s, every_s
+        self.me, self.n = jax.process_index(), jax.process_count()
+        self._done = threading.Event()
+        self._beat = 0
+
+    def finish(self) -> None:
+        self._done.set()
+        try:
+            _client().key_value_set(f"{_KEY}{self.me}", "done", allow_overwrite=True)
+        except Exception:
+            pass
+
+    def run(self) -> None:
+        client = _client()
+        start = time.monotonic()
+        last: dict[int, str] = {}
+        seen: dict[int, float] = {p: start for p in range(self.n)}
+        while not self._done.is_set():
+            self._beat += 1
+            now = time.monotonic()
+            try:
+                client.key_value_set(f"{_KEY}{self.me}", str(self._beat), allow_overwrite=True)
+                values = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(_KEY)}
+            except Exception as e:
+                if now - seen[0] > self.lost_after_s and not self._done.is_set():
+                    self._lost(0, f"the coordination service does not answer ({type(e).__name__})")
+                time.sleep(self.every_s)
+                continue
+            for p, v in values.items():
+                if v.startswith("failed:") and p != self.me and not self._done.is_set():
+                    self._exit(v[len("failed:"):])
+                if v != last.get(p):
+                    last[p], seen[p] = v, now
+            for p in range(self.n):
+                if p != self.me and last.get(p) != "done" and now - seen[p] > self.lost_after_s:
+                    if not self._done.is_set():
+                        self._lost(p, f"no heartbeat for {now - seen[p]:.0f} s: killed, crashed or unreachable")
+            self._done.wait(self.every_s)
+
+    def _lost(self, p: int, why: str) -> None:
+        hint = _state["resume_hint"]
+        try:
+            resume = hint() if hint is not None else "start again (no checkpoint yet)"
+        except Exception:
+            resume = "resume from the newest complete checkpoint"
+        self._exit(f"process {p} of {self.n} is lost ({why}); every process stops; run the same command "
+                   f"again to {resume}")
+
+    def _exit(self, message: str) -> None:
+        logging.getLogger("jaxlm").error("%s", message)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+class StopVote:
+    """Whether any process wants to stop, agreed by all: ``cast(flag)`` after each step starts a tiny
+    all-reduce (max over every device of a flag each process sets for its own devices); the result
+    is read at the next ``cast``, when the step before has finished anyway, so the host never waits
+    for the step in flight. Every process reads the same value for the same step."""
+
+    def __init__(self, mesh):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self.local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+        self.size = mesh.devices.size
+        self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._pending = None
+
+    def cast(self, flag: bool) -> bool:
+        """Votes `flag` for this step; returns the agreed vote of the previous step (False at the first)."""
+        local = np.full((self.local,), int(bool(flag)), np.int32)
+        ballot = self._any(jax.make_array_from_process_local_data(self.sharding, local, (self.size,)))
+        previous, self._pending = self._pending, ballot
+        return previous is not None and bool(jax.device_get(previous))
 
 
 def process_log(workdir) -> Path:

@@ -36,7 +36,7 @@ def main(argv):
     paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)
 
-    how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id, timeouts=cfg.distributed)
     log_file = distributed.process_log(F.workdir)
     absl_logging.set_verbosity(absl_logging.INFO)  # INFO reaches the per-process log file ...
     absl_logging.get_absl_handler().setLevel(logging.WARNING)  # ... the console shows warnings and up

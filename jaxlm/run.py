@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, files, paths, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, files, paths, sharding, telemetry, train
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, ConfigError, DataError
+from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
 
 def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.LoopResult:
@@ -36,10 +36,22 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     say = log or (lambda s: print(s, flush=True) if is_main else None)
     with checkpoint.Signals() as signals:
         try:
-            return _run(cfg, paths.path(workdir), say, signals)
+            result = _run(cfg, paths.path(workdir), say, signals)
         except checkpoint.Interrupted as e:
             say(f"interrupted by {e} before training started; run the same command again to start or resume")
-            return train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
+            result = train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
+        except JaxlmError as e:  # on every process the same line: this one's, with its index
+            if jax.process_count() == 1:
+                raise
+            message = distributed.process_prefix() + str(e)
+            distributed.publish_failure(message)
+            raise type(e)(message) from None
+        except Exception as e:
+            distributed.publish_failure(f"{distributed.process_prefix()}failed: {checkpoint.describe(e)} (its "
+                                        "log file, WORKDIR/logs, has the traceback)")
+            raise
+    distributed.publish_done()
+    return result
 
 
 def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
@@ -70,6 +82,9 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
     })
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
                                    signals=signals)
+    if jax.process_count() > 1:
+        ckpt.vote = distributed.StopVote(mesh)
+        distributed.set_resume_hint(lambda: checkpoint.resume_hint(ckpt.directory))
     tele = None
     try:
         restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
@@ -125,7 +140,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
                 ckpt.save(result.step, result.state, data_state(result.step))
                 ckpt.manager.wait_until_finished()
-        result.preempted = signals.received is not None
+        result.preempted = ckpt.preempted or signals.received is not None
         finished = result.stopped or result.step >= total or result.budget_spent
         if is_main and not result.preempted and finished:
             files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped,
