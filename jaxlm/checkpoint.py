@@ -210,8 +210,8 @@ class Checkpointer:
                 if diffs and not allow_config_change:
                     raise CheckpointError(
                         f"{self.directory}: the config differs from the one this run was started with, in ways "
-                        "that change its results:\n  " + "\n  ".join(diffs) +
-                        "\nUse a new --workdir, revert these fields, or pass "
+                        "that change its results: " + "; ".join(diffs) +
+                        ". Use a new --workdir, revert these fields, or pass "
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
             if meta.get("state_signature") not in (None, self.signature):
                 raise CheckpointError(other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")

@@ -196,7 +196,7 @@ class Watchdog(threading.Thread):
                    f"again to {resume}")
 
     def _exit(self, message: str) -> None:
-        logging.getLogger("jaxlm").error("%s", message)
+        logging.getLogger("jaxlm").info("error: %s", message)  # the log file; the console gets it below
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)

@@ -14,6 +14,7 @@ count wrote it (eval, generate and export use it).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Callable
 
@@ -100,13 +101,14 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             return d if meter is None else {**d, "budget": meter.state()}  # the budget spent, for resume
 
         if restored is not None:
-            state, saved_data, _, start = restored
+            state, saved_data, saved_meta, start = restored
             if int(saved_data["next_index"]) != start:
                 raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
             if meter is not None:
                 meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}))
             say(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
-                + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else ""))
+                + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else "")
+                + _mesh_change(saved_meta.get("environment") or {}, mesh))
         else:
             state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
             start = 0
@@ -146,6 +148,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped,
                                                             **({"budget": meter.state()} if meter else {})})
         if result.stopped:
+            logging.getLogger("jaxlm").info("stopped: %s", result.stopped)  # every process's log file
             tele.message(f"stopped: {result.stopped}")
         else:
             tele.message(f"done: step {result.step} of {total}; run directory {workdir}" if meter is None else
@@ -156,6 +159,15 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             tele.close()
         ckpt.close()
     return result
+
+
+def _mesh_change(saved_env: dict, mesh) -> str:
+    """'; the mesh changed: ...' when the checkpoint was written on another mesh or process count."""
+    was, now = (saved_env.get("mesh"), saved_env.get("process_count")), (dict(mesh.shape), jax.process_count())
+    if was[0] is None or was == now:
+        return ""
+    return (f"; the mesh changed: saved on {was[0]} over {was[1]} process(es), now {now[0]} over {now[1]} "
+            "(the state is resharded on restore, its fingerprints checked)")
 
 
 def _cache_url(cfg, workdir, cache) -> str | None:
