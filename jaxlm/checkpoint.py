@@ -12,7 +12,9 @@ temporary directory and renames it when complete, so a save killed midway is nev
 Each checkpoint's ``meta`` records a fingerprint of every array (its bit patterns summed modulo
 2**32), checked on restore. A checkpoint that fails to restore (a truncated file) or whose contents
 do not match its fingerprints (bytes flipped on disk) is renamed ``<step>.corrupt-<time>`` with a
-one-line warning naming the cause, and the previous one is used.
+one-line warning naming the cause, and the previous one is used. A read that fails for another
+cause (permission, out of memory, a transient object-store error: :func:`not_damage`) keeps the
+checkpoint and stops with one error line.
 
 When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and
 when ``step % every == 0`` for the first stage ``(every, until)`` with ``until >= step`` (past the
@@ -52,6 +54,41 @@ def describe(error: BaseException) -> str:
         error = nxt
     text = config_lib.one_line(error)
     return f"{type(error).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+
+
+# What a failed read says when the cause is not the checkpoint's bytes: access, memory, or an object
+# store's transient trouble (gRPC/TensorStore status names and HTTP reasons, as they appear in messages)
+_NOT_DAMAGE = (("PERMISSION_DENIED", "permission denied"), ("UNAUTHENTICATED", "permission denied"),
+               ("Permission denied", "permission denied"), ("RESOURCE_EXHAUSTED", "out of memory or a quota"),
+               ("out of memory", "out of memory"), ("Out of memory", "out of memory"),
+               ("UNAVAILABLE", "a transient object-store error"), ("DEADLINE_EXCEEDED", "a transient object-store error"),
+               ("Service Unavailable", "a transient object-store error"), ("Too Many Requests", "a quota"))
+_NOT_DAMAGE_HTTP = {401: "permission denied", 403: "permission denied", 429: "a quota",
+                    500: "a transient object-store error", 502: "a transient object-store error",
+                    503: "a transient object-store error", 504: "a transient object-store error"}
+
+
+def not_damage(error: BaseException) -> str | None:
+    """Why a failed restore says nothing about the checkpoint itself (permission, memory, a transient
+    object-store error), or None when it may be damage (a truncated or corrupt file)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, PermissionError):
+            return "permission denied"
+        if isinstance(e, MemoryError):
+            return "out of memory"
+        if isinstance(e, (TimeoutError, ConnectionError)):
+            return "a transient object-store error"
+        if getattr(e, "code", None) in _NOT_DAMAGE_HTTP:  # gcsfs's HttpError
+            return _NOT_DAMAGE_HTTP[e.code]
+        text = str(e)
+        for marker, why in _NOT_DAMAGE:
+            if marker in text:
+                return why
+        e = e.__cause__ or e.__context__
+    return None
 
 
 _ORPHAN_FILTERS_INSTALLED = []
@@ -202,7 +239,7 @@ class Checkpointer:
             try:
                 meta = self.read_meta(step)
             except Exception as e:
-                self._set_aside(step, e)
+                self._set_aside_if_damaged(step, e)
                 continue
             diffs = []
             if current_config is not None:
@@ -218,9 +255,17 @@ class Checkpointer:
             _drop_orphaned_read_errors()  # were this restore to fail
             try:
                 return self.restore(step)
-            except Exception as e:  # same structure, yet unreadable: corrupt
-                self._set_aside(step, e)
+            except Exception as e:  # same structure, yet unreadable: corrupt, unless the cause lies elsewhere
+                self._set_aside_if_damaged(step, e)
         return None
+
+    def _set_aside_if_damaged(self, step: int, error: Exception) -> None:
+        why = not_damage(error)
+        if why is not None:  # the checkpoint may be fine: keep it, stop, say what to fix
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read ({describe(error)}): "
+                                  f"{why}, not damage, so it is kept as it is; fix the cause and run the same "
+                                  "command again") from None
+        self._set_aside(step, error)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         bad = self.directory / str(step)
@@ -248,6 +293,21 @@ class Checkpointer:
                 raise CheckpointError(f"contents differ from the fingerprints saved with the checkpoint "
                                       f"(damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
         return r["state"], r["data"], r["meta"], step
+
+    def restore_params(self, step: int):
+        """The parameters of checkpoint `step` only (no optimizer state: a third of the bytes read
+        and held under AdamW), checked against the fingerprints saved with them."""
+        item = {"params": self.abstract_state.params}
+        r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        saved = {k: v for k, v in (r["meta"].get("fingerprints") or {}).items() if k.startswith("params.")}
+        now = fingerprints({"params": r["state"]["params"]})
+        bad = sorted(k for k in saved if saved[k] != now.get(k))
+        if bad:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: parameters differ from the fingerprints "
+                                  f"saved with them (damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
+        return r["state"]["params"]
 
     def restore_or_fail(self, step: int):
         """``restore``, a damaged checkpoint being a CheckpointError that names it and the cause."""

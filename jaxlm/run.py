@@ -271,11 +271,13 @@ def _chain(head, tail):
     yield from tail
 
 
-def load_run(workdir, step: int | None = None, mesh=None):
+def load_run(workdir, step: int | None = None, mesh=None, *, params_only: bool = False):
     """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
     devices, one data-parallel axis), whatever mesh or process count wrote it.
 
     Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
+    With `params_only` the state holds the parameters only (its other fields None): for evaluation,
+    a third of the bytes read and held under AdamW.
     """
     steps = checkpoint.saved_steps(workdir)
     directory = paths.path(workdir) / "checkpoints"
@@ -296,7 +298,31 @@ def load_run(workdir, step: int | None = None, mesh=None):
     try:
         if meta.get("state_signature") not in (None, ckpt.signature):
             raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
-        state, _, meta, step = ckpt.restore_or_fail(step)
+        if params_only:
+            state = train.TrainState(step=None, params=_params_or_fail(ckpt, step), opt_state=None, rng=None,
+                                     loss_scale=None, nonfinite=None)
+        else:
+            state, _, meta, step = ckpt.restore_or_fail(step)
     finally:
         ckpt.manager.close()
     return cfg, trainer, state, meta, step
+
+
+def load_params(workdir, step: int, trainer: train.Trainer):
+    """The parameters of one more checkpoint of the run `trainer` was built for (``load_run``'s), onto
+    its mesh: no new trainer, no optimizer state (``eval --all-steps``)."""
+    ckpt = checkpoint.Checkpointer(workdir, trainer.cfg, abstract_state=train.abstract_state(trainer), read_only=True)
+    try:
+        return _params_or_fail(ckpt, step)
+    finally:
+        ckpt.manager.close()
+
+
+def _params_or_fail(ckpt: checkpoint.Checkpointer, step: int):
+    try:
+        return ckpt.restore_params(step)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)}: its parameters cannot be read "
+                              f"({checkpoint.describe(e)}); choose another --step (saved: {ckpt.steps()})") from None
