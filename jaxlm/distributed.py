@@ -36,6 +36,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination service's client (no public API)
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import paths
 from jaxlm.errors import ConfigError
@@ -91,8 +93,6 @@ _state: dict = {"watchdog": None, "failed": False, "resume_hint": None}
 
 
 def _client():
-    from jax._src import distributed as jax_distributed  # the coordination service's client (no public API)
-
     return jax_distributed.global_state.client
 
 
@@ -209,8 +209,6 @@ class StopVote:
     for the step in flight. Every process reads the same value for the same step."""
 
     def __init__(self, mesh):
-        from jax.sharding import NamedSharding, PartitionSpec
-
         self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         self.local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
         self.size = mesh.devices.size
