@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 import sys
 import time
 import warnings
@@ -40,7 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm import config as config_lib
-from jaxlm import naming, paths, telemetry
+from jaxlm import naming, paths, preemption, telemetry
 from jaxlm.errors import CheckpointError
 
 MISTRAL_STAGES = ((10, 100), (50, 2000), (100, 20000), (1000, 400000))
@@ -158,7 +157,7 @@ class Checkpointer:
     """Owns the Orbax manager of one run directory and the decisions of when to save."""
 
     def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False,
-                 signals: "Signals | None" = None):
+                 signals: "preemption.Signals | None" = None):
         self.cfg, self.meta = cfg, meta or {}
         self.directory = paths.resolve(workdir) / "checkpoints"  # Orbax writes gs:// directly (tensorstore)
         self.total = int(cfg.train.steps)
@@ -181,7 +180,7 @@ class Checkpointer:
                                              item_names=("state", "data", "meta"))
         self._last_save_time = time.monotonic()
         self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
-        # Multi-process: a distributed.StopVote, so a signal to any one process stops all at one step
+        # Multi-process: a preemption.StopVote, so a signal to any one process stops all at one step
         self.vote = None
         self.preempted = False  # on_step stopped the run for a signal (here or, by the vote, elsewhere)
 
@@ -324,58 +323,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived before training started (while data, model or checkpoint were prepared).
-    A BaseException, like KeyboardInterrupt: no ``except Exception`` (a checkpoint thought corrupt, a
-    failed read) may take it for an error of its own."""
-
-
-class Signals:
-    """SIGTERM and SIGINT handling for a whole run, installed before its first long operation.
-
-    Until ``training()`` is called a signal raises :class:`Interrupted` where the program is, so
-    startup unwinds at once (every temporary file it was writing is removed on the way out); after
-    it, a signal is only recorded (``received``), and the loop saves the current step and stops.
-    On a multi-process run a signal is only recorded from the start: one process unwinding alone
-    would leave the others at a barrier; the step vote (``Checkpointer.vote``) stops them all at
-    the same step once training starts.
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self._raise = jax.process_count() == 1
-        self._old: dict = {}
-
-    def __enter__(self) -> "Signals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: signals are the caller's business
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        if self._raise:
-            raise Interrupted(self.received)
-
-    def check(self) -> None:
-        """Raises Interrupted if a signal came during startup: the handler's own raise can land where
-        Python ignores exceptions (a garbage-collection callback), so startup also checks between steps."""
-        if self._raise and self.received:
-            raise Interrupted(self.received)
-
-    def training(self) -> None:
-        self.check()
-        self._raise = False
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-        return False
 
 
 def other_layout(path, meta: dict, diffs: list[str]) -> str:

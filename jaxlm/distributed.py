@@ -18,8 +18,7 @@ What one process sees, every process learns (``distributed.*`` in the config):
   coordination service's own heartbeat (``heartbeat_timeout_s``, longer) is the backstop.
 * A failed peer: a process that fails posts its one error line (:func:`publish_failure`); the
   others print that same line and exit non-zero, so nobody waits at a barrier for it.
-* A preempted peer: :class:`StopVote` ORs every process's "SIGTERM seen" flag with a tiny
-  all-reduce after each step, read one step later, so every process stops at the same step.
+* A preempted peer: ``jaxlm.preemption.StopVote`` stops every process at the same step.
 """
 
 from __future__ import annotations
@@ -34,10 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax._src import distributed as jax_distributed  # the coordination service's client (no public API)
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxlm import paths
 from jaxlm.errors import ConfigError
@@ -90,6 +86,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 DEFAULT_TIMEOUTS = {"lost_after_s": 10.0, "heartbeat_timeout_s": 30, "shutdown_timeout_s": 30}
 _KEY = "jaxlm/alive/"
 _state: dict = {"watchdog": None, "failed": False, "resume_hint": None}
+_posting = threading.Lock()  # this process's key: a heartbeat never overwrites its posted failure
 
 
 def _client():
@@ -103,12 +100,31 @@ def set_resume_hint(hint: Callable[[], str]) -> None:
 
 def publish_failure(message: str) -> None:
     """Tells every peer that this process failed with `message` (one line): they print it and exit."""
-    _state["failed"] = True
-    if jax.process_count() > 1 and _client() is not None:
+    with _posting:
+        _state["failed"] = True
+        if jax.process_count() > 1 and _client() is not None:
+            try:
+                _client().key_value_set(f"{_KEY}{jax.process_index()}", "failed:" + message, allow_overwrite=True)
+            except Exception:  # the coordinator is gone: the peers' watchdogs find this process lost instead
+                pass
+
+
+def peer_failure(wait_s: float = 3.0) -> str | None:
+    """The error line a failed peer posted, if one did within `wait_s` (this process failing too, at a
+    barrier or a collective, is then most likely its consequence, not a cause of its own)."""
+    if jax.process_count() == 1 or _client() is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            _client().key_value_set(f"{_KEY}{jax.process_index()}", "failed:" + message, allow_overwrite=True)
-        except Exception:  # the coordinator is gone: the peers' watchdogs find this process lost instead
-            pass
+            for key, v in _client().key_value_dir_get(_KEY):
+                if v.startswith("failed:") and int(key.rsplit("/", 1)[-1]) != jax.process_index():
+                    return v[len("failed:"):]
+        except Exception:
+            return None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 def publish_done() -> None:
@@ -136,9 +152,28 @@ def _watch(lost_after_s: float) -> None:
 
 def _exit_now_if_failed() -> None:
     if _state["failed"]:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _leave()
+
+
+def _leave(grace_s: float = 5.0) -> None:
+    """Exits with status 1 now; process 0 first gives the others up to `grace_s` to post that they
+    are leaving too: the coordination service lives in process 0, and a client that loses it aborts
+    (a C++ fatal error) before it can print its line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                values = dict(_client().key_value_dir_get(_KEY))
+            except Exception:
+                break
+            others = [v for k, v in values.items() if not k.endswith(f"/{jax.process_index()}")]
+            if len(others) >= jax.process_count() - 1 and all(
+                    v == "done" or v.startswith("failed:") for v in others):
+                break
+            time.sleep(0.1)
+    os._exit(1)
 
 
 class Watchdog(threading.Thread):
@@ -154,10 +189,11 @@ class Watchdog(threading.Thread):
 
     def finish(self) -> None:
         self._done.set()
-        try:
-            _client().key_value_set(f"{_KEY}{self.me}", "done", allow_overwrite=True)
-        except Exception:
-            pass
+        with _posting:
+            try:
+                _client().key_value_set(f"{_KEY}{self.me}", "done", allow_overwrite=True)
+            except Exception:
+                pass
 
     def run(self) -> None:
         client = _client()
@@ -168,7 +204,9 @@ class Watchdog(threading.Thread):
             self._beat += 1
             now = time.monotonic()
             try:
-                client.key_value_set(f"{_KEY}{self.me}", str(self._beat), allow_overwrite=True)
+                with _posting:
+                    if not _state["failed"]:
+                        client.key_value_set(f"{_KEY}{self.me}", str(self._beat), allow_overwrite=True)
                 values = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(_KEY)}
             except Exception as e:
                 if now - seen[0] > self.lost_after_s and not self._done.is_set():
@@ -181,7 +219,8 @@ class Watchdog(threading.Thread):
                 if v != last.get(p):
                     last[p], seen[p] = v, now
             for p in range(self.n):
-                if p != self.me and last.get(p) != "done" and now - seen[p] > self.lost_after_s:
+                if p != self.me and last.get(p, "") != "done" and not last.get(p, "").startswith("failed:") \
+                        and now - seen[p] > self.lost_after_s:
                     if not self._done.is_set():
                         self._lost(p, f"no heartbeat for {now - seen[p]:.0f} s: killed, crashed or unreachable")
             self._done.wait(self.every_s)
@@ -198,29 +237,9 @@ class Watchdog(threading.Thread):
     def _exit(self, message: str) -> None:
         logging.getLogger("jaxlm").info("error: %s", message)  # the log file; the console gets it below
         print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-
-
-class StopVote:
-    """Whether any process wants to stop, agreed by all: ``cast(flag)`` after each step starts a tiny
-    all-reduce (max over every device of a flag each process sets for its own devices); the result
-    is read at the next ``cast``, when the step before has finished anyway, so the host never waits
-    for the step in flight. Every process reads the same value for the same step."""
-
-    def __init__(self, mesh):
-        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-        self.local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-        self.size = mesh.devices.size
-        self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-        self._pending = None
-
-    def cast(self, flag: bool) -> bool:
-        """Votes `flag` for this step; returns the agreed vote of the previous step (False at the first)."""
-        local = np.full((self.local,), int(bool(flag)), np.int32)
-        ballot = self._any(jax.make_array_from_process_local_data(self.sharding, local, (self.size,)))
-        previous, self._pending = self._pending, ballot
-        return previous is not None and bool(jax.device_get(previous))
+        if not _state["failed"]:
+            publish_failure(message)  # (the others print the same line, should they not have seen it yet)
+        _leave()
 
 
 def process_log(workdir) -> Path:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, distributed, files, paths, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, files, paths, preemption, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
@@ -35,10 +35,10 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     """
     is_main = jax.process_index() == 0
     say = log or (lambda s: print(s, flush=True) if is_main else None)
-    with checkpoint.Signals() as signals:
+    with preemption.Signals() as signals:
         try:
             result = _run(cfg, paths.path(workdir), say, signals)
-        except checkpoint.Interrupted as e:
+        except preemption.Interrupted as e:
             say(f"interrupted by {e} before training started; run the same command again to start or resume")
             result = train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
         except JaxlmError as e:  # on every process the same line: this one's, with its index
@@ -48,6 +48,9 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
             distributed.publish_failure(message)
             raise type(e)(message) from None
         except Exception as e:
+            if (peer := distributed.peer_failure()) is not None:  # a consequence of a peer's failure
+                distributed.publish_failure(peer)
+                raise JaxlmError(peer) from None
             distributed.publish_failure(f"{distributed.process_prefix()}failed: {checkpoint.describe(e)} (its "
                                         "log file, WORKDIR/logs, has the traceback)")
             raise
@@ -55,7 +58,7 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     return result
 
 
-def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
+def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
     paths.check_url(workdir, "--workdir")
@@ -84,7 +87,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
                                    signals=signals)
     if jax.process_count() > 1:
-        ckpt.vote = distributed.StopVote(mesh)
+        ckpt.vote = preemption.StopVote(mesh)
         distributed.set_resume_hint(lambda: checkpoint.resume_hint(ckpt.directory))
     tele = None
     try:

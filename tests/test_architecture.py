@@ -12,7 +12,8 @@ PACKAGE = ROOT / "jaxlm"
 # layout table describes the same order.
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
-    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
+    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.preemption",
+     "jaxlm.profiling",
      "jaxlm.budget"],
     ["jaxlm.flash"],
     ["jaxlm.attention"],

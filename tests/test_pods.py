@@ -87,8 +87,8 @@ def test_four_processes_one_error_one_signal_one_kill(corpus, tmp_path):
     cache, work = tmp_path / "cache", tmp_path / "w"
     job, codes = _run(tmp_path, work, corpus, cache, 4, 8, fault="error-build:2:SIGTERM", tag="error")
     assert all(c not in (0, None) for c in codes), codes
-    lines = [[x for x in job.out(i).splitlines() if x.startswith("error:")] for i in range(4)]
-    assert all(len(x) == 1 for x in lines) and len({x[0] for x in lines}) == 1, lines
+    lines = [re.findall(r"error: .*", job.out(i)) for i in range(4)]
+    assert all(len(x) == 1 for x in lines) and len({x[0] for x in lines}) == 1, (lines, [job.out(i) for i in range(4)])
     assert lines[0][0].startswith("error: process 2 of 4: data.source: injected failure"), lines[0]
 
     job, codes = _run(tmp_path, work, corpus, cache, 4, 8, fault="step=2:3:SIGTERM", tag="term")
@@ -115,7 +115,7 @@ def test_four_processes_one_error_one_signal_one_kill(corpus, tmp_path):
     assert codes[1] == -9 and all(c not in (0, None) for i, c in enumerate(codes) if i != 1), codes
     resume = _steps(work)[-1]
     for i in (0, 2, 3):
-        errs = [x for x in job.out(i).splitlines() if x.startswith("error:")]
+        errs = re.findall(r"error: .*", job.out(i))
         assert len(errs) == 1 and "process 1 of 4 is lost" in errs[0], (i, errs, job.out(i)[-2000:])
         assert f"resume from the checkpoint at step {resume}" in errs[0], (resume, errs)
     print(f"survivors of the kill -9 exited {died:.1f} s after it")  # (the bound is lost_after_s)
