@@ -182,6 +182,7 @@ class Checkpointer:
         self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
         # Multi-process: a preemption.StopVote, so a signal to any one process stops all at one step
         self.vote = None
+        self._latest_voted = False
         self.preempted = False  # on_step stopped the run for a signal (here or, by the vote, elsewhere)
 
     # --- saving --------------------------------------------------------------------------------
@@ -195,22 +196,26 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
-        self._last_save_time = time.monotonic()
+        self._last_save_time, self._latest_voted = time.monotonic(), False
 
     def on_step(self, step: int, state, data_state: dict) -> str | None:
         """Saves when due; on a pending SIGTERM/SIGINT saves, waits, and returns why to stop."""
         asked = self.signals.received if self.signals is not None else None
-        if self.vote is not None:  # every process reads the same vote for the same step
-            asked = (asked or "a signal to another process") if self.vote.cast(asked is not None) else None
+        minutes = float(self.cfg.checkpoint.latest_every_minutes)
+        latest_due = minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
+        if self.vote is not None:  # every process reads the same votes for the same step: a signal
+            # anywhere, and the time-based save by process 0's clock (each host's clock would differ)
+            mine = latest_due and jax.process_index() == 0 and not self._latest_voted
+            self._latest_voted = self._latest_voted or mine  # (one vote per time-based save)
+            stop, latest_due = self.vote.cast(asked is not None, mine)
+            asked = (asked or "a signal to another process") if stop else None
         if asked or self._multihost_preemption(step):
             self.preempted = True
             self.save(step, state, data_state)
             self.manager.wait_until_finished()
             return (f"preempted by {asked or 'the cluster'}: checkpoint for step {step} saved in "
                     f"{self.directory}; run the same command again to resume")
-        minutes = float(self.cfg.checkpoint.latest_every_minutes)
-        if on_schedule(step, self.stages, self.total) or (
-                minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes):
+        if on_schedule(step, self.stages, self.total) or latest_due:
             self.save(step, state, data_state)
         if step == self.total:
             self.manager.wait_until_finished()

@@ -71,21 +71,24 @@ class Signals:
 
 
 class StopVote:
-    """Whether any process wants to stop, agreed by all: ``cast(flag)`` after each step starts a tiny
-    all-reduce (max over every device of a flag each process sets for its own devices); the result
-    is read at the next ``cast``, when the step before has finished anyway, so the host never waits
-    for the step in flight. Every process reads the same value for the same step."""
+    """Decisions every process must take at the same step, agreed by all: ``cast(*flags)`` after each
+    step starts a tiny all-reduce (per flag, the max over every device of the value each process
+    sets for its own devices: an OR); the result is read at the next ``cast``, when the step before
+    has finished anyway, so the host never waits for the step in flight. Every process reads the
+    same values for the same step."""
 
-    def __init__(self, mesh):
-        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    def __init__(self, mesh, n_flags: int = 2):
+        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names, None))
         self.local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-        self.size = mesh.devices.size
-        self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.size, self.n_flags = mesh.devices.size, n_flags
+        self._any = jax.jit(lambda x: jnp.max(x, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
         self._pending = None
 
-    def cast(self, flag: bool) -> bool:
-        """Votes `flag` for this step; returns the agreed vote of the previous step (False at the first)."""
-        local = np.full((self.local,), int(bool(flag)), np.int32)
-        ballot = self._any(jax.make_array_from_process_local_data(self.sharding, local, (self.size,)))
+    def cast(self, *flags: bool) -> tuple[bool, ...]:
+        """Votes `flags` for this step; returns the agreed votes of the previous step (all False at the first)."""
+        local = np.tile(np.asarray([int(bool(f)) for f in flags], np.int32), (self.local, 1))
+        ballot = self._any(jax.make_array_from_process_local_data(self.sharding, local, (self.size, len(flags))))
         previous, self._pending = self._pending, ballot
-        return previous is not None and bool(jax.device_get(previous))
+        if previous is None:
+            return (False,) * len(flags)
+        return tuple(bool(v) for v in jax.device_get(previous))
