@@ -222,7 +222,7 @@ def test_local_paths_stay_pathlib(tmp_path):
 @pytest.mark.slow
 def test_two_processes_on_gs_survive_a_kill_9_and_resume_bit_identically(gcs, corpus, tmp_path):
     """Two processes, workdir in the bucket: process 1 killed -9 after step 4; process 0 exits non-zero
-    with the lost-process line; the rerun resumes from the newest committed checkpoint (step 3) and
+    with the lost-process line naming the newest committed checkpoint; the rerun resumes from it and
     finishes on an uninterrupted two-process run's curve, bit for bit."""
     from helpers import pods
 
@@ -237,9 +237,12 @@ def test_two_processes_on_gs_survive_a_kill_9_and_resume_bit_identically(gcs, co
     assert codes[1] == -9 and codes[0] not in (0, None), codes
     errors = [x for x in job.out(0).splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "process 1 of 2 is lost" in errors[0], job.out(0)[-3000:]
-    assert "resume from the checkpoint at step 3" in errors[0], errors
+    from jaxlm import checkpoint
+
+    committed = checkpoint.saved_steps(run)[-1]  # (the save of step 3 may not have committed before the kill)
+    assert f"resume from the checkpoint at step {committed} in {run}/checkpoints" in errors[0], (committed, errors)
     job = pods.Job(pods.tiny_args(run, corpus, cache, steps), 2, 4, tmp_path / "logs-resume", env=gcs)
     assert job.wait(600) == [0, 0], job.out(0)[-3000:]
-    assert "resumed from the checkpoint at step 3" in job.out(0)
+    assert f"resumed from the checkpoint at step {committed}" in job.out(0)
     want = {s: v for s, v in _losses(ref).items()}
     assert _losses(run) == want and sorted(want) == list(range(1, steps + 1))
