@@ -76,6 +76,9 @@ def soak(root: Path, corpus: Path, kills: int, minutes: float, seed: int = 0, me
             if mesh_changes and launches > 1 and rng.random() < 0.5:
                 mesh, mesh_changed = 1 - mesh, True
             before = _committed(work)
+            logs = work / "logs"
+            logged = {i: (logs / f"process-{i}.log").stat().st_size if (logs / f"process-{i}.log").exists() else 0
+                      for i in range(N_PROC)}
             job = pods.Job(pods.tiny_args(work, corpus, cache, STEPS, EXTRA + MESHES[mesh]), N_PROC, DEVICES,
                            root / f"logs-t{trial}-{launches}")
             kill = figures["kills"] < kills and time.monotonic() < t_end and launches <= 6
@@ -84,9 +87,10 @@ def soak(root: Path, corpus: Path, kills: int, minutes: float, seed: int = 0, me
                 # after the victim joined jax.distributed (its log file exists): a process lost inside
                 # jax.distributed.initialize leaves the others waiting for JAX's initialization_timeout
                 delay = rng.uniform(0, t_run * 0.8)
-                joined = work / "logs" / f"process-{victim}.log"
+                joined = work / "logs" / f"process-{victim}.log"  # (appended to by every launch)
+                size = lambda: joined.stat().st_size if joined.exists() else 0  # noqa: E731
                 t0 = time.monotonic()
-                while not joined.exists() and job.procs[victim].poll() is None and time.monotonic() - t0 < 300:
+                while size() <= logged[victim] and job.procs[victim].poll() is None and time.monotonic() - t0 < 300:
                     time.sleep(0.1)
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < delay and job.procs[victim].poll() is None:
