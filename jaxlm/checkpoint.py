@@ -12,7 +12,9 @@ temporary directory and renames it when complete, so a save killed midway is nev
 Each checkpoint's ``meta`` records a fingerprint of every array (its bit patterns summed modulo
 2**32), checked on restore. A checkpoint that fails to restore (a truncated file) or whose contents
 do not match its fingerprints (bytes flipped on disk) is renamed ``<step>.corrupt-<time>`` with a
-one-line warning naming the cause, and the previous one is used.
+one-line warning naming the cause, and the previous one is used. A read that fails for another
+cause (permission, out of memory, a transient object-store error: :func:`not_damage`) keeps the
+checkpoint and stops with one error line.
 
 When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and
 when ``step % every == 0`` for the first stage ``(every, until)`` with ``until >= step`` (past the
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import signal
 import sys
 import time
 import warnings
@@ -39,7 +40,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from jaxlm import config as config_lib
-from jaxlm import naming, paths, telemetry
+from jaxlm import naming, paths, preemption, telemetry
 from jaxlm import scan as scan_lib
 from jaxlm.errors import CheckpointError
 
@@ -54,6 +55,41 @@ def describe(error: BaseException) -> str:
         error = nxt
     text = config_lib.one_line(error)
     return f"{type(error).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+
+
+# What a failed read says when the cause is not the checkpoint's bytes: access, memory, or an object
+# store's transient trouble (gRPC/TensorStore status names and HTTP reasons, as they appear in messages)
+_NOT_DAMAGE = (("PERMISSION_DENIED", "permission denied"), ("UNAUTHENTICATED", "permission denied"),
+               ("Permission denied", "permission denied"), ("RESOURCE_EXHAUSTED", "out of memory or a quota"),
+               ("out of memory", "out of memory"), ("Out of memory", "out of memory"),
+               ("UNAVAILABLE", "a transient object-store error"), ("DEADLINE_EXCEEDED", "a transient object-store error"),
+               ("Service Unavailable", "a transient object-store error"), ("Too Many Requests", "a quota"))
+_NOT_DAMAGE_HTTP = {401: "permission denied", 403: "permission denied", 429: "a quota",
+                    500: "a transient object-store error", 502: "a transient object-store error",
+                    503: "a transient object-store error", 504: "a transient object-store error"}
+
+
+def not_damage(error: BaseException) -> str | None:
+    """Why a failed restore says nothing about the checkpoint itself (permission, memory, a transient
+    object-store error), or None when it may be damage (a truncated or corrupt file)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, PermissionError):
+            return "permission denied"
+        if isinstance(e, MemoryError):
+            return "out of memory"
+        if isinstance(e, (TimeoutError, ConnectionError)):
+            return "a transient object-store error"
+        if getattr(e, "code", None) in _NOT_DAMAGE_HTTP:  # gcsfs's HttpError
+            return _NOT_DAMAGE_HTTP[e.code]
+        text = str(e)
+        for marker, why in _NOT_DAMAGE:
+            if marker in text:
+                return why
+        e = e.__cause__ or e.__context__
+    return None
 
 
 _ORPHAN_FILTERS_INSTALLED = []
@@ -123,7 +159,7 @@ class Checkpointer:
     """Owns the Orbax manager of one run directory and the decisions of when to save."""
 
     def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False,
-                 signals: "Signals | None" = None):
+                 signals: "preemption.Signals | None" = None):
         self.cfg, self.meta = cfg, meta or {}
         self.directory = paths.resolve(workdir) / "checkpoints"  # Orbax writes gs:// directly (tensorstore)
         self.total = int(cfg.train.steps)
@@ -151,6 +187,10 @@ class Checkpointer:
                                                  item_names=("state", "data", "meta"))
         self._last_save_time = time.monotonic()
         self.signals = signals  # SIGTERM/SIGINT seen during training (None: not watched)
+        # Multi-process: a preemption.StopVote, so a signal to any one process stops all at one step
+        self.vote = None
+        self._latest_voted = False
+        self.preempted = False  # on_step stopped the run for a signal (here or, by the vote, elsewhere)
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -163,19 +203,26 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
-        self._last_save_time = time.monotonic()
+        self._last_save_time, self._latest_voted = time.monotonic(), False
 
     def on_step(self, step: int, state, data_state: dict) -> str | None:
         """Saves when due; on a pending SIGTERM/SIGINT saves, waits, and returns why to stop."""
         asked = self.signals.received if self.signals is not None else None
+        minutes = float(self.cfg.checkpoint.latest_every_minutes)
+        latest_due = minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes
+        if self.vote is not None:  # every process reads the same votes for the same step: a signal
+            # anywhere, and the time-based save by process 0's clock (each host's clock would differ)
+            mine = latest_due and jax.process_index() == 0 and not self._latest_voted
+            self._latest_voted = self._latest_voted or mine  # (one vote per time-based save)
+            stop, latest_due = self.vote.cast(asked is not None, mine)
+            asked = (asked or "a signal to another process") if stop else None
         if asked or self._multihost_preemption(step):
+            self.preempted = True
             self.save(step, state, data_state)
             self.manager.wait_until_finished()
             return (f"preempted by {asked or 'the cluster'}: checkpoint for step {step} saved in "
                     f"{self.directory}; run the same command again to resume")
-        minutes = float(self.cfg.checkpoint.latest_every_minutes)
-        if on_schedule(step, self.stages, self.total) or (
-                minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes):
+        if on_schedule(step, self.stages, self.total) or latest_due:
             self.save(step, state, data_state)
         if step == self.total:
             self.manager.wait_until_finished()
@@ -203,7 +250,7 @@ class Checkpointer:
             try:
                 meta = self.read_meta(step)
             except Exception as e:
-                self._set_aside(step, e)
+                self._set_aside_if_damaged(step, e)
                 continue
             diffs = []
             if current_config is not None:
@@ -211,17 +258,25 @@ class Checkpointer:
                 if diffs and not allow_config_change:
                     raise CheckpointError(
                         f"{self.directory}: the config differs from the one this run was started with, in ways "
-                        "that change its results:\n  " + "\n  ".join(diffs) +
-                        "\nUse a new --workdir, revert these fields, or pass "
+                        "that change its results: " + "; ".join(diffs) +
+                        ". Use a new --workdir, revert these fields, or pass "
                         "--config.checkpoint.allow_config_change=True (e.g. to extend train.steps)")
             if meta.get("state_signature") not in (None, self.signature, self.other_signature):
                 raise CheckpointError(other_layout(self.directory / str(step), meta, diffs) + " Use a new --workdir")
             _drop_orphaned_read_errors()  # were this restore to fail
             try:
                 return self.restore(step)
-            except Exception as e:  # same structure, yet unreadable: corrupt
-                self._set_aside(step, e)
+            except Exception as e:  # same structure, yet unreadable: corrupt, unless the cause lies elsewhere
+                self._set_aside_if_damaged(step, e)
         return None
+
+    def _set_aside_if_damaged(self, step: int, error: Exception) -> None:
+        why = not_damage(error)
+        if why is not None:  # the checkpoint may be fine: keep it, stop, say what to fix
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read ({describe(error)}): "
+                                  f"{why}, not damage, so it is kept as it is; fix the cause and run the same "
+                                  "command again") from None
+        self._set_aside(step, error)
 
     def _set_aside(self, step: int, error: Exception) -> None:
         bad = self.directory / str(step)
@@ -252,6 +307,21 @@ class Checkpointer:
         state = self.other_layout[1](r["state"]) if convert else r["state"]  # into this run's layout
         return state, r["data"], r["meta"], step
 
+    def restore_params(self, step: int):
+        """The parameters of checkpoint `step` only (no optimizer state: a third of the bytes read
+        and held under AdamW), checked against the fingerprints saved with them."""
+        item = {"params": self.abstract_state.params}
+        r = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        saved = {k: v for k, v in (r["meta"].get("fingerprints") or {}).items() if k.startswith("params.")}
+        now = fingerprints({"params": r["state"]["params"]})
+        bad = sorted(k for k in saved if saved[k] != now.get(k))
+        if bad:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)}: parameters differ from the fingerprints "
+                                  f"saved with them (damaged on disk) in {len(bad)} array(s): {', '.join(bad[:4])}")
+        return r["state"]["params"]
+
     def restore_or_fail(self, step: int):
         """``restore``, a damaged checkpoint being a CheckpointError that names it and the cause."""
         _drop_orphaned_read_errors()  # were the read to fail
@@ -267,55 +337,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived before training started (while data, model or checkpoint were prepared).
-    A BaseException, like KeyboardInterrupt: no ``except Exception`` (a checkpoint thought corrupt, a
-    failed read) may take it for an error of its own."""
-
-
-class Signals:
-    """SIGTERM and SIGINT handling for a whole run, installed before its first long operation.
-
-    Until ``training()`` is called a signal raises :class:`Interrupted` where the program is, so
-    startup unwinds at once (every temporary file it was writing is removed on the way out); after
-    it, a signal is only recorded (``received``), and the loop saves the current step and stops.
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self._raise = True
-        self._old: dict = {}
-
-    def __enter__(self) -> "Signals":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: signals are the caller's business
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        if self._raise:
-            raise Interrupted(self.received)
-
-    def check(self) -> None:
-        """Raises Interrupted if a signal came during startup: the handler's own raise can land where
-        Python ignores exceptions (a garbage-collection callback), so startup also checks between steps."""
-        if self._raise and self.received:
-            raise Interrupted(self.received)
-
-    def training(self) -> None:
-        self.check()
-        self._raise = False
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-        return False
 
 
 def other_layout(path, meta: dict, diffs: list[str]) -> str:
@@ -353,6 +374,19 @@ def _reader(workdir) -> "Checkpointer":
     probe = ml_collections.ConfigDict({"train": {"steps": 0}, "checkpoint": {
         "stages": (), "keep": 0, "keep_every": 0, "async_save": False, "latest_every_minutes": 0.0}})
     return Checkpointer(workdir, probe, read_only=True)
+
+
+def resume_hint(directory) -> str:
+    """'resume from the checkpoint at step N' (the newest complete one), for the lost-peer message.
+    Lists the directory only (no Orbax manager, no barrier: it runs while peers may be gone): Orbax
+    renames a finished step into place, and on an object store writes commit_success.txt last."""
+    d = paths.path(directory)
+    remote = paths.is_remote(directory)
+    steps = [int(c.name) for c in d.iterdir() if c.name.isdigit() and (
+        not remote or (c / "commit_success.txt").exists())] if d.exists() else []
+    if not steps:
+        return "start again (no complete checkpoint yet)"
+    return f"resume from the checkpoint at step {max(steps)} in {d}"
 
 
 def saved_steps(workdir) -> list[int]:

@@ -32,7 +32,7 @@ CONFIGS_DIR = Path(configs.__file__).resolve().parent
 
 # Config fields that never change a run's results; everything else must match on resume.
 NEUTRAL_FIELDS = (
-    "log.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batches", "train.seeds",
+    "log.", "checkpoint.", "mesh.", "distributed.", "train.eval_every", "train.eval_batches", "train.seeds",
     "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "model.loss_chunk", "train.deterministic", "data.remote_reads",
     "model.scan_layers",  # the same function; a checkpoint of the other layout restores through jaxlm.scan
@@ -251,6 +251,11 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
     if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
     _check_stages(cfg.checkpoint.stages)
+    d = cfg.distributed
+    if d.lost_after_s < 0 or d.heartbeat_timeout_s <= d.lost_after_s or d.shutdown_timeout_s <= 0:
+        raise ConfigError(f"distributed: lost_after_s={d.lost_after_s} must be >= 0 (0 = off) and below "
+                          f"heartbeat_timeout_s={d.heartbeat_timeout_s} (the backstop), shutdown_timeout_s="
+                          f"{d.shutdown_timeout_s} positive")
     if cfg.log.wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"log.wandb_mode: unknown {cfg.log.wandb_mode!r}; allowed: disabled, offline, online")
     if cfg.log.every <= 0:

@@ -37,7 +37,7 @@ def main(argv):
     paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)
 
-    how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id)
+    how = distributed.initialize(F.coordinator_address, F.num_processes, F.process_id, timeouts=cfg.distributed)
     existed = paths.is_remote(F.workdir) or Path(F.workdir).exists()
     log_file = distributed.process_log(F.workdir)
     absl_logging.set_verbosity(absl_logging.INFO)  # INFO reaches the per-process log file ...

@@ -14,6 +14,7 @@ count wrote it (eval, generate and export use it).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from typing import Callable
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 
 from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, files, paths, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, files, paths, preemption, sharding, telemetry, train
 from jaxlm import config as config_lib
-from jaxlm.errors import CheckpointError, ConfigError, DataError
+from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
 
 def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.LoopResult:
@@ -36,15 +37,30 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     """
     is_main = jax.process_index() == 0
     say = log or (lambda s: print(s, flush=True) if is_main else None)
-    with checkpoint.Signals() as signals:
+    with preemption.Signals() as signals:
         try:
-            return _run(cfg, paths.path(workdir), say, signals)
-        except checkpoint.Interrupted as e:
+            result = _run(cfg, paths.path(workdir), say, signals)
+        except preemption.Interrupted as e:
             say(f"interrupted by {e} before training started; run the same command again to start or resume")
-            return train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
+            result = train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
+        except JaxlmError as e:  # on every process the same line: this one's, with its index
+            if jax.process_count() == 1:
+                raise
+            message = distributed.process_prefix() + str(e)
+            distributed.publish_failure(message)
+            raise type(e)(message) from None
+        except Exception as e:
+            if (peer := distributed.peer_failure()) is not None:  # a consequence of a peer's failure
+                distributed.publish_failure(peer)
+                raise JaxlmError(peer) from None
+            distributed.publish_failure(f"{distributed.process_prefix()}failed: {checkpoint.describe(e)} (its "
+                                        "log file, WORKDIR/logs, has the traceback)")
+            raise
+    distributed.publish_done()
+    return result
 
 
-def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
+def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
     paths.check_url(workdir, "--workdir")
@@ -72,6 +88,9 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
     })
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
                                    signals=signals)
+    if jax.process_count() > 1:
+        ckpt.vote = preemption.StopVote(mesh)
+        distributed.set_resume_hint(lambda: checkpoint.resume_hint(ckpt.directory))
     tele = None
     try:
         restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
@@ -92,13 +111,14 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             return d if meter is None else {**d, "budget": meter.state()}  # the budget spent, for resume
 
         if restored is not None:
-            state, saved_data, _, start = restored
+            state, saved_data, saved_meta, start = restored
             if int(saved_data["next_index"]) != start:
                 raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
             if meter is not None:
                 meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}), max_steps=max_steps, step=start)
             say(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
-                + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else ""))
+                + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else "")
+                + _mesh_change(saved_meta.get("environment") or {}, mesh))
         else:
             state = trainer.init(jnp.asarray(cfg.train.seed, jnp.uint32))
             start = 0
@@ -134,12 +154,13 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
                 ckpt.save(result.step, result.state, data_state(result.step))
                 ckpt.manager.wait_until_finished()
-        result.preempted = signals.received is not None
+        result.preempted = ckpt.preempted or signals.received is not None
         finished = result.stopped or result.step >= total or result.budget_spent
         if is_main and not result.preempted and finished:
             files.atomic_write_json(workdir / "done.json", {"step": result.step, "stopped": result.stopped,
                                                             **({"budget": meter.state()} if meter else {})})
         if result.stopped:
+            logging.getLogger("jaxlm").info("stopped: %s", result.stopped)  # every process's log file
             tele.message(f"stopped: {result.stopped}")
         else:
             tele.message(f"done: step {result.step} of {total}; run directory {workdir}" if meter is None else
@@ -151,6 +172,15 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
             tele.close()
         ckpt.close()
     return result
+
+
+def _mesh_change(saved_env: dict, mesh) -> str:
+    """'; the mesh changed: ...' when the checkpoint was written on another mesh or process count."""
+    was, now = (saved_env.get("mesh"), saved_env.get("process_count")), (dict(mesh.shape), jax.process_count())
+    if was[0] is None or was == now:
+        return ""
+    return (f"; the mesh changed: saved on {was[0]} over {was[1]} process(es), now {now[0]} over {now[1]} "
+            "(the state is resharded on restore, its fingerprints checked)")
 
 
 def _cache_url(cfg, workdir, cache) -> str | None:
@@ -286,11 +316,13 @@ def _chain(head, tail):
     yield from tail
 
 
-def load_run(workdir, step: int | None = None, mesh=None):
+def load_run(workdir, step: int | None = None, mesh=None, *, params_only: bool = False):
     """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
     devices, one data-parallel axis), whatever mesh or process count wrote it.
 
     Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
+    With `params_only` the state holds the parameters only (its other fields None): for evaluation,
+    a third of the bytes read and held under AdamW.
     """
     steps = checkpoint.saved_steps(workdir)
     directory = paths.path(workdir) / "checkpoints"
@@ -311,7 +343,31 @@ def load_run(workdir, step: int | None = None, mesh=None):
     try:
         if meta.get("state_signature") not in (None, ckpt.signature):
             raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
-        state, _, meta, step = ckpt.restore_or_fail(step)
+        if params_only:
+            state = train.TrainState(step=None, params=_params_or_fail(ckpt, step), opt_state=None, rng=None,
+                                     loss_scale=None, nonfinite=None)
+        else:
+            state, _, meta, step = ckpt.restore_or_fail(step)
     finally:
         ckpt.manager.close()
     return cfg, trainer, state, meta, step
+
+
+def load_params(workdir, step: int, trainer: train.Trainer):
+    """The parameters of one more checkpoint of the run `trainer` was built for (``load_run``'s), onto
+    its mesh: no new trainer, no optimizer state (``eval --all-steps``)."""
+    ckpt = checkpoint.Checkpointer(workdir, trainer.cfg, abstract_state=train.abstract_state(trainer), read_only=True)
+    try:
+        return _params_or_fail(ckpt, step)
+    finally:
+        ckpt.manager.close()
+
+
+def _params_or_fail(ckpt: checkpoint.Checkpointer, step: int):
+    try:
+        return ckpt.restore_params(step)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)}: its parameters cannot be read "
+                              f"({checkpoint.describe(e)}); choose another --step (saved: {ckpt.steps()})") from None

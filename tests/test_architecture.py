@@ -12,8 +12,8 @@ PACKAGE = ROOT / "jaxlm"
 # layout table describes the same order.
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
-    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.profiling",
-     "jaxlm.budget", "jaxlm.tensorboard_sink"],
+    ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.preemption",
+     "jaxlm.profiling", "jaxlm.budget", "jaxlm.tensorboard_sink"],
     ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
     ["jaxlm.model_config", "jaxlm.layers"],

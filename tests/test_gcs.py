@@ -217,3 +217,32 @@ def test_local_paths_stay_pathlib(tmp_path):
     assert isinstance(paths.path(tmp_path / "x"), Path) and isinstance(paths.path(str(tmp_path)), Path)
     assert paths.path("gs://b/x/y").name == "y" and paths.is_remote("gs://b/x") and not paths.is_remote(tmp_path)
     json.dumps(str(paths.path("gs://b/x") / "run.json"))
+
+
+@pytest.mark.slow
+def test_two_processes_on_gs_survive_a_kill_9_and_resume_bit_identically(gcs, corpus, tmp_path):
+    """Two processes, workdir in the bucket: process 1 killed -9 after step 4; process 0 exits non-zero
+    with the lost-process line naming the newest committed checkpoint; the rerun resumes from it and
+    finishes on an uninterrupted two-process run's curve, bit for bit."""
+    from helpers import pods
+
+    steps, cache = 8, tmp_path / "cache"
+    ref = tmp_path / "ref"  # (where the workdir lives does not enter the computation)
+    job = pods.Job(pods.tiny_args(ref, corpus, cache, steps), 2, 4, tmp_path / "logs-ref", env=gcs)
+    assert job.wait(600) == [0, 0], job.out(0)[-3000:]
+    run = f"gs://{BUCKET}/two"
+    job = pods.Job(pods.tiny_args(run, corpus, cache, steps), 2, 4, tmp_path / "logs-kill", fault="step=4:1:SIGKILL",
+                   env=gcs)
+    codes = job.wait(300)
+    assert codes[1] == -9 and codes[0] not in (0, None), codes
+    errors = [x for x in job.out(0).splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "process 1 of 2 is lost" in errors[0], job.out(0)[-3000:]
+    from jaxlm import checkpoint
+
+    committed = checkpoint.saved_steps(run)[-1]  # (the save of step 3 may not have committed before the kill)
+    assert f"resume from the checkpoint at step {committed} in {run}/checkpoints" in errors[0], (committed, errors)
+    job = pods.Job(pods.tiny_args(run, corpus, cache, steps), 2, 4, tmp_path / "logs-resume", env=gcs)
+    assert job.wait(600) == [0, 0], job.out(0)[-3000:]
+    assert f"resumed from the checkpoint at step {committed}" in job.out(0)
+    want = {s: v for s, v in _losses(ref).items()}
+    assert _losses(run) == want and sorted(want) == list(range(1, steps + 1))

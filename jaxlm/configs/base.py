@@ -117,6 +117,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.allow_config_change = False  # resume even if result-changing fields differ (e.g. train.steps)
 
+    # --- distributed: multi-process runs (see jaxlm/distributed.py) --------------------------
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.lost_after_s = 10.0  # a peer silent this long is lost: every process stops (0 = off)
+    c.distributed.heartbeat_timeout_s = 30  # the coordination service's own (backstop) heartbeat timeout
+    c.distributed.shutdown_timeout_s = 30  # how long a finishing process waits for the others at exit
+
     # --- log ---------------------------------------------------------------------------------
     c.log = ml_collections.ConfigDict()
     c.log.every = 10
