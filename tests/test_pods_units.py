@@ -47,4 +47,4 @@ def test_the_vote_is_read_one_step_late_and_ors_each_flag():
 
 def test_the_lost_peer_bound_must_stay_below_the_backstop():
     with pytest.raises(ConfigError, match="lost_after_s=40.0 must be >= 0"):
-        config.validate(config.load(ROOT / "configs" / "tiny.py", {"distributed.lost_after_s": 40.0}))
+        config.validate(config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"distributed.lost_after_s": 40.0}))

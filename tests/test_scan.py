@@ -181,7 +181,7 @@ def test_the_tiny_configs_losses_with_scan_are_the_loops(steps=40):
     text = SHARED_DATA / "tinyshakespeare.txt"
     if not text.exists():
         pytest.skip(f"{text} is absent")
-    cfg = config.load(ROOT / "configs" / "tiny.py", {"data.vocab_size": 256})
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"data.vocab_size": 256})
     n, b, t = steps, cfg.train.batch_size, cfg.train.seq_len
     ids = np.frombuffer(text.read_bytes()[: n * b * (t + 1)], np.uint8).astype(np.int32).reshape(n, b, t + 1)
     losses = {}
@@ -198,5 +198,5 @@ def test_the_tiny_configs_losses_with_scan_are_the_loops(steps=40):
 
 
 def test_the_gpt2_configs_scan_and_the_tiny_one_loops():
-    assert config.model_config(config.load(ROOT / "configs" / "gpt2_xl.py")).scan_layers
-    assert not config.model_config(config.load(ROOT / "configs" / "tiny.py")).scan_layers
+    assert config.model_config(config.load(ROOT / "jaxlm" / "configs" / "gpt2_xl.py")).scan_layers
+    assert not config.model_config(config.load(ROOT / "jaxlm" / "configs" / "tiny.py")).scan_layers
