@@ -8,8 +8,9 @@
 # binary wheels for CPython <version> on manylinux x86-64, at the versions installed where this runs
 # (the versions CI tests), so launch/gpu_check.sh can install them with
 # `pip install --no-index --no-deps --target` into a temporary directory, skipping any the host has.
-# Not downloaded: tensorflow-datasets and wandb (lazy imports: only a tfds: data source and a run that
-# logs to wandb load them) and matplotlib (plots only). Prints the total size; it should stay under 60 MB.
+# Not downloaded: tensorflow-datasets, wandb and tensorboardX (lazy imports: only a tfds: data source and
+# a run through jaxlm.main that logs to wandb or TensorBoard load them; the check's bench and tests drive
+# train.Trainer directly, with no telemetry sinks), matplotlib and markdown (plots and the ablation report). Prints the total size; it should stay under 60 MB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0; pyver=3.12; py="${PYTHON:-python3}"
