@@ -206,6 +206,23 @@ def read_metrics(path) -> tuple[list[dict], int]:
     return records, bad
 
 
+def first_nonfinite_step(records: list[dict]) -> int | None:
+    """The one definition of a run's first non-finite step (the loop's stop line, jaxlm.ablate's CLI,
+    tables and plots): the first step whose own training loss is not finite, read from every step's
+    loss (train/step_losses: record at step S with n losses holds steps S-n+1 .. S), else from a
+    record's mean loss (its step). Gradients that overflow while the loss is finite are fp16's skipped
+    steps (train/skipped_steps), counted apart."""
+    for r in records:
+        losses = r.get(STEP_LOSSES)
+        if losses:
+            for i, x in enumerate(losses):
+                if not math.isfinite(float(x)):  # (float() also reads jsonable's "nan"/"inf" strings)
+                    return int(r[STEP]) - len(losses) + 1 + i
+        elif LOSS in r and r[LOSS] is not None and not math.isfinite(float(r[LOSS])):
+            return int(r[STEP])
+    return None
+
+
 def trim_metrics(path, last_step: int) -> int:
     """Keeps the records up to `last_step` (a resumed run writes the later ones again), in one atomic
     replace: a kill during it leaves the old file or the new one. Returns the unreadable lines dropped."""
