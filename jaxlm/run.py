@@ -43,6 +43,14 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
             return train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)
 
 
+def last_step(cfg, budget, replay) -> float:
+    """The run's last step: a replay's, else train.steps; under a budget the meter ends the run, at its
+    step cap train.max_steps or, without one, at no step known in advance (math.inf)."""
+    if replay is not None:
+        return len(replay)
+    return cfg.train.steps if budget is None else int(cfg.train.max_steps) or math.inf
+
+
 def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
@@ -69,8 +77,9 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })
+    replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
-                                   signals=signals)
+                                   signals=signals, last_step=last_step(cfg, trainer.budget, replay))
     tele = None
     try:
         restored = ckpt.restore_latest(allow_config_change=bool(cfg.checkpoint.allow_config_change),
@@ -78,7 +87,6 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         loader = data.train_loader(cache, cfg)
         epoch_len = len(loader.rows)
 
-        replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
         max_steps = int(cfg.train.max_steps)
         meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None
                  else None)
@@ -105,8 +113,7 @@ def _run(cfg, workdir, say, signals: checkpoint.Signals) -> train.LoopResult:
         batches = data.device_prefetch(loader, trainer.batch_sharding)
         eval_fn = _validation_batches(cache, cfg, trainer, say)
 
-        # the last step: a replay's, else train.steps; under a budget the meter ends the run (train.max_steps)
-        total = len(replay) if replay is not None else cfg.train.steps if meter is None else max_steps or math.inf
+        total = last_step(cfg, trainer.budget, replay)
         tele = telemetry.Telemetry(workdir, cfg, total_steps=total if meter is None else max_steps,
                                    start_step=start, run_metadata=meta)
         ckpt.before_save = lambda: tele.sync(force=True)

@@ -208,6 +208,23 @@ def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_it
     assert lines[0].startswith("step 4  ") and "f 0.50 · 8 s left" in lines[0] and eta == pytest.approx(2.0, abs=0.5)
 
 
+def test_the_eta_under_a_flop_budget_is_by_wall_clock_not_by_dispatch_seconds():
+    """A FLOP budget's loop does not wait for steps: each charges ~1 ms of dispatch while the wall clock
+    (the fake clock here) moves 1 s per step; after 4 of 10 steps the ETA is the 6 s the run still takes."""
+    now = [0.0]
+    meter = budget.Meter(budget.parse("100flops"), clock=lambda: now[0])
+    assert not meter.waits and meter.eta() is None
+    for _ in range(4):
+        now[0] += 1.0  # the step's wall time, the dispatch of the next ones overlapping it
+        meter.charge(seconds=0.001, flops=10.0)
+    assert meter.fraction == pytest.approx(0.4)
+    assert meter.eta() == pytest.approx(6.0 * 3 / 3)  # 0.3 of f in the 3 s since the first step: 6 s for 0.6
+    timed = budget.Meter(budget.parse("10s"), clock=lambda: now[0])
+    timed.charge(seconds=1.0, flops=0.0)
+    timed.charge(seconds=1.0, flops=0.0)
+    assert timed.eta() == pytest.approx(8.0)  # a wall-clock budget: exactly the budget left
+
+
 def test_the_startup_line_says_what_ends_a_budgeted_run():
     b = budget.parse("90s")
     assert "ends when 90.0 s are spent (about 300 steps at 0.3 s/step); no step cap" in budget.cap_note(b, 0, 0, 0.0, 0.3)
@@ -281,6 +298,24 @@ def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp
         run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
     assert not [r for r in telemetry.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if telemetry.LOSS in r]
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow  # a real tiny run of 2 s and its saves
+def test_a_budget_past_the_files_train_steps_keeps_its_stage_checkpoints(corpus, tmp_path):
+    """The checkpoint schedule's horizon is the run's real end: under a budget without a step cap no
+    stage save past the file's train.steps (6) is deleted by the next one, and step 6 is no final step."""
+    from jaxlm import checkpoint
+
+    (tmp_path / "short.py").write_text(SHORT_CONFIG)
+    over = _run_over(corpus, tmp_path / "cache", **{"train.budget": "2s", "checkpoint.stages": ((5, 100_000),),
+                                                    "optim.schedule": "linear", "train.eval_every": 0})
+    del over["train.steps"]  # the file's 6 steps: no cap
+    cfg = config.load(tmp_path / "short.py", over)
+    assert cfg.train.steps == 6 and cfg.train.max_steps == 0
+    assert run_lib.last_step(cfg, budget.parse("2s"), None) == float("inf")
+    res = run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
+    assert res.budget_spent and res.step > 10, res.step  # (well past the file's steps on any machine)
+    assert checkpoint.saved_steps(tmp_path / "run") == sorted({*range(0, res.step + 1, 5), res.step})
 
 
 KILL_AT_STEP = """
