@@ -146,6 +146,7 @@ class Meter:
         self.budget, self.seconds, self.flops, self.clock = budget, float(seconds), float(flops), clock
         self.max_steps, self.step = int(max_steps), int(step)
         self._start = (self.seconds, self.fraction)  # this session's start, for the ETA
+        self._wall0: tuple[float, float] | None = None  # FLOP budget: (clock, f) after this session's first step
 
     @property
     def spent(self) -> float:
@@ -175,11 +176,22 @@ class Meter:
         self.seconds += seconds
         self.flops += flops
         self.step += 1
+        if not self.waits and self._wall0 is None:  # the ETA's wall-clock origin (see eta)
+            self._wall0 = (self.clock(), self.fraction)
 
     def eta(self) -> float | None:
-        """Training seconds left until the run's end (f = 1), at this session's rate of f per charged
-        second; under a wall-clock budget with no nearer step cap exactly the budget left. None before
-        the first charged step."""
+        """Seconds left until the run's end (f = 1), at this session's rate of f: under a wall-clock
+        budget per charged second (with no nearer step cap exactly the budget left); under a FLOP
+        budget, whose loop does not wait for steps (the charged seconds are their dispatch), per second
+        of wall clock since the session's first step. The loop asks when it has fetched a log record's
+        metrics, so the steps are done; evaluation and saves in between count (they take the run's
+        wall time too). None before the first charged step."""
+        if not self.waits:
+            if self._wall0 is None:
+                return None
+            t0, f0 = self._wall0
+            df, ds = self.fraction - f0, self.clock() - t0
+            return (1.0 - self.fraction) * ds / df if df > 0 and ds > 0 else None
         s0, f0 = self._start
         df, ds = self.fraction - f0, self.seconds - s0
         if df <= 0 or ds <= 0:
