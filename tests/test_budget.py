@@ -208,6 +208,25 @@ def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_it
     assert lines[0].startswith("step 4  ") and "f 0.50 · 8 s left" in lines[0] and eta == pytest.approx(2.0, abs=0.5)
 
 
+def test_an_explicit_train_steps_caps_only_a_budgeted_run_and_step_based_runs_resume_either_way():
+    tiny = ROOT / "configs" / "tiny.py"
+    file_steps = config.load(tiny).train.steps
+    assert config.load(tiny, {"train.steps": 7}).train.max_steps == 0  # no budget: no cap derived
+    assert config.load(tiny, {"train.steps": 7, "train.budget": "1m"}).train.max_steps == 7
+    explicit = config.to_dict(config.load(tiny, {"train.steps": file_steps}))
+    plain = config.to_dict(config.load(tiny))
+    # started with --config.train.steps=N (the file's N), resumed without it, and the other way round
+    assert config.config_differences(explicit, plain) == [] and config.config_differences(plain, explicit) == []
+    older = config.to_dict(config.load(tiny))
+    del older["train"]["max_steps"]  # saved before train.max_steps existed, resumed with an explicit train.steps
+    assert config.config_differences(older, explicit) == []
+    capped = {**explicit, "train": {**explicit["train"], "max_steps": file_steps}}  # as a step-based run saved it
+    assert config.config_differences(capped, plain) == []  # (a cap only a budget reads)
+    budgeted = config.to_dict(config.load(tiny, {"train.steps": file_steps, "train.budget": "1m"}))
+    unbudgeted_cap = config.to_dict(config.load(tiny, {"train.budget": "1m"}))
+    assert config.config_differences(budgeted, unbudgeted_cap) == [f"train.max_steps: {file_steps} -> 0"]
+
+
 def test_the_eta_under_a_flop_budget_is_by_wall_clock_not_by_dispatch_seconds():
     """A FLOP budget's loop does not wait for steps: each charges ~1 ms of dispatch while the wall clock
     (the fake clock here) moves 1 s per step; after 4 of 10 steps the ETA is the 6 s the run still takes."""
