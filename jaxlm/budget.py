@@ -108,6 +108,16 @@ def active_micro_batches(f: float, n: int, ramp: float) -> int:
     return int(min(n, max(1, math.ceil(n * min(f / ramp, 1.0) - 1e-9))))
 
 
+def ramp_step_cost(full: float, n: int, ramp: float, f0: float = 0.0, points: int = 1000) -> tuple[float, float]:
+    """Under train.batch_ramp, from a full batch's step cost `full` (taken as proportional to the
+    micro-batches trained on; exact for FLOPs): (the cost of the step at f0, the average step's cost
+    over f ∈ [f0, 1]). The budget is spent evenly over f, so the average is the harmonic mean of the
+    cost over f, which makes `left / average` the number of steps left."""
+    fs = [f0 + (1.0 - f0) * (i + 0.5) / points for i in range(points)]
+    inverse = sum(n / active_micro_batches(f, n, ramp) for f in fs) / points
+    return full * active_micro_batches(f0, n, ramp) / n, full / inverse
+
+
 def validate(cfg) -> None:
     """The budget keys of a config (called by jaxlm.config.validate): one ConfigError naming the field."""
     budget = parse(cfg.train.budget)

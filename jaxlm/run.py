@@ -203,10 +203,11 @@ def _budget_start(trainer, state, batch, meter, start: int) -> str:
     """Under a budget, before training: optim.warmup_steps must fit in the budget at the measured step
     cost (one ConfigError if they do not), and the startup line says what will end the run, the budget
     or the step cap train.max_steps, with the budget fraction where a cap stops it (budget.cap_note).
-    A wall-clock step is timed on a copy of the state (the first, smallest kind under train.batch_ramp),
-    only where the warmup or a step cap needs it."""
-    warm = int(trainer.cfg.optim.warmup_steps)
-    knobs = trainer.knobs(0.0)
+    A wall-clock step is timed (at the full batch) on a copy of the state, only where the warmup or a
+    step cap needs it. Under train.batch_ramp a step's cost is taken as its micro-batches' share of a
+    full one: the warmup is checked at the cost of the steps at hand, the steps by the ramp's average."""
+    warm, ramp = int(trainer.cfg.optim.warmup_steps), float(trainer.cfg.train.batch_ramp)
+    knobs = trainer.knobs(1.0)
     unit = "s" if meter.budget.kind == "time" else "FLOPs"
     if meter.budget.kind == "flops":
         per_step = int(knobs[0]["micro_batches"]) * trainer.micro * trainer.seq_len * trainer.flops_per_token
@@ -221,13 +222,21 @@ def _budget_start(trainer, state, batch, meter, start: int) -> str:
         del scratch
     else:
         per_step = None
+    ramped = ramp > 0 and per_step is not None and trainer.batch_size > trainer.micro
+    full = now = per_step
+    if ramped:
+        now, per_step = budget_lib.ramp_step_cost(full, trainer.batch_size // trainer.micro, ramp, meter.fraction)
     left = meter.budget.total - meter.spent
-    if start < warm and warm * per_step >= left:
+    if start < warm and warm * now >= left:
         raise ConfigError(
             f"train.budget={trainer.cfg.train.budget!r} is shorter than the warmup: optim.warmup_steps={warm} "
-            f"at the measured {per_step:.3g} {unit}/step need {warm * per_step:.3g} {unit} of the "
+            f"at the measured {now:.3g} {unit}/step need {warm * now:.3g} {unit} of the "
             f"{left:.3g} left; raise the budget or lower optim.warmup_steps")
     note = budget_lib.cap_note(meter.budget, meter.max_steps, start, meter.spent, per_step)
+    if ramped:
+        note += (f"; under train.batch_ramp={ramp:g} a step is taken to cost its micro-batches' share of a full "
+                 f"batch's {full:.3g} {unit}: "
+                 f"{per_step:.3g} {unit}/step on average over the ramp")
     if start < warm:
         note += f"; the warmup takes about {warm * per_step / meter.budget.total:.1%} of the budget"
     return note

@@ -337,6 +337,41 @@ def test_a_budget_past_the_files_train_steps_keeps_its_stage_checkpoints(corpus,
     assert checkpoint.saved_steps(tmp_path / "run") == sorted({*range(0, res.step + 1, 5), res.step})
 
 
+def test_the_ramps_average_step_cost_is_the_harmonic_mean_over_f():
+    # 4 micro-batches, full from f = 0.5: 1, 2, 3, 4 of them over f's eighths up to 0.5, then 4
+    first, avg = budget.ramp_step_cost(1.0, 4, 0.5)
+    assert first == 0.25 and avg == pytest.approx(1 / (0.125 * (4 + 2 + 4 / 3 + 1) + 0.5), rel=1e-3)
+    assert budget.ramp_step_cost(1.0, 4, 0.5, f0=0.5) == (1.0, 1.0)  # resumed past the ramp: full batches
+
+
+@pytest.mark.slow  # two real tiny runs of 10 and ~31 steps
+def test_a_real_runs_startup_line_under_an_explicit_cap_and_under_a_batch_ramp(corpus, tmp_path):
+    """FLOP budgets make both lines exact: an explicit train.steps=10 stops a 40-step budget at f 0.25;
+    under train.batch_ramp the line's step count (the ramp's average step) is the steps the run takes."""
+    from jaxlm import data
+
+    over = _run_over(corpus, tmp_path / "cache", **{"optim.schedule": "linear", "train.eval_every": 0})
+    del over["train.steps"]
+    cfg = config.load(ROOT / "configs" / "tiny.py", over)
+    vocab = data.prepare(cfg, tmp_path / "probe", log=lambda s: None).manifest["vocab_size"]
+    full = 8 * 32 * train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), vocab).flops_per_token
+    said = []
+    capped = config.load(ROOT / "configs" / "tiny.py", {**over, "train.budget": f"{40 * full:.17g}flops",
+                                                        "train.steps": 10})
+    res = run_lib.run(capped, tmp_path / "cap", log=said.append)
+    note = next(x for x in said if x.startswith("budget:"))
+    assert res.step == 10 and "the step cap train.max_steps=10 ends the run first" in note, note
+    assert "it stops at budget f 0.25 (25% of" in note, note
+    said.clear()
+    ramped = config.load(ROOT / "configs" / "tiny.py", {**over, "train.budget": f"{20 * full:.17g}flops",
+                                                        "train.micro_batch_size": 2, "train.batch_ramp": 0.5})
+    res = run_lib.run(ramped, tmp_path / "ramp", log=said.append)
+    note = next(x for x in said if x.startswith("budget:"))
+    about = int(re.search(r"about ([0-9,]+) steps", note).group(1).replace(",", ""))
+    assert abs(about - res.step) <= 2 and res.step > 25, (note, res.step)  # (knobs(0)'s cost: ~80 steps)
+    assert "under train.batch_ramp=0.5 a step is taken to cost its micro-batches' share" in note, note
+
+
 KILL_AT_STEP = """
 import os, signal, sys
 from jaxlm import checkpoint, config, run
