@@ -12,8 +12,10 @@ logging and checkpoint saves are not charged. Under a FLOP budget, each step's a
 × the MFU formula's FLOPs per token (``telemetry.flops_per_token``), which no clock affects.
 
 f is a host number passed to the jitted step as a traced float32 scalar: a new f never recompiles.
-The step of a budgeted run trains with the f reached *before* it, so the last step has f < 1 and
-the schedule's value at f = 1 is its floor.
+The step of a budgeted run trains with the f reached *before* it, so the last step has f < 1 (one
+step's worth: (N-1)/N of N equal steps) and trains at that f's lr, one step's worth of the decay above
+the floor; the floor is the schedule's value at f = 1, where the run ends. (A step cannot train at
+f = 1: under a clock, which step will be the last is known only once it is done.)
 """
 
 from __future__ import annotations
@@ -229,4 +231,5 @@ def cap_note(budget: Budget, max_steps: int, step: int, spent: float, per_step: 
                 f"train.max_steps={max_steps:,} (at {per_step:.3g} {unit}/step)")
     return (f"budget: the step cap train.max_steps={max_steps:,} ends the run first: at the measured "
             f"{per_step:.3g} {unit}/step it stops at budget f {at:.2f} ({at:.0%} of {budget.describe()} spent); "
-            "the schedule's f reaches 1 there, so the lr reaches its floor at the last step")
+            "the schedule's f reaches 1 there (each step trains at the f reached before it: the last one "
+            "step's worth above the lr's floor)")

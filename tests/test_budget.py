@@ -171,7 +171,7 @@ def _fake_clock_run(tmp_path, tr, max_steps, capsys):
 
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_floor(short_trainer, tmp_path, capsys):
+def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_the_schedules_floor(short_trainer, tmp_path, capsys):
     cfg = short_trainer.cfg
     assert cfg.train.steps == 6 and cfg.train.max_steps == 0  # the file's steps: no cap
     res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
@@ -191,7 +191,7 @@ def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_flo
 
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_its_floor(short_trainer, tmp_path,
+def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_at_the_schedules_floor(short_trainer, tmp_path,
                                                                                          capsys):
     cfg = config.with_overrides(short_trainer.cfg, {"train.steps": 8})
     assert cfg.train.max_steps == 8  # an explicit train.steps is the cap
