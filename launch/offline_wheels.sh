@@ -26,9 +26,11 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "${dir:-}" ]; then echo "usage: $0 [--dry-run] [--python-version 3.12] DIR" >&2; exit 2; fi
 # jaxlm's own runtime dependencies the host lacks, then what they need that the host's packages do not
-# bring (grain: cloudpickle, portpicker -> psutil). tests/test_launch.py checks this list against
-# pyproject.toml, so a new dependency must be placed here or named as the host's.
-WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm cloudpickle portpicker psutil"
+# bring (grain: cloudpickle, portpicker -> psutil), then pytest and its own needs for the check's tests
+# step (pluggy, iniconfig, pygments; packaging comes with transformers). tests/test_launch.py checks this
+# list against pyproject.toml, so a new dependency must be placed here or named as the host's.
+WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm cloudpickle portpicker psutil
+        pytest pluggy iniconfig pygments"
 platforms=()
 for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 \
          manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
