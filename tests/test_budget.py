@@ -227,6 +227,13 @@ def test_an_explicit_train_steps_caps_only_a_budgeted_run_and_step_based_runs_re
     assert config.config_differences(budgeted, unbudgeted_cap) == [f"train.max_steps: {file_steps} -> 0"]
 
 
+def test_a_budgeted_run_gets_a_wandb_group_by_its_budget_unless_one_is_set():
+    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "90s", "precision.regime": "bf16"})) == ("budget-90s", "bf16")
+    assert telemetry.wandb_grouping(_tiny(**{"log.wandb_group": "study", "log.wandb_job_type": "fp32"})) == \
+        ("study", "fp32")  # (jaxlm.ablate's cells set both)
+    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "none"})) == (None, None)  # a step-based run: none
+
+
 def test_the_eta_under_a_flop_budget_is_by_wall_clock_not_by_dispatch_seconds():
     """A FLOP budget's loop does not wait for steps: each charges ~1 ms of dispatch while the wall clock
     (the fake clock here) moves 1 s per step; after 4 of 10 steps the ETA is the 6 s the run still takes."""
