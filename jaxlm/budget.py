@@ -12,8 +12,10 @@ logging and checkpoint saves are not charged. Under a FLOP budget, each step's a
 × the MFU formula's FLOPs per token (``telemetry.flops_per_token``), which no clock affects.
 
 f is a host number passed to the jitted step as a traced float32 scalar: a new f never recompiles.
-The step of a budgeted run trains with the f reached *before* it, so the last step has f < 1 and
-the schedule's value at f = 1 is its floor.
+The step of a budgeted run trains with the f reached *before* it, so the last step has f < 1 (one
+step's worth: (N-1)/N of N equal steps) and trains at that f's lr, one step's worth of the decay above
+the floor; the floor is the schedule's value at f = 1, where the run ends. (A step cannot train at
+f = 1: under a clock, which step will be the last is known only once it is done.)
 """
 
 from __future__ import annotations
@@ -108,6 +110,16 @@ def active_micro_batches(f: float, n: int, ramp: float) -> int:
     return int(min(n, max(1, math.ceil(n * min(f / ramp, 1.0) - 1e-9))))
 
 
+def ramp_step_cost(full: float, n: int, ramp: float, f0: float = 0.0, points: int = 1000) -> tuple[float, float]:
+    """Under train.batch_ramp, from a full batch's step cost `full` (taken as proportional to the
+    micro-batches trained on; exact for FLOPs): (the cost of the step at f0, the average step's cost
+    over f ∈ [f0, 1]). The budget is spent evenly over f, so the average is the harmonic mean of the
+    cost over f, which makes `left / average` the number of steps left."""
+    fs = [f0 + (1.0 - f0) * (i + 0.5) / points for i in range(points)]
+    inverse = sum(n / active_micro_batches(f, n, ramp) for f in fs) / points
+    return full * active_micro_batches(f0, n, ramp) / n, full / inverse
+
+
 def validate(cfg) -> None:
     """The budget keys of a config (called by jaxlm.config.validate): one ConfigError naming the field."""
     budget = parse(cfg.train.budget)
@@ -146,6 +158,7 @@ class Meter:
         self.budget, self.seconds, self.flops, self.clock = budget, float(seconds), float(flops), clock
         self.max_steps, self.step = int(max_steps), int(step)
         self._start = (self.seconds, self.fraction)  # this session's start, for the ETA
+        self._wall0: tuple[float, float] | None = None  # FLOP budget: (clock, f) after this session's first step
 
     @property
     def spent(self) -> float:
@@ -175,11 +188,22 @@ class Meter:
         self.seconds += seconds
         self.flops += flops
         self.step += 1
+        if not self.waits and self._wall0 is None:  # the ETA's wall-clock origin (see eta)
+            self._wall0 = (self.clock(), self.fraction)
 
     def eta(self) -> float | None:
-        """Training seconds left until the run's end (f = 1), at this session's rate of f per charged
-        second; under a wall-clock budget with no nearer step cap exactly the budget left. None before
-        the first charged step."""
+        """Seconds left until the run's end (f = 1), at this session's rate of f: under a wall-clock
+        budget per charged second (with no nearer step cap exactly the budget left); under a FLOP
+        budget, whose loop does not wait for steps (the charged seconds are their dispatch), per second
+        of wall clock since the session's first step. The loop asks when it has fetched a log record's
+        metrics, so the steps are done; evaluation and saves in between count (they take the run's
+        wall time too). None before the first charged step."""
+        if not self.waits:
+            if self._wall0 is None:
+                return None
+            t0, f0 = self._wall0
+            df, ds = self.fraction - f0, self.clock() - t0
+            return (1.0 - self.fraction) * ds / df if df > 0 and ds > 0 else None
         s0, f0 = self._start
         df, ds = self.fraction - f0, self.seconds - s0
         if df <= 0 or ds <= 0:
@@ -207,4 +231,5 @@ def cap_note(budget: Budget, max_steps: int, step: int, spent: float, per_step: 
                 f"train.max_steps={max_steps:,} (at {per_step:.3g} {unit}/step)")
     return (f"budget: the step cap train.max_steps={max_steps:,} ends the run first: at the measured "
             f"{per_step:.3g} {unit}/step it stops at budget f {at:.2f} ({at:.0%} of {budget.describe()} spent); "
-            "the schedule's f reaches 1 there, so the lr reaches its floor at the last step")
+            "the schedule's f reaches 1 there (each step trains at the f reached before it: the last one "
+            "step's worth above the lr's floor)")

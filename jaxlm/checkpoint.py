@@ -148,6 +148,17 @@ def schedule(stages, total_steps: int) -> list[int]:
     return [s for s in range(total_steps + 1) if on_schedule(s, stages, total_steps)]
 
 
+class _OnSchedule:
+    """Orbax preservation policy: keeps the checkpoints on the stage schedule up to `total` (any horizon,
+    also math.inf, which no list of steps could hold)."""
+
+    def __init__(self, stages, total):
+        self.stages, self.total = stages, total
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [on_schedule(c.step, self.stages, self.total) for c in checkpoints]
+
+
 def state_signature(abstract_state) -> str:
     """A hash of the train state's leaf paths, shapes and dtypes: equal signatures restore into each other."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
@@ -159,10 +170,12 @@ class Checkpointer:
     """Owns the Orbax manager of one run directory and the decisions of when to save."""
 
     def __init__(self, workdir, cfg, *, abstract_state=None, meta: dict | None = None, read_only: bool = False,
-                 signals: "preemption.Signals | None" = None):
+                 signals: "preemption.Signals | None" = None, last_step: float | None = None):
         self.cfg, self.meta = cfg, meta or {}
         self.directory = paths.resolve(workdir) / "checkpoints"  # Orbax writes gs:// directly (tensorstore)
-        self.total = int(cfg.train.steps)
+        # the run's last step, the schedule's horizon (run.last_step): train.steps unless the run says
+        # otherwise (a budget's step cap, or math.inf: a budget without one ends at no known step)
+        self.total = int(cfg.train.steps) if last_step is None else last_step
         self.before_save: Callable[[], None] | None = None
         stages = tuple(tuple(int(x) for x in s) for s in cfg.checkpoint.stages)
         self.stages = stages
@@ -175,7 +188,7 @@ class Checkpointer:
         if keep:
             policies = [ocm.LatestN(n=keep)] + ([ocm.EveryNSteps(interval_steps=keep_every)] if keep_every else [])
         else:  # keep every scheduled step; a time-based save lives until the next save replaces it
-            policies = [ocm.CustomSteps(steps=schedule(stages, self.total)), ocm.LatestN(n=1)]
+            policies = [_OnSchedule(stages, self.total), ocm.LatestN(n=1)]
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(cfg.checkpoint.async_save),
             preservation_policy=ocm.AnyPreservationPolicy(policies),

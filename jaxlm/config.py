@@ -123,9 +123,11 @@ def get_by_path(cfg: ml_collections.ConfigDict, dotted: str, default: Any = None
 
 
 def note_explicit(cfg: ml_collections.ConfigDict, keys) -> None:
-    """What the user set explicitly (override keys) that a config file's value does not mean: an explicit
-    train.steps is also the step cap of a budgeted run (train.max_steps), unless that is set too."""
-    if "train.steps" in keys and "train.max_steps" not in keys:
+    """What the user set explicitly (override keys) that a config file's value does not mean: under a
+    budget an explicit train.steps is also the run's step cap (train.max_steps), unless that is set
+    too. A step-based run has no cap to derive (its train.max_steps stays what the file says)."""
+    budgeted = str(get_by_path(cfg, "train.budget", "none")).strip().lower() not in ("", "none")
+    if budgeted and "train.steps" in keys and "train.max_steps" not in keys:
         cfg.train.max_steps = cfg.train.steps
 
 
@@ -200,8 +202,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
     defaults = _flatten(schema().to_dict())
     diffs = []
+    no_budget = all(str(d.get("train.budget", "none")).strip().lower() in ("", "none") for d in (a, b))
     for k in sorted(b):
-        if k.startswith(NEUTRAL_FIELDS):
+        if k.startswith(NEUTRAL_FIELDS) or (k == "train.max_steps" and no_budget):  # (only a budget reads it)
             continue
         va = a.get(k, ABSENT_MEANS.get(k, defaults.get(k, "<absent>")))
         if va != b[k]:

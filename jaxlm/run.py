@@ -60,6 +60,14 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     return result
 
 
+def last_step(cfg, budget, replay) -> float:
+    """The run's last step: a replay's, else train.steps; under a budget the meter ends the run, at its
+    step cap train.max_steps or, without one, at no step known in advance (math.inf)."""
+    if replay is not None:
+        return len(replay)
+    return cfg.train.steps if budget is None else int(cfg.train.max_steps) or math.inf
+
+
 def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
@@ -86,8 +94,9 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })
+    replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
-                                   signals=signals)
+                                   signals=signals, last_step=last_step(cfg, trainer.budget, replay))
     if jax.process_count() > 1:
         ckpt.vote = preemption.StopVote(mesh)
         distributed.set_resume_hint(lambda: checkpoint.resume_hint(ckpt.directory))
@@ -100,7 +109,6 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
         if isinstance(cache, data.MixtureCache):
             say(cache.describe(cfg.train.steps * cfg.train.batch_size))
 
-        replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
         max_steps = int(cfg.train.max_steps)
         meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None
                  else None)
@@ -130,8 +138,7 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
         eval_fn = _validation_batches(cache, cfg, trainer, say)
         components = _component_validation_batches(cache, cfg, trainer) if eval_fn is not None else None
 
-        # the last step: a replay's, else train.steps; under a budget the meter ends the run (train.max_steps)
-        total = len(replay) if replay is not None else cfg.train.steps if meter is None else max_steps or math.inf
+        total = last_step(cfg, trainer.budget, replay)
         tele = telemetry.Telemetry(workdir, cfg, total_steps=total if meter is None else max_steps,
                                    start_step=start, run_metadata=meta)
         ckpt.before_save = lambda: tele.sync(force=True)
@@ -231,10 +238,11 @@ def _budget_start(trainer, state, batch, meter, start: int) -> str:
     """Under a budget, before training: optim.warmup_steps must fit in the budget at the measured step
     cost (one ConfigError if they do not), and the startup line says what will end the run, the budget
     or the step cap train.max_steps, with the budget fraction where a cap stops it (budget.cap_note).
-    A wall-clock step is timed on a copy of the state (the first, smallest kind under train.batch_ramp),
-    only where the warmup or a step cap needs it."""
-    warm = int(trainer.cfg.optim.warmup_steps)
-    knobs = trainer.knobs(0.0)
+    A wall-clock step is timed (at the full batch) on a copy of the state, only where the warmup or a
+    step cap needs it. Under train.batch_ramp a step's cost is taken as its micro-batches' share of a
+    full one: the warmup is checked at the cost of the steps at hand, the steps by the ramp's average."""
+    warm, ramp = int(trainer.cfg.optim.warmup_steps), float(trainer.cfg.train.batch_ramp)
+    knobs = trainer.knobs(1.0)
     unit = "s" if meter.budget.kind == "time" else "FLOPs"
     if meter.budget.kind == "flops":
         per_step = int(knobs[0]["micro_batches"]) * trainer.micro * trainer.seq_len * trainer.flops_per_token
@@ -249,13 +257,21 @@ def _budget_start(trainer, state, batch, meter, start: int) -> str:
         del scratch
     else:
         per_step = None
+    ramped = ramp > 0 and per_step is not None and trainer.batch_size > trainer.micro
+    full = now = per_step
+    if ramped:
+        now, per_step = budget_lib.ramp_step_cost(full, trainer.batch_size // trainer.micro, ramp, meter.fraction)
     left = meter.budget.total - meter.spent
-    if start < warm and warm * per_step >= left:
+    if start < warm and warm * now >= left:
         raise ConfigError(
             f"train.budget={trainer.cfg.train.budget!r} is shorter than the warmup: optim.warmup_steps={warm} "
-            f"at the measured {per_step:.3g} {unit}/step need {warm * per_step:.3g} {unit} of the "
+            f"at the measured {now:.3g} {unit}/step need {warm * now:.3g} {unit} of the "
             f"{left:.3g} left; raise the budget or lower optim.warmup_steps")
     note = budget_lib.cap_note(meter.budget, meter.max_steps, start, meter.spent, per_step)
+    if ramped:
+        note += (f"; under train.batch_ramp={ramp:g} a step is taken to cost its micro-batches' share of a full "
+                 f"batch's {full:.3g} {unit}: "
+                 f"{per_step:.3g} {unit}/step on average over the ramp")
     if start < warm:
         note += f"; the warmup takes about {warm * per_step / meter.budget.total:.1%} of the budget"
     return note

@@ -208,6 +208,23 @@ def read_metrics(path) -> tuple[list[dict], int]:
     return records, bad
 
 
+def first_nonfinite_step(records: list[dict]) -> int | None:
+    """The one definition of a run's first non-finite step (the loop's stop line, jaxlm.ablate's CLI,
+    tables and plots): the first step whose own training loss is not finite, read from every step's
+    loss (train/step_losses: record at step S with n losses holds steps S-n+1 .. S), else from a
+    record's mean loss (its step). Gradients that overflow while the loss is finite are fp16's skipped
+    steps (train/skipped_steps), counted apart."""
+    for r in records:
+        losses = r.get(STEP_LOSSES)
+        if losses:
+            for i, x in enumerate(losses):
+                if not math.isfinite(float(x)):  # (float() also reads jsonable's "nan"/"inf" strings)
+                    return int(r[STEP]) - len(losses) + 1 + i
+        elif LOSS in r and r[LOSS] is not None and not math.isfinite(float(r[LOSS])):
+            return int(r[STEP])
+    return None
+
+
 def trim_metrics(path, last_step: int) -> int:
     """Keeps the records up to `last_step` (a resumed run writes the later ones again), in one atomic
     replace: a kill during it leaves the old file or the new one. Returns the unreadable lines dropped."""
@@ -389,6 +406,17 @@ def budget_progress(b: budget_lib.Budget, rec: dict) -> str:
     return f"f {rec[RUN_FRACTION]:.2f} · {left}"
 
 
+def wandb_grouping(cfg) -> tuple[str | None, str | None]:
+    """(group, job_type) of a run's W&B run: log.wandb_group / log.wandb_job_type where set (jaxlm.ablate
+    sets them per cell); a budgeted run without them is grouped by its budget, 'budget-90s', of job
+    type its regime, so the runs of one budget (seeds, regimes, learning rates) compare in one group."""
+    group, job = cfg.log.wandb_group or None, cfg.log.wandb_job_type or None
+    if budget_lib.parse(cfg.train.budget) is not None:
+        group = group or f"budget-{str(cfg.train.budget).strip().replace(' ', '')}"
+        job = job or cfg.precision.regime
+    return group, job
+
+
 def _start_wandb(workdir: Path, cfg, meta):
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb  # heavy (starts a service); only when a run logs to it
@@ -402,7 +430,7 @@ def _start_wandb(workdir: Path, cfg, meta):
     for key in cfg.log.wandb_keys:  # top-level, for W&B's grouping and parallel coordinates
         config[key.rsplit(".", 1)[-1]] = jsonable(config_lib.get_by_path(cfg, key))
     return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
-                      resume="allow", name=workdir.name, config=config, group=cfg.log.wandb_group or None,
-                      job_type=cfg.log.wandb_job_type or None,
+                      resume="allow", name=workdir.name, config=config, group=wandb_grouping(cfg)[0],
+                      job_type=wandb_grouping(cfg)[1],
                       settings=wandb.Settings(console="off", x_disable_stats=True))
 

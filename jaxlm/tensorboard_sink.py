@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from jaxlm.errors import ConfigError
+
 
 class TensorBoard:
     """Event files in `directory` (WORKDIR/tensorboard): every number of every record as a scalar (a
@@ -25,7 +27,11 @@ class TensorBoard:
 
     def __init__(self, directory, start_step: int, per_step: Iterable[str], *, hparam_metrics: Iterable[str] = (),
                  run_metadata: dict | None = None):
-        from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
+        try:
+            from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
+        except ImportError as e:
+            raise ConfigError(f"log.tensorboard=True needs tensorboardX ({e}): pip install 'tensorboardX>=2.6.5', "
+                              "or --config.log.tensorboard=False") from e
 
         self.directory = Path(directory)
         self.per_step, self.hparam_metrics = tuple(per_step), tuple(hparam_metrics)

@@ -51,7 +51,7 @@ CHIPS = {
     "H100 x8": {"peak_tflops": 989.0, "hbm_gbs": 3350.0, "link_gbs": 450.0},
 }
 # Published MFU anchors, η above. llm.c (karpathy/llm.c, GPT-2 124M on H100): ~468K tokens/s per GPU
-# = 468e3 × 803.6 MFLOP/token (6·N + 6·L·d·T at T=1024) / 989 TFLOP/s = 38%. MaxText's README,
+# = 468e3 × 803.3 MFLOP/token (6·N + 6·L·d·T at T=1024, telemetry.flops_per_token) / 989 TFLOP/s = 38%. MaxText's README,
 # "Runtime Performance Results" (AI-Hypercomputer/maxtext): 71.5% on v5p-128 (32B), 61.1% on
 # v5e-256 (16B); no v4 row there, so v4 takes v5p's. Those are large models, whose matmuls fill the
 # chip; a 124M model reaches less, which is why t_hbm is in the bound.
@@ -127,8 +127,10 @@ def compile_step(cfg, mesh_axes: dict, per_device_batch: int):
     cfg = config_lib.with_overrides(cfg, {})
     cfg.mesh.update(mesh_axes)
     if "scan_layers" in cfg.model:
-        # The census counts each collective instruction once; a scanned stack runs its body's
-        # collectives once per layer. The unrolled loop has the same traffic, each written out.
+        # Only for a schema with model.scan_layers (a scanned layer stack; the schema here has no such
+        # key, so this does nothing): the census counts each collective instruction once, and a scanned
+        # stack runs its body's collectives once per layer, so the layers are unrolled, which writes
+        # out the same traffic once per layer.
         cfg.model.scan_layers = False
     cfg.train.batch_size, cfg.train.micro_batch_size = per_device_batch * jax.device_count(), 0
     trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), cfg.model.vocab_size or cfg.data.vocab_size)

@@ -223,17 +223,26 @@ def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:
     return {telemetry.EVAL_LOSS: loss, telemetry.EVAL_PERPLEXITY: telemetry.perplexity(loss)}
 
 
-def _nonfinite_stop(record: dict, step: int, policy: precision.Policy) -> str | None:
+def _nonfinite_stop(record: dict, step: int, policy: precision.Policy, first_bad: int | None = None) -> str | None:
     """Why a run must stop at this log record, if it must: a non-finite loss, gradient or parameter
-    norm outside fp16 (where dynamic loss scaling skips such steps and goes on)."""
+    norm outside fp16 (where dynamic loss scaling skips such steps and goes on). The step named is the
+    first whose own loss is not finite (telemetry.first_nonfinite_step, jaxlm.ablate's definition),
+    else `first_bad`, the first of the record's steps whose gradients were not finite."""
     if policy.is_fp16 or not record:
         return None
-    loss_bad = bool(record.get(telemetry.NONFINITE))
+    grads_bad = bool(record.get(telemetry.NONFINITE))
     norm_bad = telemetry.PARAM_NORM in record and not np.isfinite(record[telemetry.PARAM_NORM])
-    if not (loss_bad or norm_bad):
+    if not (grads_bad or norm_bad):
         return None
-    what = (f"non-finite loss or gradients at step {step}" + (" and a non-finite parameter norm" if norm_bad else "")
-            if loss_bad else f"non-finite parameter norm at step {step}")
+    loss_step = telemetry.first_nonfinite_step([{telemetry.STEP: step, **record}])
+    if loss_step is not None:
+        what = f"non-finite training loss at step {loss_step}"
+    elif grads_bad:
+        what = f"non-finite gradients at step {first_bad or step} (its loss finite)"
+    else:
+        what = f"non-finite parameter norm at step {step}"
+    if norm_bad and grads_bad:
+        what += " and a non-finite parameter norm"
     return (f"{what} in regime {policy.name!r} (no loss scaling outside fp16); the run stops. Lower optim.lr, "
             "check the data and the checkpoint it resumed from, or set train.stop_on_nonfinite=False to continue")
 
@@ -272,6 +281,7 @@ def loop(
     peak = telemetry.peak_tflops(jax.devices()[0].device_kind, trainer.policy, cfg.log.peak_tflops)
     window: list[dict] = []
     t_window = time.perf_counter()  # start of the current log window (excludes logging and eval)
+    first_bad = None  # the first step of the window whose gradients were not finite
     while step < total and not (meter is not None and meter.done):
         # --- budget: f of this step, and the clock around the fetch and the step only -------------
         f = replay[step] if replay is not None else meter.fraction if meter is not None else None
@@ -306,6 +316,7 @@ def loop(
             record[telemetry.STEP_LOSSES] = losses
             record[telemetry.PERPLEXITY] = telemetry.perplexity(record[telemetry.LOSS])
             record[telemetry.NONFINITE] = int(sum(not m["finite"] for m in host))
+            first_bad = next((step - len(host) + 1 + i for i, m in enumerate(host) if not m["finite"]), None)
             record[telemetry.STEP_TIME] = elapsed / len(window)
             n_micro = trainer.batch_size // trainer.micro  # (fewer under train.batch_ramp)
             tps = sum(tokens_per_step * int(m.get(telemetry.MICRO_BATCHES, n_micro)) // n_micro for m in host) / elapsed
@@ -336,7 +347,7 @@ def loop(
             tele.log(step, record)
         if not window:
             t_window = time.perf_counter()
-        stop = _nonfinite_stop(record, step, trainer.policy) if cfg.train.stop_on_nonfinite else None
+        stop = _nonfinite_stop(record, step, trainer.policy, first_bad) if cfg.train.stop_on_nonfinite else None
         if on_step is not None:
             stop = on_step(step, state) or stop
         if stop:

@@ -45,23 +45,26 @@ step() {  # step NAME LIMIT_S PROJECTED_S COMMAND...: one line of the plan
   names+=("$1"); limits+=("$2"); projected+=("$3"); shift 3
   cmds+=("$(printf ' %q' "$@")")
 }
-step tests 100 70 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+step tests 80 70 env JAX_PLATFORMS=cuda,cpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   --junitxml="$out/test_gpu.xml"
 sizes=small; [ "$medium" = 1 ] && sizes="small medium"
 for size in $sizes; do
   # projected: interpreter start, torch.compile's first step (~45 s), ~35 s per JAX compile, the steps
-  step "$size-recipe" 130 95 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast \
+  step "$size-recipe" 110 95 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast \
     --out="$out/$size-recipe.json"
-  step "$size-dropout0" 150 130 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast,bf16_upcast \
+  step "$size-dropout0" 140 130 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp16_upcast,bf16_upcast \
     "${nodrop[@]}" --profile="$out/prof" --out="$out/$size-dropout0.json"
   if [ "$size" = small ]; then
-    step "$size-fp8" 70 50 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp8 "${nodrop[@]}" --nobaseline \
+    step "$size-fp8" 60 50 "${bench[@]}" --config="configs/gpt2_$size.py" --regimes=fp8 "${nodrop[@]}" --nobaseline \
       --hlo_dir="$out/hlo" --out="$out/$size-fp8.json"
   fi
 done
 
-total_p=15; total_l=30  # the setup: wheels and the device query
-for i in "${!names[@]}"; do total_p=$((total_p + projected[i])); total_l=$((total_l + limits[i])); done
+# the worst case: the setup (wheels, the device query: 30 s), every step at its limit plus the seconds
+# `timeout --kill-after` grants it, and the report with its tarball (10 s)
+kill_after=5
+total_p=15; total_l=$((30 + 10))
+for i in "${!names[@]}"; do total_p=$((total_p + projected[i])); total_l=$((total_l + limits[i] + kill_after)); done
 minutes() { awk -v s="$1" 'BEGIN { printf "%.1f", s / 60 }'; }
 if [ "$dry" = 1 ]; then
   echo "# setup: install the wheels of $wheels the host lacks into a temporary --target directory; PYTHONPATH=$repo:<it>"
@@ -71,7 +74,7 @@ if [ "$dry" = 1 ]; then
     echo "+${cmds[i]}"
   done
   echo "+$(printf ' %q' "$py" launch/gpu_report.py "$out" $sizes)"
-  echo "projected: $(minutes $total_p) minutes (every step at its limit: $(minutes $total_l))"
+  echo "projected: $(minutes $total_p) minutes (every step at its limit: $(minutes $total_l), kill-after and report included)"
   exit 0
 fi
 
@@ -124,7 +127,7 @@ echo "=== setup done in $((SECONDS - t0)) s" >&2
 for i in "${!names[@]}"; do
   t=$SECONDS
   echo "=== ${names[i]} (limit ${limits[i]} s)" >&2
-  eval "timeout --kill-after=10 ${limits[i]}${cmds[i]}" 2>&1 | tee "$out/${names[i]}.txt"
+  eval "timeout --kill-after=$kill_after ${limits[i]}${cmds[i]}" 2>&1 | tee "$out/${names[i]}.txt"
   echo "=== ${names[i]}: exit ${PIPESTATUS[0]} after $((SECONDS - t)) s (total $((SECONDS - t0)) s)" >&2
 done
 

@@ -8,8 +8,9 @@
 # binary wheels for CPython <version> on manylinux x86-64, at the versions installed where this runs
 # (the versions CI tests), so launch/gpu_check.sh can install them with
 # `pip install --no-index --no-deps --target` into a temporary directory, skipping any the host has.
-# Not downloaded: tensorflow-datasets and wandb (lazy imports: only a tfds: data source and a run that
-# logs to wandb load them) and matplotlib (plots only). Prints the total size; it should stay under 60 MB.
+# Not downloaded: tensorflow-datasets, wandb and tensorboardX (lazy imports: only a tfds: data source and
+# a run through jaxlm.main that logs to wandb or TensorBoard load them; the check's bench and tests drive
+# train.Trainer directly, with no telemetry sinks), matplotlib and markdown (plots and the ablation report). Prints the total size; it should stay under 60 MB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0; pyver=3.12; py="${PYTHON:-python3}"
@@ -25,9 +26,11 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "${dir:-}" ]; then echo "usage: $0 [--dry-run] [--python-version 3.12] DIR" >&2; exit 2; fi
 # jaxlm's own runtime dependencies the host lacks, then what they need that the host's packages do not
-# bring (grain: cloudpickle, portpicker -> psutil). tests/test_launch.py checks this list against
-# pyproject.toml, so a new dependency must be placed here or named as the host's.
-WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm cloudpickle portpicker psutil"
+# bring (grain: cloudpickle, portpicker -> psutil), then pytest and its own needs for the check's tests
+# step (pluggy, iniconfig, pygments; packaging comes with transformers). tests/test_launch.py checks this
+# list against pyproject.toml, so a new dependency must be placed here or named as the host's.
+WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm cloudpickle portpicker psutil
+        pytest pluggy iniconfig pygments"
 platforms=()
 for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 \
          manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do

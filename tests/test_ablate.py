@@ -282,3 +282,25 @@ def test_ablate_report_says_where_it_wrote_and_has_no_loss_scale_panel_without_f
     _study_run(study / "fp16-s21", "fp16", 21, DIVERGES_AT_17, compute="float16")
     md = report.build([study], tmp_path / "rep2").read_text()
     assert (tmp_path / "rep2" / "loss_scale.png").read_bytes().startswith(PNG) and "(loss_scale.png)" in md
+
+
+@pytest.mark.slow  # a real tiny run: 5-15 s
+def test_a_real_bf16_divergence_has_one_first_non_finite_step_everywhere(tmp_path):
+    """bf16 stops at its first non-finite log record (train.stop_on_nonfinite): the stop line, the grid's
+    status and the report's run all name the first step whose own loss is non-finite, not the record's."""
+    from jaxlm import config
+    from jaxlm.ablate import grid, runs
+
+    # lr 1e30: Adam's first update moves every parameter by ~1e30, so step 2's forward overflows
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
+        "precision.regime": "bf16", "optim.lr": 1e30, "optim.warmup_steps": 0, "train.steps": 10, "log.every": 5,
+        "train.batch_size": 8, "train.seq_len": 32, "model.n_positions": 32, "log.wandb_mode": "disabled",
+        "log.stats_every": 0, "train.eval_every": 0, "log.tensorboard": False, "data.max_docs": 40,
+        "data.tokenizer_max_docs": 40, "data.vocab_size": 512})
+    result = run_lib.run(cfg, tmp_path, log=lambda s: None)
+    run = runs.read_run(tmp_path)
+    bad = run.first_nonfinite_step()
+    assert result.step == 5 and bad is not None and 1 < bad < 5  # inside the record at step 5
+    assert result.stopped.startswith(f"non-finite training loss at step {bad} ") and "regime 'bf16'" in result.stopped
+    assert json.loads((tmp_path / "done.json").read_text())["stopped"] == result.stopped  # as the run wrote it
+    assert run.status == grid.outcome(tmp_path, result.stopped) == f"diverged (non-finite training loss at step {bad})"

@@ -171,7 +171,7 @@ def _fake_clock_run(tmp_path, tr, max_steps, capsys):
 
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_floor(short_trainer, tmp_path, capsys):
+def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_the_schedules_floor(short_trainer, tmp_path, capsys):
     cfg = short_trainer.cfg
     assert cfg.train.steps == 6 and cfg.train.max_steps == 0  # the file's steps: no cap
     res, meter, recs, lines = _fake_clock_run(tmp_path / "run", short_trainer, cfg.train.max_steps, capsys)
@@ -191,7 +191,7 @@ def test_a_budget_runs_past_the_config_files_own_steps_to_f_1_with_lr_at_its_flo
 
 
 @pytest.mark.slow  # 5-15 s: the fast lane stays short
-def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_its_floor(short_trainer, tmp_path,
+def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_at_the_schedules_floor(short_trainer, tmp_path,
                                                                                          capsys):
     cfg = config.with_overrides(short_trainer.cfg, {"train.steps": 8})
     assert cfg.train.max_steps == 8  # an explicit train.steps is the cap
@@ -206,6 +206,49 @@ def test_an_explicit_smaller_train_steps_ends_a_budgeted_run_there_with_lr_at_it
     assert recs[-1][telemetry.RUN_FRACTION] == 1.0
     eta = float(lines[0].rsplit("eta ", 1)[1].rstrip("s"))  # after 4 of 8 steps at 0.5 s: 2 s left to the cap
     assert lines[0].startswith("step 4  ") and "f 0.50 · 8 s left" in lines[0] and eta == pytest.approx(2.0, abs=0.5)
+
+
+def test_an_explicit_train_steps_caps_only_a_budgeted_run_and_step_based_runs_resume_either_way():
+    tiny = ROOT / "jaxlm" / "configs" / "tiny.py"
+    file_steps = config.load(tiny).train.steps
+    assert config.load(tiny, {"train.steps": 7}).train.max_steps == 0  # no budget: no cap derived
+    assert config.load(tiny, {"train.steps": 7, "train.budget": "1m"}).train.max_steps == 7
+    explicit = config.to_dict(config.load(tiny, {"train.steps": file_steps}))
+    plain = config.to_dict(config.load(tiny))
+    # started with --config.train.steps=N (the file's N), resumed without it, and the other way round
+    assert config.config_differences(explicit, plain) == [] and config.config_differences(plain, explicit) == []
+    older = config.to_dict(config.load(tiny))
+    del older["train"]["max_steps"]  # saved before train.max_steps existed, resumed with an explicit train.steps
+    assert config.config_differences(older, explicit) == []
+    capped = {**explicit, "train": {**explicit["train"], "max_steps": file_steps}}  # as a step-based run saved it
+    assert config.config_differences(capped, plain) == []  # (a cap only a budget reads)
+    budgeted = config.to_dict(config.load(tiny, {"train.steps": file_steps, "train.budget": "1m"}))
+    unbudgeted_cap = config.to_dict(config.load(tiny, {"train.budget": "1m"}))
+    assert config.config_differences(budgeted, unbudgeted_cap) == [f"train.max_steps: {file_steps} -> 0"]
+
+
+def test_a_budgeted_run_gets_a_wandb_group_by_its_budget_unless_one_is_set():
+    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "90s", "precision.regime": "bf16"})) == ("budget-90s", "bf16")
+    assert telemetry.wandb_grouping(_tiny(**{"log.wandb_group": "study", "log.wandb_job_type": "fp32"})) == \
+        ("study", "fp32")  # (jaxlm.ablate's cells set both)
+    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "none"})) == (None, None)  # a step-based run: none
+
+
+def test_the_eta_under_a_flop_budget_is_by_wall_clock_not_by_dispatch_seconds():
+    """A FLOP budget's loop does not wait for steps: each charges ~1 ms of dispatch while the wall clock
+    (the fake clock here) moves 1 s per step; after 4 of 10 steps the ETA is the 6 s the run still takes."""
+    now = [0.0]
+    meter = budget.Meter(budget.parse("100flops"), clock=lambda: now[0])
+    assert not meter.waits and meter.eta() is None
+    for _ in range(4):
+        now[0] += 1.0  # the step's wall time, the dispatch of the next ones overlapping it
+        meter.charge(seconds=0.001, flops=10.0)
+    assert meter.fraction == pytest.approx(0.4)
+    assert meter.eta() == pytest.approx(6.0)  # 0.3 of f in the 3 s since the first step: 6 s for the 0.6 left
+    timed = budget.Meter(budget.parse("10s"), clock=lambda: now[0])
+    timed.charge(seconds=1.0, flops=0.0)
+    timed.charge(seconds=1.0, flops=0.0)
+    assert timed.eta() == pytest.approx(8.0)  # a wall-clock budget: exactly the budget left
 
 
 def test_the_startup_line_says_what_ends_a_budgeted_run():
@@ -281,6 +324,59 @@ def test_a_budget_shorter_than_the_warmup_is_refused_before_training(corpus, tmp
         run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
     assert not [r for r in telemetry.read_metrics(tmp_path / "run" / "metrics.jsonl")[0] if telemetry.LOSS in r]
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow  # a real tiny run of 2 s and its saves
+def test_a_budget_past_the_files_train_steps_keeps_its_stage_checkpoints(corpus, tmp_path):
+    """The checkpoint schedule's horizon is the run's real end: under a budget without a step cap no
+    stage save past the file's train.steps (6) is deleted by the next one, and step 6 is no final step."""
+    from jaxlm import checkpoint
+
+    (tmp_path / "short.py").write_text(SHORT_CONFIG)
+    over = _run_over(corpus, tmp_path / "cache", **{"train.budget": "2s", "checkpoint.stages": ((5, 100_000),),
+                                                    "optim.schedule": "linear", "train.eval_every": 0})
+    del over["train.steps"]  # the file's 6 steps: no cap
+    cfg = config.load(tmp_path / "short.py", over)
+    assert cfg.train.steps == 6 and cfg.train.max_steps == 0
+    assert run_lib.last_step(cfg, budget.parse("2s"), None) == float("inf")
+    res = run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
+    assert res.budget_spent and res.step > 10, res.step  # (well past the file's steps on any machine)
+    assert checkpoint.saved_steps(tmp_path / "run") == sorted({*range(0, res.step + 1, 5), res.step})
+
+
+def test_the_ramps_average_step_cost_is_the_harmonic_mean_over_f():
+    # 4 micro-batches, full from f = 0.5: 1, 2, 3, 4 of them over f's eighths up to 0.5, then 4
+    first, avg = budget.ramp_step_cost(1.0, 4, 0.5)
+    assert first == 0.25 and avg == pytest.approx(1 / (0.125 * (4 + 2 + 4 / 3 + 1) + 0.5), rel=1e-3)
+    assert budget.ramp_step_cost(1.0, 4, 0.5, f0=0.5) == (1.0, 1.0)  # resumed past the ramp: full batches
+
+
+@pytest.mark.slow  # two real tiny runs of 10 and ~31 steps
+def test_a_real_runs_startup_line_under_an_explicit_cap_and_under_a_batch_ramp(corpus, tmp_path):
+    """FLOP budgets make both lines exact: an explicit train.steps=10 stops a 40-step budget at f 0.25;
+    under train.batch_ramp the line's step count (the ramp's average step) is the steps the run takes."""
+    from jaxlm import data
+
+    over = _run_over(corpus, tmp_path / "cache", **{"optim.schedule": "linear", "train.eval_every": 0})
+    del over["train.steps"]
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", over)
+    vocab = data.prepare(cfg, tmp_path / "probe", log=lambda s: None).manifest["vocab_size"]
+    full = 8 * 32 * train.Trainer(cfg, sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1]), vocab).flops_per_token
+    said = []
+    capped = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {**over, "train.budget": f"{40 * full:.17g}flops",
+                                                        "train.steps": 10})
+    res = run_lib.run(capped, tmp_path / "cap", log=said.append)
+    note = next(x for x in said if x.startswith("budget:"))
+    assert res.step == 10 and "the step cap train.max_steps=10 ends the run first" in note, note
+    assert "it stops at budget f 0.25 (25% of" in note, note
+    said.clear()
+    ramped = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {**over, "train.budget": f"{20 * full:.17g}flops",
+                                                        "train.micro_batch_size": 2, "train.batch_ramp": 0.5})
+    res = run_lib.run(ramped, tmp_path / "ramp", log=said.append)
+    note = next(x for x in said if x.startswith("budget:"))
+    about = int(re.search(r"about ([0-9,]+) steps", note).group(1).replace(",", ""))
+    assert abs(about - res.step) <= 2 and res.step > 25, (note, res.step)  # (knobs(0)'s cost: ~80 steps)
+    assert "under train.batch_ramp=0.5 a step is taken to cost its micro-batches' share" in note, note
 
 
 KILL_AT_STEP = """

@@ -131,11 +131,11 @@ def is_done(workdir: Path, steps: int) -> bool:
     return bool(d.get("stopped")) or "budget" in d or d.get("step", 0) >= steps  # (a budgeted run's budget spent)
 
 
-def outcome(workdir: Path) -> str:
-    """How a cell that has just returned ended: 'finished', or 'diverged' with its first non-finite step,
-    by the same definition as the report's (runs.first_nonfinite_step)."""
+def outcome(workdir: Path, stopped: str | None = None) -> str:
+    """How a cell that has just returned ended (`stopped`: the loop's stop reason): 'diverged' with its
+    first non-finite step, as the report says it (runs.status), else the stop reason or 'finished'."""
     records, _ = telemetry.read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else ([], 0)
-    return runs.status(records, {})
+    return runs.status(records, {"stopped": stopped})
 
 
 def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) -> list[tuple[Cell, str]]:
@@ -160,6 +160,6 @@ def run_grid(cfg, grid: list[Cell], out, steps: int | None = None, log=print) ->
             status.append((cell, "interrupted"))
             log(f"interrupted in {cell.name} at step {result.step}; run the same command again to resume the grid")
             break
-        status.append((cell, result.stopped or outcome(workdir)))
+        status.append((cell, outcome(workdir, result.stopped)))
     bar.close()
     return status

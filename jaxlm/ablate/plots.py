@@ -236,9 +236,10 @@ def plot_at_top_lr(runs, key, path, ylabel, title, per_layer=True):
     plt.close(fig)
 
 
-def plot_loss_over_time(by_group, path: Path, target_loss: float | None = None) -> None:
+def plot_loss_over_time(by_group, path: Path, target_loss: float | None = None) -> list[str]:
     """Validation loss vs training seconds, one panel per accelerator (times of different machines are
-    never drawn on one axis); one thin line per seed, each recipe/regime its colour."""
+    never drawn on one axis); one thin line per seed, each recipe/regime its colour. Returns the
+    legend's labels, panel by panel."""
     plt = _plt()
     devices = sorted({g[0] for g in by_group})
     fig, axes = plt.subplots(1, len(devices), figsize=(7 * len(devices), 4.5), squeeze=False)

@@ -13,7 +13,6 @@ rate; seeds are aggregated.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,30 +107,21 @@ class Run:
 
 
 def first_nonfinite_step(records: list[dict]) -> int | None:
-    """The one definition of a run's first non-finite step: the first step whose training loss is not
-    finite, read from every step's loss (train/step_losses: record at step S with n losses holds steps
-    S-n+1 .. S), else from a record's mean loss (its step). Gradients that overflow while the loss is
-    finite are fp16's skipped steps (train/skipped_steps), counted apart."""
-    for r in records:
-        losses = r.get(T.STEP_LOSSES)
-        if losses:
-            for i, x in enumerate(losses):
-                if not math.isfinite(num(x)):
-                    return int(r[T.STEP]) - len(losses) + 1 + i
-        elif T.LOSS in r and not math.isfinite(num(r[T.LOSS])):
-            return int(r[T.STEP])
-    return None
+    """The one definition of a run's first non-finite step (telemetry.first_nonfinite_step): the first
+    step whose own training loss is not finite."""
+    return T.first_nonfinite_step(records)
 
 
 def status(records: list[dict], done: dict | None) -> str:
-    """How a run ended, as the grid's CLI and the report both say it: its stop reason, 'diverged
-    (non-finite training loss at step N)' (also an fp16 run that went on skipping steps), 'finished',
-    or 'running/interrupted' (no done.json)."""
-    if (done or {}).get("stopped"):
-        return done["stopped"]
+    """How a run ended, as the grid's CLI and the report both say it: 'diverged (non-finite training
+    loss at step N)' by the one definition (whether the loop stopped there, as bf16/fp32 do, or an
+    fp16 run went on skipping steps), else its stop reason, 'finished', or 'running/interrupted' (no
+    done.json)."""
     bad = first_nonfinite_step(records)
     if bad is not None:
         return f"diverged (non-finite training loss at step {bad})"
+    if (done or {}).get("stopped"):
+        return done["stopped"]
     return "finished" if done is not None else "running/interrupted"
 
 
