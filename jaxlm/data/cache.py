@@ -126,9 +126,9 @@ def local_tokenizer_spec(spec: str) -> str:
 
 
 def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print,
-                  fetch=None) -> tok_lib.AnyTokenizer:
+                  fetch=None, train: bool = True) -> tok_lib.AnyTokenizer | None:
     """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
-    and cached."""
+    and cached (None instead of training one when `train` is False)."""
     if data_cfg.tokenizer:
         return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
     kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
@@ -145,6 +145,8 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
         fetch(final)
     if spec := tok_lib.stored(final):
         return tok_lib.load(spec)
+    if not train:
+        return None
     what = "SentencePiece BPE" if kind == "sentencepiece" else "byte-level BPE"
     log(f"training a {data_cfg.vocab_size}-piece {what} tokenizer on {source.spec} "
         f"(up to {data_cfg.tokenizer_max_docs} documents)")
@@ -202,13 +204,13 @@ def complete_directories(cache_root: Path) -> list[Path]:
     return out
 
 
-def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None) -> TokenCache:
-    """The token cache for this data config and seq_len: found if built before, else built now.
-    `fetch(directory)`, if given, may fill a tokenizer or token directory before it is looked for
-    (from an object store: ``jaxlm.data.prepare``)."""
-    cache_root = Path(cache_root)
+def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = True):
+    """(source, tokenizer, fingerprint, key, final directory) of this config's token cache; the
+    tokenizer is None where it would have to be trained and `train` is False."""
     source = sources_lib.open_source(data_cfg)
-    tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch)
+    tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch, train=train)
+    if tok is None:
+        return source, None, None, None, None
     tok_lib.check_dtype(tok.vocab_size, tok.dtype(), f"data.tokenizer={data_cfg.tokenizer or '<trained>'!r}")
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
@@ -217,11 +219,25 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
     final = cache_root / "tokens" / key
     if fetch is not None:
         fetch(final)
-    if (final / "manifest.json").exists():
-        return TokenCache.open(final)
+    return source, tok, fingerprint, key, final
+
+
+def _workers(data_cfg) -> int:
     workers = int(data_cfg.get("workers", 1))
     if workers < 0:
         raise DataError(f"data.workers={workers}: must be 0 or 1 (tokenize in this process) or more (processes)")
+    return workers
+
+
+def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None) -> TokenCache:
+    """The token cache for this data config and seq_len: found if built before, else built now.
+    `fetch(directory)`, if given, may fill a tokenizer or token directory before it is looked for
+    (from an object store: ``jaxlm.data.prepare``)."""
+    cache_root = Path(cache_root)
+    source, tok, fingerprint, key, final = _target(data_cfg, seq_len, cache_root, log, fetch)
+    if (final / "manifest.json").exists():
+        return TokenCache.open(final)
+    workers = _workers(data_cfg)
     work = final.parent / f".build-{key}"
     lock = cache_lock.hold(work, final, log, WAIT_S)
     if lock is None:
@@ -232,6 +248,32 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
         return _build_into(work, final, source, tok, data_cfg, seq_len, fingerprint, key, workers, log)
     finally:
         lock.release()
+
+
+def build_share(data_cfg, seq_len: int, cache_root: str | Path, host: int, hosts: int, log=print,
+                fetch=None) -> Path | None:
+    """Tokenizes host `host`'s share of the cache's shards -- those whose index is `host` modulo
+    `hosts`, in each split -- into the build directory, where ``build`` finds them finished: the
+    multi-host build (``jaxlm.data.prepare``). Every host reads the whole corpus to cut it into the
+    same shards. Returns the build's shard directory, or None when there is nothing to share: the
+    cache exists, the source is pre-tokenized or the tokenizer is still to be trained (by ``build``)."""
+    cache_root = Path(cache_root)
+    source, tok, _, key, final = _target(data_cfg, seq_len, cache_root, log, fetch, train=False)
+    if tok is None or source.pretokenized or (final / "manifest.json").exists():
+        return None
+    workers = _workers(data_cfg)
+    shard_dir = final.parent / f".build-{key}" / "shards"
+    counts = cache_shards.ShardCounts()
+    t0, pool = time.time(), cache_shards.executor(workers, tok)
+    try:
+        for split in sources_lib.SPLITS:
+            cache_shards.tokenize_share(source.documents(split), pool, shard_dir / split, host, hosts,
+                                        2 * workers + 1, counts)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    log(f"process {host} of {hosts}: tokenized {counts.tokenized} shards of its share of {source.spec} in "
+        f"{time.time() - t0:.1f}s ({counts.reused} found finished)")
+    return shard_dir
 
 
 def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fingerprint: dict, key: str,

@@ -146,3 +146,24 @@ def tokenized_shards(docs: Iterable[str], tok, pool, shard_dir: Path, in_flight:
         n, p, f = queue.popleft()
         f.result()
         yield n, _read_shard(p, dtype)
+
+
+def tokenize_share(docs: Iterable[str], pool, shard_dir: Path, host: int, hosts: int, in_flight: int,
+                   counts: ShardCounts) -> None:
+    """Tokenizes the shards of `docs` whose index is `host` modulo `hosts` into `shard_dir` (the
+    files ``tokenized_shards`` reads back), skipping those already there."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    queue: collections.deque = collections.deque()
+    for i, group in enumerate(_groups(docs, SHARD_DOCS)):
+        if i % hosts != host:
+            continue
+        path = shard_dir / f"{i:07d}-{_digest(group)}.bin"
+        if path.exists():
+            counts.reused += 1
+            continue
+        counts.tokenized += 1
+        queue.append(pool.submit(_tokenize_shard, group, path))
+        while len(queue) > in_flight:
+            queue.popleft().result()
+    while queue:
+        queue.popleft().result()
