@@ -134,6 +134,15 @@ def main(argv):
             far = stream_rate(cache, cfg, args.batches, Path(tmp))
             print(f"loader streaming the cache by byte ranges from the local GCS emulator (fake-gcs-server): "
                   f"{far:,.0f} tokens/s ({far / rate:.2f}x local disk, {far / H100_GPT2_SMALL:.1f}x one H100's need)")
+            # In a cache of billions of tokens two rows of a batch are almost never within MERGE_GAP:
+            # one request per row, as timed here with merging off.
+            merge, remote.MERGE_GAP = remote.MERGE_GAP, 0
+            try:
+                far = stream_rate(cache, cfg, args.batches, Path(tmp) / "unmerged")
+            finally:
+                remote.MERGE_GAP = merge
+            print(f"  the same, one request per row (no two rows merged, as in a FineWeb-size cache): "
+                  f"{far:,.0f} tokens/s ({far / rate:.2f}x local disk, {far / H100_GPT2_SMALL:.1f}x one H100's need)")
     assert np.isfinite(rate)
 
 
