@@ -1,5 +1,7 @@
 """The multi-host cache build: two local processes joined by jax.distributed each tokenize their
-share of the shards, and process 0's cache has the same bytes as a one-process build."""
+share of the shards, and process 0's cache has the same bytes as a one-process build -- with a
+shared local data.cache_dir, and with one on gs:// (the local fake GCS server of tests/test_gcs.py)
+where each host has its own local directory, so the shards can only meet through the bucket."""
 
 import json
 import os
@@ -7,10 +9,12 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from test_gcs import BUCKET, gcs  # noqa: F401  (the emulator fixture)
 
-from jaxlm import config, data
+from jaxlm import config, data, paths
 from jaxlm.data import cache_shards
 
 from conftest import ROOT, write_word_corpus
@@ -53,18 +57,24 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two jax.distributed processes
-def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["shared directory", "bucket"])
+def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(where, tmp_path, monkeypatch, request):
     corpus = write_word_corpus(tmp_path / "corpus", 60, words_per_doc=0)
     monkeypatch.setattr(cache_shards, "SHARD_DOCS", SHARD_DOCS)
     log: list[str] = []
     ref = data.prepare(config.load(ROOT / "configs" / "tiny.py", _overrides(corpus, tmp_path / "one")),
                        tmp_path / "one", log=log.append)
     total = int(re.search(r"(\d+) shards tokenized", log[-1]).group(1))
-    o = _overrides(corpus, tmp_path / "two", tokenizer=ref.tokenizer_spec)  # the same tokenizer: the same key
+    root = tmp_path / "two"
+    if where == "bucket":
+        request.getfixturevalue("gcs")  # the emulator, and the environment pointing at it (inherited)
+        root = f"gs://{BUCKET}/multihost-{tmp_path.name}"
+    o = _overrides(corpus, root, tokenizer=ref.tokenizer_spec)  # the same tokenizer: the same key
     addr = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    envs = [{**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_LOCAL_CACHE": str(tmp_path / f"host-{i}")} for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", HOST, addr, str(i), json.dumps(o), str(SHARD_DOCS)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              env=envs[i], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -79,5 +89,9 @@ def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(tmp_path, monk
     assert {n.split("/")[0] for n in hosts[0]["tokenized"]} == {"train", "validation"}
     # process 0 assembled the rows from the finished shards: nothing tokenized twice
     assert re.search(r"0 shards tokenized, \d+ reused", "\n".join(hosts[0]["log"])), hosts[0]["log"]
-    assert hosts[0]["path"] == hosts[1]["path"] and hosts[0]["path"].endswith(ref.path.name)
-    assert _files(ref.path) == _files(tmp_path / "two" / "tokens" / ref.path.name)
+    for host in hosts:
+        assert host["path"].endswith(ref.path.name)
+        assert _files(ref.path) == {k: v for k, v in _files(Path(host["path"])).items() if k != paths.COMMIT}
+    if where == "bucket":  # process 1's copy came from the bucket; the shards left there are gone
+        assert hosts[0]["path"] != hosts[1]["path"]
+        assert sorted(p.name for p in (paths.path(root) / "tokens").iterdir()) == [ref.path.name]
