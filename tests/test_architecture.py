@@ -25,7 +25,8 @@ LAYERS = [
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
-     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache", "jaxlm.data.loader",
+     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
+     "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data",
      "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
      "jaxlm.optim", "jaxlm.telemetry"],

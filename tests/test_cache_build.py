@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import config, data
 from jaxlm.data import cache as cache_lib
+from jaxlm.data import cache_lock, cache_shards
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -52,7 +53,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    monkeypatch.setattr(cache_lib, "SHARD_DOCS", SHARD_DOCS)
+    monkeypatch.setattr(cache_shards, "SHARD_DOCS", SHARD_DOCS)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def reference(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("buildref")
     log: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cache_lib, "SHARD_DOCS", SHARD_DOCS)
+        mp.setattr(cache_shards, "SHARD_DOCS", SHARD_DOCS)
         cache = data.prepare(_cfg(corpus, root), root, log=log.append)
     tokenized, reused = _shards(log)
     assert reused == 0 and tokenized > 12
@@ -84,7 +85,7 @@ def test_an_interrupted_build_resumes_from_its_finished_shards(corpus, reference
                                                                monkeypatch):
     ref, total = reference
     cfg = _cfg(corpus, tmp_path)
-    real, read = cache_lib._read_shard, []
+    real, read = cache_shards._read_shard, []
 
     def interrupted_after_5(path, dtype):
         if len(read) == 5:
@@ -92,13 +93,13 @@ def test_an_interrupted_build_resumes_from_its_finished_shards(corpus, reference
         read.append(path)
         return real(path, dtype)
 
-    monkeypatch.setattr(cache_lib, "_read_shard", interrupted_after_5)
+    monkeypatch.setattr(cache_shards, "_read_shard", interrupted_after_5)
     with pytest.raises(KeyboardInterrupt):
         data.prepare(cfg, tmp_path, log=lambda s: None)
     assert not list(tmp_path.glob("tokens/*/manifest.json"))
     (work,) = tmp_path.glob("tokens/.build-*")
     assert len(list(work.glob("shards/train/*.bin"))) >= 5
-    monkeypatch.setattr(cache_lib, "_read_shard", real)
+    monkeypatch.setattr(cache_shards, "_read_shard", real)
     log: list[str] = []
     cache = data.prepare(cfg, tmp_path, log=log.append)
     tokenized, reused = _shards(log)
@@ -110,7 +111,7 @@ def test_an_interrupted_build_resumes_from_its_finished_shards(corpus, reference
 KILL_AFTER_SHARDS = """
 import json, os, signal, sys
 from jaxlm import config, data
-from jaxlm.data import cache
+from jaxlm.data import cache_shards as cache
 cache.SHARD_DOCS = int(sys.argv[2])
 real, read = cache._read_shard, []
 def dying(path, dtype):  # the parent, having assembled N shards' rows, is killed without warning
@@ -153,7 +154,7 @@ def test_a_live_builder_is_waited_for(corpus, reference, tmp_path, monkeypatch):
     cfg.data.tokenizer = str(ref.tokenizer_path)  # the same tokenizer: the same key
     fd = _hold_lock(tmp_path / "tokens" / f".build-{ref.path.name}")
     monkeypatch.setattr(cache_lib, "WAIT_S", 0.5)
-    monkeypatch.setattr(cache_lib, "_POLL_S", 0.05)
+    monkeypatch.setattr(cache_lock, "_POLL_S", 0.05)
     with pytest.raises(DataError, match=r"process 4242 on otherhost \(since 2026-11-23 10:00:00\) has been building"):
         data.prepare(cfg, tmp_path, log=lambda s: None)
     assert not (tmp_path / "tokens" / ref.path.name).exists()

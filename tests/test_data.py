@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm import config, data
 from jaxlm.data import cache as cache_lib
-from jaxlm.data import sources, tokenizer
+from jaxlm.data import cache_lock, sources, tokenizer
 from jaxlm.errors import DataError
 
 from conftest import ROOT, SHARED_DATA, write_word_corpus
@@ -335,5 +335,5 @@ def test_stale_build_directories_of_dead_processes_are_removed(tmp_path):
     for d in (stale, live, other_host):
         d.mkdir()
         (d / "partial.bin").write_bytes(b"x" * 100)
-    fresh = cache_lib._tmp_dir(tmp_path, "key")
+    fresh = cache_lock.tmp_dir(tmp_path, "key")
     assert fresh.exists() and not stale.exists() and live.exists() and other_host.exists()

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import files, paths
 from jaxlm.data import mixture, remote
-from jaxlm.data.cache import TokenCache, build, complete_directories
+from jaxlm.data.cache import TokenCache, build, build_share, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache
 
@@ -28,9 +28,13 @@ def cache_root(cfg, workdir):
 def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     """The tokenizer and token cache for this config (built if missing; atomic).
 
-    On a multi-process run process 0 trains the tokenizer and builds the cache while the others
-    wait at a barrier; then they find it (a shared data.cache_dir) or, where each host has its own
-    directory, build their own copy.
+    On a multi-process run every host first tokenizes its share of the cache's shards
+    (``cache.build_share``: shard i on host i mod P); then process 0 builds the cache from the
+    finished shards (tokenizing any that are missing) while the others wait at a barrier, and they
+    find it (a shared data.cache_dir) or, where each host has its own directory, build their own
+    copy. The shards reach process 0 through the shared directory or, for a cache root on an object
+    store, through the store (uploaded by each host, downloaded by process 0, removed once the
+    cache is published). Where the tokenizer is still to be trained, process 0 does all the work.
 
     A cache root on an object store (``gs://``) is mirrored in a local directory (``paths.mirror``):
     the rows are memory-mapped, which needs a local file. A directory found committed in the store
@@ -63,16 +67,61 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
 
     if jax.process_count() == 1:
         return find_or_build()
+    shards = _tokenize_share(cfg, root, local, fetch, log)  # every host: its share of the shards
     cache, error = None, None
     if jax.process_index() == 0:
         try:
+            _gather_shards(shards, root, local)
             cache = find_or_build()
+            _drop_shards(shards, root, local)
         except Exception as e:  # reach the barrier anyway, so the others are not left waiting
             error = e
     multihost_utils.sync_global_devices("jaxlm.data.prepare")
     if error is not None:
         raise error
     return cache or find_or_build()
+
+
+def _tokenize_share(cfg, root, local: Path, fetch, log) -> Path | None:
+    """This host's share of the shards tokenized into the build's shard directory (uploaded to the
+    store for a remote root); None where there is nothing to share. A failure here is only logged:
+    process 0 tokenizes whatever is missing, and meets the same error itself if it is the data's."""
+    if mixture.is_mixture(cfg.data.source):
+        return None
+    try:
+        shards = build_share(cfg.data, cfg.train.seq_len, local, jax.process_index(), jax.process_count(),
+                             log=log, fetch=fetch)
+        if shards is not None and fetch is not None:
+            url = root / shards.relative_to(local).as_posix()
+            for f in sorted(shards.glob("*/[!.]*.bin")):
+                target = url / f.relative_to(shards).as_posix()
+                if not target.exists():
+                    files.atomic_write(target, f.read_bytes())
+        return shards
+    except Exception as e:
+        log(f"warning: process {jax.process_index()} could not tokenize its share of the cache "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); process 0 tokenizes it")
+        return None
+
+
+def _gather_shards(shards: Path | None, root, local: Path) -> None:
+    """Process 0, for a remote root: the other hosts' finished shards, from the store."""
+    if shards is None or not paths.is_remote(root):
+        return
+    url = root / shards.relative_to(local).as_posix()
+    for split_url in (url.iterdir() if url.exists() else ()):
+        for f in split_url.iterdir():
+            target = shards / split_url.name / f.name
+            if not f.name.startswith(".") and not target.exists():
+                files.atomic_write(target, f.read_bytes())
+
+
+def _drop_shards(shards: Path | None, root, local: Path) -> None:
+    """Process 0, for a remote root, once the cache is published: the shards left in the store."""
+    if shards is not None and paths.is_remote(root):
+        url = root / shards.parent.relative_to(local).as_posix()
+        if url.exists():
+            url.rmtree()
 
 
 def _stream(data_cfg, url, local: Path) -> bool:

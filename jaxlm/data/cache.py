@@ -25,84 +25,38 @@ manifest (written last) go to ``.build-<key>/out``, renamed to ``tokens/<key>`` 
 an interrupted build never leaves a directory a later run would use (a directory without its
 manifest is never read). A cache root on an object store is built in a local mirror and uploaded
 with a commit object written last (``jaxlm.data.prepare``).
+
+The shards and their tokenizing workers live in ``cache_shards``, the build directory's lock and the
+atomic publishing of directories in ``cache_lock``.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
-import fcntl
 import hashlib
 import json
-import multiprocessing
-import os
 import shutil
-import signal
-import socket
 import sys
-import threading
 import time
-import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from jaxlm import files, paths
-from jaxlm.data import remote
+from jaxlm.data import cache_lock, cache_shards, remote
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
 
 FORMAT_VERSION = 1
-# Documents per shard: the unit of parallel tokenization and of resume after a kill. The rows do
-# not depend on it (shards are concatenated in order before rows are cut).
-SHARD_DOCS = 2048
 # A builder finding another live builder of the same cache waits this long for it, then fails.
 WAIT_S = 24 * 3600.0
-_POLL_S = 2.0
 
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """Atomically moves a finished temp directory into place (another builder may have won)."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if (final / "manifest.json").exists() or tok_lib.stored(final):
-            shutil.rmtree(tmp, ignore_errors=True)  # same content, built concurrently
-        else:
-            raise
-    return final
-
-
-def _tmp_dir(parent: Path, name: str) -> Path:
-    """A fresh temporary directory under `parent`, named after its owner (host and process id), after
-    removing any earlier one whose owner on this host is gone (a build killed with SIGKILL)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for old in parent.glob(f".tmp-*-{host}-*"):
-        pid = old.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = parent / f".tmp-{name}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @dataclasses.dataclass
@@ -172,9 +126,9 @@ def local_tokenizer_spec(spec: str) -> str:
 
 
 def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=print,
-                  fetch=None) -> tok_lib.AnyTokenizer:
+                  fetch=None, train: bool = True) -> tok_lib.AnyTokenizer | None:
     """The configured tokenizer: ``data.tokenizer`` if set, else one of ``data.tokenizer_kind`` trained once
-    and cached."""
+    and cached (None instead of training one when `train` is False)."""
     if data_cfg.tokenizer:
         return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
     kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
@@ -191,16 +145,18 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
         fetch(final)
     if spec := tok_lib.stored(final):
         return tok_lib.load(spec)
+    if not train:
+        return None
     what = "SentencePiece BPE" if kind == "sentencepiece" else "byte-level BPE"
     log(f"training a {data_cfg.vocab_size}-piece {what} tokenizer on {source.spec} "
         f"(up to {data_cfg.tokenizer_max_docs} documents)")
     t0 = time.time()
     tok = tok_lib.TRAINERS[kind](source.documents("train"), data_cfg.vocab_size,
                                  max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
-    tmp = _tmp_dir(final.parent, key)
+    tmp = cache_lock.tmp_dir(final.parent, key)
     try:
         tok_lib.store(tok, tmp)
-        _publish(tmp, final)
+        cache_lock.publish(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     spec = tok_lib.stored(final)
@@ -238,199 +194,6 @@ def _write_split(shards: Iterable[tuple[int, np.ndarray]], tok: tok_lib.Tokenize
             "unigram_entropy": round(float(-(p * np.log(p)).sum()), 6)}
 
 
-# --- shards: tokenized in worker processes, kept for resume ----------------------------------
-
-_worker_tok: tok_lib.Tokenizer | None = None
-
-
-def _init_worker(tok: tok_lib.Tokenizer, parent: int) -> None:
-    global _worker_tok
-    _worker_tok = tok
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent stops the pool
-    # A parent killed with SIGKILL never closes the task queue (each worker holds its write end too),
-    # so a worker would wait for tasks forever: it exits when it finds itself orphaned. The parent's pid
-    # comes from the parent: a worker still starting when it died would see its new parent here.
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None = None,
-                    threads: int | None = 1) -> int:
-    """Tokenizes one shard into `path` (its documents' tokens, each followed by EOS), atomically. In a
-    worker process on one thread (the processes are the parallelism); in this process on all cores."""
-    tok = tok or _worker_tok
-    dtype = tok.dtype()
-    flat = tok.encode_flat(docs, num_threads=threads).astype(dtype, copy=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(flat.tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # a shard that exists is complete, also after a crash
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return int(flat.size)
-
-
-def _read_shard(path: Path, dtype) -> np.ndarray:
-    return np.fromfile(path, dtype=dtype)
-
-
-def _digest(docs: list[str]) -> str:
-    h = hashlib.blake2b(digest_size=10)
-    for d in docs:
-        b = d.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _groups(docs: Iterable[str], size: int) -> Iterator[list[str]]:
-    group: list[str] = []
-    for d in docs:
-        group.append(d)
-        if len(group) >= size:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-class _InProcess:
-    """The executor for data.workers <= 1: tokenizes at submission, with SentencePiece's threads."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def submit(self, fn, docs, path):
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        fut.set_result(fn(docs, path, self.tok, None))
-        return fut
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        pass
-
-
-def _executor(workers: int, tok):
-    if workers <= 1:
-        return _InProcess(tok)
-    # spawn, not fork: the parent is usually a multithreaded JAX process
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(tok, os.getpid()))
-
-
-@dataclasses.dataclass
-class _ShardCounts:
-    tokenized: int = 0
-    reused: int = 0
-
-
-def _tokenized_shards(docs: Iterable[str], tok, pool, shard_dir: Path, in_flight: int,
-                      counts: _ShardCounts) -> Iterator[tuple[int, np.ndarray]]:
-    """(documents, tokens) of each shard of `docs` in corpus order; a shard finished by an earlier,
-    interrupted build (same index, same documents) is read back instead of tokenized again."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    queue: collections.deque = collections.deque()
-    dtype = tok.dtype()
-    for i, group in enumerate(_groups(docs, SHARD_DOCS)):
-        path = shard_dir / f"{i:07d}-{_digest(group)}.bin"
-        if path.exists():
-            counts.reused += 1
-            fut: concurrent.futures.Future = concurrent.futures.Future()
-            fut.set_result(None)
-        else:
-            counts.tokenized += 1
-            fut = pool.submit(_tokenize_shard, group, path)
-        queue.append((len(group), path, fut))
-        while len(queue) > in_flight:
-            n, p, f = queue.popleft()
-            f.result()
-            yield n, _read_shard(p, dtype)
-    while queue:
-        n, p, f = queue.popleft()
-        f.result()
-        yield n, _read_shard(p, dtype)
-
-
-# --- the build directory and its lock --------------------------------------------------------
-
-class _Lock:
-    """An exclusive ``fcntl`` lock on ``<work>/lock`` (the kernel drops it when its holder dies), with
-    the holder described in ``<work>/owner.json`` for the messages of those waiting."""
-
-    def __init__(self, work: Path):
-        self.work, self.fd = work, None
-
-    def try_acquire(self) -> bool:
-        self.work.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.work / "lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        (self.work / "owner.json").write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        return True
-
-    def owner_info(self) -> dict:
-        try:
-            return json.loads((self.work / "owner.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def owner(self) -> str:
-        o = self.owner_info()
-        try:
-            return f"process {o['pid']} on {o['host']} (since {o['since']})"
-        except KeyError:
-            return "another process"
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _hold(work: Path, final: Path, log, wait_s: float) -> _Lock | None:
-    """The build lock for `final`, or None once another builder has published it (waits while a
-    live builder holds it, up to `wait_s`)."""
-    lock = _Lock(work)
-    t0, said = time.monotonic(), False
-    while True:
-        if (final / "manifest.json").exists():
-            return None
-        if lock.try_acquire():
-            if (final / "manifest.json").exists():  # published between the check and the lock
-                shutil.rmtree(work, ignore_errors=True)
-                lock.release()
-                return None
-            return lock
-        if time.monotonic() - t0 > wait_s:
-            raise DataError(
-                f"{final}: {lock.owner()} has been building this token cache for over {wait_s:.0f}s (it holds "
-                f"{work / 'lock'}); wait for it, stop it, or use another data.cache_dir")
-        o = lock.owner_info()
-        if o.get("pid") == os.getppid() and o.get("host") == socket.gethostname():
-            raise DataError(
-                f"{final}: this is a tokenizing worker process of the build, building again: data.workers > 1 "
-                "starts its processes with spawn, which imports the main module, and the main module starts a "
-                "build at import; guard that code with `if __name__ == \"__main__\":`")
-        if not said:
-            log(f"waiting for {lock.owner()}, which is building {final}")
-            said = True
-        time.sleep(min(_POLL_S, max(wait_s, 0.01)))
-
-
 def complete_directories(cache_root: Path) -> list[Path]:
     """The finished tokenizer and token directories under `cache_root` (not the builds in progress)."""
     out = []
@@ -441,13 +204,13 @@ def complete_directories(cache_root: Path) -> list[Path]:
     return out
 
 
-def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None) -> TokenCache:
-    """The token cache for this data config and seq_len: found if built before, else built now.
-    `fetch(directory)`, if given, may fill a tokenizer or token directory before it is looked for
-    (from an object store: ``jaxlm.data.prepare``)."""
-    cache_root = Path(cache_root)
+def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = True):
+    """(source, tokenizer, fingerprint, key, final directory) of this config's token cache; the
+    tokenizer is None where it would have to be trained and `train` is False."""
     source = sources_lib.open_source(data_cfg)
-    tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch)
+    tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch, train=train)
+    if tok is None:
+        return source, None, None, None, None
     tok_lib.check_dtype(tok.vocab_size, tok.dtype(), f"data.tokenizer={data_cfg.tokenizer or '<trained>'!r}")
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
@@ -456,13 +219,27 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
     final = cache_root / "tokens" / key
     if fetch is not None:
         fetch(final)
-    if (final / "manifest.json").exists():
-        return TokenCache.open(final)
+    return source, tok, fingerprint, key, final
+
+
+def _workers(data_cfg) -> int:
     workers = int(data_cfg.get("workers", 1))
     if workers < 0:
         raise DataError(f"data.workers={workers}: must be 0 or 1 (tokenize in this process) or more (processes)")
+    return workers
+
+
+def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None) -> TokenCache:
+    """The token cache for this data config and seq_len: found if built before, else built now.
+    `fetch(directory)`, if given, may fill a tokenizer or token directory before it is looked for
+    (from an object store: ``jaxlm.data.prepare``)."""
+    cache_root = Path(cache_root)
+    source, tok, fingerprint, key, final = _target(data_cfg, seq_len, cache_root, log, fetch)
+    if (final / "manifest.json").exists():
+        return TokenCache.open(final)
+    workers = _workers(data_cfg)
     work = final.parent / f".build-{key}"
-    lock = _hold(work, final, log, WAIT_S)
+    lock = cache_lock.hold(work, final, log, WAIT_S)
     if lock is None:
         return TokenCache.open(final)
     try:  # an error, SIGINT or SIGTERM leaves the finished shards for the next build (and the lock free)
@@ -473,21 +250,47 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
         lock.release()
 
 
+def build_share(data_cfg, seq_len: int, cache_root: str | Path, host: int, hosts: int, log=print,
+                fetch=None) -> Path | None:
+    """Tokenizes host `host`'s share of the cache's shards -- those whose index is `host` modulo
+    `hosts`, in each split -- into the build directory, where ``build`` finds them finished: the
+    multi-host build (``jaxlm.data.prepare``). Every host reads the whole corpus to cut it into the
+    same shards. Returns the build's shard directory, or None when there is nothing to share: the
+    cache exists, the source is pre-tokenized or the tokenizer is still to be trained (by ``build``)."""
+    cache_root = Path(cache_root)
+    source, tok, _, key, final = _target(data_cfg, seq_len, cache_root, log, fetch, train=False)
+    if tok is None or source.pretokenized or (final / "manifest.json").exists():
+        return None
+    workers = _workers(data_cfg)
+    shard_dir = final.parent / f".build-{key}" / "shards"
+    counts = cache_shards.ShardCounts()
+    t0, pool = time.time(), cache_shards.executor(workers, tok)
+    try:
+        for split in sources_lib.SPLITS:
+            cache_shards.tokenize_share(source.documents(split), pool, shard_dir / split, host, hosts,
+                                        2 * workers + 1, counts)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    log(f"process {host} of {hosts}: tokenized {counts.tokenized} shards of its share of {source.spec} in "
+        f"{time.time() - t0:.1f}s ({counts.reused} found finished)")
+    return shard_dir
+
+
 def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fingerprint: dict, key: str,
                 workers: int, log) -> TokenCache:
     t0 = time.time()
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)  # rows are cheap to write again from the shards
     out.mkdir(parents=True)
-    splits, counters, shard_counts = {}, sources_lib.Counters(), _ShardCounts()
-    pool = _executor(workers, tok)
+    splits, counters, shard_counts = {}, sources_lib.Counters(), cache_shards.ShardCounts()
+    pool = cache_shards.executor(workers, tok)
     try:
         for split in sources_lib.SPLITS:
             source.counters = sources_lib.Counters()
             if source.pretokenized:  # token shards: ids checked and cut into rows, no tokenizing
                 shards = source.token_chunks(split, tok.vocab_size, tok.eos_id, tok.dtype())
             else:
-                shards = _tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
+                shards = cache_shards.tokenized_shards(source.documents(split), tok, pool, work / "shards" / split,
                                            2 * workers + 1, shard_counts)
             splits[split] = _write_split(shards, tok, seq_len, out / f"{split}.bin", split)
             # What reading noticed, counted once per document read: without a native validation split
@@ -512,7 +315,7 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
         "eos_id": tok.eos_id, "tokenizer_sha256": tok.sha256, "splits": splits, "counters": counters,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    _publish(out, final)
+    cache_lock.publish(out, final)
     shutil.rmtree(work, ignore_errors=True)  # the lock file too: waiters find the manifest first
     s = splits["train"]
     if counters["replaced_bytes_documents"]:

@@ -45,9 +45,10 @@ def _is_gpt2_scheme(obj: dict) -> bool:
             and not pre.get("add_prefix_space") and pre.get("use_regex", True))
 
 
-def encoding(tokenizer_json: str) -> tiktoken.Encoding | None:
-    """tiktoken's Encoding for a GPT-2-scheme tokenizer.json, or None if tiktoken would differ."""
-    obj = json.loads(tokenizer_json)
+def encoding(tokenizer_json: str | dict) -> tiktoken.Encoding | None:
+    """tiktoken's Encoding for a GPT-2-scheme tokenizer.json (its text, or parsed), or None if
+    tiktoken would differ."""
+    obj = json.loads(tokenizer_json) if isinstance(tokenizer_json, str) else tokenizer_json
     if not _is_gpt2_scheme(obj):
         return None
     added = {t["content"]: int(t["id"]) for t in obj.get("added_tokens", [])}

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxlm.errors import DataError
 
-REMOTE_BATCHES_IN_FLIGHT = 8  # batches read concurrently from an object store (each: one ranged GET per row)
+REMOTE_BATCHES_IN_FLIGHT = 8  # batches read concurrently from an object store (remote.RemoteRows.take_rows)
 
 
 class Loader:

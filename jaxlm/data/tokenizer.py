@@ -152,7 +152,8 @@ class HFTokenizer:
         self.vocab_size = max(tk.get_vocab(with_added_tokens=True).values()) + 1
         # the whole pipeline as tokenizers serialises it, and the EOS chosen: what decides the tokens
         self.sha256 = hashlib.sha256(self.json.encode() + b"\0eos=" + eos_token.encode()).hexdigest()
-        self.byte_level = _has_type(json.loads(self.json).get("pre_tokenizer"), "ByteLevel")
+        self._parsed = json.loads(self.json)  # kept for the tiktoken engine (_tiktoken): parsed once
+        self.byte_level = _has_type(self._parsed.get("pre_tokenizer"), "ByteLevel")
         self.config = config if config is not None else self._default_config()
         self.special_tokens_map = special_tokens_map if special_tokens_map is not None else {
             k: eos_token for k in ("bos_token", "eos_token", "unk_token")}
@@ -208,11 +209,11 @@ class HFTokenizer:
 
     def _tiktoken(self):
         if getattr(self, "_engine", None) is None:
-            self._engine = fastbpe.encoding(self.json) or False
+            self._engine = fastbpe.encoding(self.__dict__.pop("_parsed", None) or self.json) or False
         return self._engine or None
 
     def __getstate__(self):  # (to worker processes) the engine is rebuilt there
-        return {k: v for k, v in self.__dict__.items() if k != "_engine"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_engine", "_parsed")}
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
