@@ -62,7 +62,7 @@ def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(where, tmp_pat
     corpus = write_word_corpus(tmp_path / "corpus", 60, words_per_doc=0)
     monkeypatch.setattr(cache_shards, "SHARD_DOCS", SHARD_DOCS)
     log: list[str] = []
-    ref = data.prepare(config.load(ROOT / "configs" / "tiny.py", _overrides(corpus, tmp_path / "one")),
+    ref = data.prepare(config.load(ROOT / "jaxlm" / "configs" / "tiny.py", _overrides(corpus, tmp_path / "one")),
                        tmp_path / "one", log=log.append)
     total = int(re.search(r"(\d+) shards tokenized", log[-1]).group(1))
     root = tmp_path / "two"
