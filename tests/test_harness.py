@@ -1,6 +1,7 @@
 """jaxlm as an lm-evaluation-harness model: the same answers as the harness's own ``hf`` model on the
 same weights, on tasks defined by YAML over local files (no network: HF_*_OFFLINE)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -64,7 +65,8 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A 3-step tiny run with a GPT-2-style byte-level BPE (n_positions 128), its HF export, and task YAMLs."""
+    """A 3-step tiny run (small batches) with a GPT-2-style byte-level BPE (n_positions 128), its HF export,
+    and task YAMLs."""
     from jaxlm import config, export
     from jaxlm import run as run_lib
 
@@ -72,18 +74,26 @@ def exported(tmp_path_factory):
     corpus = write_word_corpus(root / "corpus", 30)
     cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
-        "train.steps": 3, "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
+        "train.steps": 3, "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0,
+        "log.wandb_mode": "disabled", "log.stats_every": 0,
         "checkpoint.stages": ((3, 10),)})
     run_lib.run(cfg, root / "run", log=lambda s: None)
     out = export.export(root / "run", root / "hf")
     return root / "run", out, write_tasks(root / "tasks", corpus)
 
 
-def _evaluate(lm, tasks_dir):
-    import lm_eval
+@functools.cache
+def _task_manager(tasks_dir):
+    """The test tasks only: indexing lm-eval's thousands of built-in YAMLs is most of an evaluation's cost."""
     from lm_eval.tasks import TaskManager
 
-    r = lm_eval.simple_evaluate(model=lm, tasks=[MC, ROLLING], task_manager=TaskManager(include_path=str(tasks_dir)),
+    return TaskManager(include_path=str(tasks_dir), include_defaults=False)
+
+
+def _evaluate(lm, tasks_dir):
+    import lm_eval
+
+    r = lm_eval.simple_evaluate(model=lm, tasks=[MC, ROLLING], task_manager=_task_manager(tasks_dir),
                                 log_samples=True)
     lls = {t: [resp[0] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"]) for resp in s["resps"]]
            for t in (MC, ROLLING)}  # each request's one response
