@@ -134,6 +134,7 @@ def test_jaxlm_and_the_harness_hf_model_agree(exported):
     assert ours.generate_until(requests) == theirs.generate_until(requests)
 
 
+@pytest.mark.slow  # importing jaxlm.harness imports lm_eval (and torch): 24 s under load, the fast lane's slowest
 def test_length_buckets_bound_the_compiles():
     from jaxlm import harness
 
