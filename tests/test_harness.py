@@ -182,7 +182,7 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     (broken / "broken.yaml").write_text((tasks / "mc.yaml").read_text().replace(MC, "jaxlm_test_broken")
                                         .replace("mc.jsonl", "missing.jsonl"))
     with pytest.raises(DataError, match=r"--tasks=jaxlm_test_broken: a task's dataset cannot be loaded .*missing"):
-        harness_lib.evaluate(harness_lib.JaxlmLM(hf=hf_dir), ["jaxlm_test_broken"], include_path=str(broken))
+        harness_lib.evaluate(harness_lib.JaxlmLM(hf=hf_dir), ["jaxlm_test_broken"], manager=_task_manager(broken))
     (run / "cache_moved").mkdir()  # a run whose token cache (and tokenizer) is gone
     meta = json.loads((run / "run.json").read_text())
     spec = harness_lib.tok_lib.spec_path(meta["data"]["tokenizer"])
