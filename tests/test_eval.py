@@ -182,7 +182,7 @@ def test_the_export_of_a_sentencepiece_run_evaluates_as_the_run(tmp_path):
 
     from conftest import train_tiny_run, write_word_corpus
 
-    run = train_tiny_run(tmp_path)
+    run = train_tiny_run(tmp_path, **{"train.batch_size": 4, "train.seq_len": 32})  # small steps: the point is the export
     out = export.export(run, tmp_path / "hf")
     spec = f"files:{write_word_corpus(tmp_path / 'corpus', 30)}/doc00*.txt"
     quiet = lambda s: None  # noqa: E731

@@ -54,8 +54,8 @@ def test_tpu_kernel_equals_the_reference_path_forward_and_backward(monkeypatch, 
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rate", [0.1, 0.3])
+@pytest.mark.slow  # one rate: the threshold is the only difference between rates (p = 0.3's mask is checked
+@pytest.mark.parametrize("rate", [0.1])  # through the gradients above)
 def test_tpu_kernel_draws_the_reference_mask_at_the_configured_rate(rate):
     """The mask read off the kernel's output (q = k = 0: row t's probabilities are 1/(t+1); v the
     one-hot of the key position: output[t, s] is that probability, dropped or scaled) is

@@ -1,6 +1,7 @@
 """jaxlm as an lm-evaluation-harness model: the same answers as the harness's own ``hf`` model on the
 same weights, on tasks defined by YAML over local files (no network: HF_*_OFFLINE)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -64,7 +65,8 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A 3-step tiny run with a GPT-2-style byte-level BPE (n_positions 128), its HF export, and task YAMLs."""
+    """A 3-step tiny run (small batches) with a GPT-2-style byte-level BPE (n_positions 128), its HF export,
+    and task YAMLs."""
     from jaxlm import config, export
     from jaxlm import run as run_lib
 
@@ -72,18 +74,26 @@ def exported(tmp_path_factory):
     corpus = write_word_corpus(root / "corpus", 30)
     cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
-        "train.steps": 3, "train.eval_every": 0, "log.wandb_mode": "disabled", "log.stats_every": 0,
+        "train.steps": 3, "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0,
+        "log.wandb_mode": "disabled", "log.stats_every": 0,
         "checkpoint.stages": ((3, 10),)})
     run_lib.run(cfg, root / "run", log=lambda s: None)
     out = export.export(root / "run", root / "hf")
     return root / "run", out, write_tasks(root / "tasks", corpus)
 
 
-def _evaluate(lm, tasks_dir):
-    import lm_eval
+@functools.cache
+def _task_manager(tasks_dir):
+    """The test tasks only: indexing lm-eval's thousands of built-in YAMLs is most of an evaluation's cost."""
     from lm_eval.tasks import TaskManager
 
-    r = lm_eval.simple_evaluate(model=lm, tasks=[MC, ROLLING], task_manager=TaskManager(include_path=str(tasks_dir)),
+    return TaskManager(include_path=str(tasks_dir), include_defaults=False)
+
+
+def _evaluate(lm, tasks_dir):
+    import lm_eval
+
+    r = lm_eval.simple_evaluate(model=lm, tasks=[MC, ROLLING], task_manager=_task_manager(tasks_dir),
                                 log_samples=True)
     lls = {t: [resp[0] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"]) for resp in s["resps"]]
            for t in (MC, ROLLING)}  # each request's one response
@@ -124,6 +134,7 @@ def test_jaxlm_and_the_harness_hf_model_agree(exported):
     assert ours.generate_until(requests) == theirs.generate_until(requests)
 
 
+@pytest.mark.slow  # importing jaxlm.harness imports lm_eval (and torch): 24 s under load, the fast lane's slowest
 def test_length_buckets_bound_the_compiles():
     from jaxlm import harness
 
@@ -171,7 +182,7 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     (broken / "broken.yaml").write_text((tasks / "mc.yaml").read_text().replace(MC, "jaxlm_test_broken")
                                         .replace("mc.jsonl", "missing.jsonl"))
     with pytest.raises(DataError, match=r"--tasks=jaxlm_test_broken: a task's dataset cannot be loaded .*missing"):
-        harness_lib.evaluate(harness_lib.JaxlmLM(hf=hf_dir), ["jaxlm_test_broken"], include_path=str(broken))
+        harness_lib.evaluate(harness_lib.JaxlmLM(hf=hf_dir), ["jaxlm_test_broken"], manager=_task_manager(broken))
     (run / "cache_moved").mkdir()  # a run whose token cache (and tokenizer) is gone
     meta = json.loads((run / "run.json").read_text())
     spec = harness_lib.tok_lib.spec_path(meta["data"]["tokenizer"])

@@ -210,7 +210,7 @@ def test_bad_inputs_fail_with_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A two-step tiny run with checkpoints at steps 0, 1 and 2."""
-    return train_tiny_run(tmp_path_factory.mktemp("probe"), **{"train.seq_len": 32})
+    return train_tiny_run(tmp_path_factory.mktemp("probe"), **{"train.seq_len": 32, "train.batch_size": 4})
 
 
 def _cli(args, timeout=300):
@@ -308,6 +308,7 @@ def test_the_readme_probing_section_runs_as_written(tmp_path):
     corpus = write_word_corpus(tmp_path / "corpus", 30)
     tiny = {"jaxlm.main": [f"--config.data.source=files:{corpus}/*.txt", "--config.data.vocab_size=300",
                            "--config.data.val_fraction=0.2", "--config.train.steps=4", "--config.train.seq_len=32",
+                           "--config.train.batch_size=4",
                            "--config.train.eval_every=0",
                            "--config.log.stats_every=0", "--config.log.wandb_mode=disabled"],
             "jaxlm.probe": ["--window=32", "--rows=40", "--max_steps=50"], "jaxlm.export": []}

@@ -133,6 +133,7 @@ def test_a_training_run_logs_every_jsonl_scalar_and_resumes_without_duplicates(t
     corpus = write_word_corpus(tmp_path / "corpus", 30)
     cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
         "data.source": f"files:{corpus}/*.txt", "data.vocab_size": 300, "data.val_fraction": 0.2, "train.steps": 4,
+        "train.batch_size": 4, "train.seq_len": 32,  # the sink's logic, not the model: small steps
         "train.eval_every": 2, "train.eval_batches": 1, "log.every": 1, "log.stats_every": 2,
         "log.wandb_mode": "disabled", "checkpoint.stages": ((2, 10),), "log.profile_start": 1, "log.profile_steps": 2})
     run = tmp_path / "run"
