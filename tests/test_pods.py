@@ -17,7 +17,7 @@ from helpers import pods
 
 pytestmark = pytest.mark.slow  # every test starts several jaxlm.main processes
 
-STEPS = 12  # checkpoints on schedule at 0, 3, 6, 9, 12
+STEPS = 15  # checkpoints on schedule at 0, 3, ..., 15; each signal stops a run two steps after it
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_on_all_and_resumes_bit_i
                     "started); run the same command again on every host"], job.out(0)[-3000:]
     print(f"the peer of a process killed before it joined exited {waited:.1f} s after the launch")
     seen = []
-    for fault in ("build:0:SIGTERM", "init:1:SIGTERM", "compile:1:SIGTERM", "save=6:1:SIGTERM", "step=9:0:SIGTERM"):
+    for fault in ("build:0:SIGTERM", "init:1:SIGTERM", "compile:1:SIGTERM", "save=9:1:SIGTERM", "step=12:0:SIGTERM"):
         before = _steps(work) if (work / "checkpoints").exists() else []
         job, codes = _run(tmp_path, work, corpus, cache, 2, 4, fault=fault, tag=fault.split(":")[0])
         assert codes == [0, 0], (fault, codes, job.out(0)[-3000:], job.out(1)[-3000:])
