@@ -255,10 +255,11 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
     _check_stages(cfg.checkpoint.stages)
     d = cfg.distributed
-    if d.lost_after_s < 0 or d.heartbeat_timeout_s <= d.lost_after_s or d.shutdown_timeout_s <= 0:
+    if d.lost_after_s < 0 or d.heartbeat_timeout_s <= d.lost_after_s or d.shutdown_timeout_s <= 0 \
+            or d.init_timeout_s <= 0:
         raise ConfigError(f"distributed: lost_after_s={d.lost_after_s} must be >= 0 (0 = off) and below "
                           f"heartbeat_timeout_s={d.heartbeat_timeout_s} (the backstop), shutdown_timeout_s="
-                          f"{d.shutdown_timeout_s} positive")
+                          f"{d.shutdown_timeout_s} and init_timeout_s={d.init_timeout_s} positive")
     if cfg.log.wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"log.wandb_mode: unknown {cfg.log.wandb_mode!r}; allowed: disabled, offline, online")
     if cfg.log.every <= 0:

@@ -35,7 +35,7 @@ from typing import Callable
 import jax
 from jax._src import distributed as jax_distributed  # the coordination service's client (no public API)
 
-from jaxlm import paths
+from jaxlm import paths, preemption
 from jaxlm.errors import ConfigError
 
 
@@ -57,10 +57,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, local_device_ids: list[int] | None = None, timeouts=None) -> str:
     """Initialises jax.distributed if this is a multi-process run, and starts the :class:`Watchdog`;
     returns how ('explicit', 'tpu', 'slurm' or 'single'). `timeouts`: the config's ``distributed``
-    section (lost_after_s, heartbeat_timeout_s, shutdown_timeout_s); None: the defaults."""
+    section (lost_after_s, heartbeat_timeout_s, shutdown_timeout_s, init_timeout_s); None: the defaults."""
     t = {**DEFAULT_TIMEOUTS, **(dict(timeouts) if timeouts is not None else {})}
     kw = {"heartbeat_timeout_seconds": int(t["heartbeat_timeout_s"]),
-          "shutdown_timeout_seconds": int(t["shutdown_timeout_s"])}
+          "shutdown_timeout_seconds": int(t["shutdown_timeout_s"]),
+          "initialization_timeout": int(t["init_timeout_s"])}
     coordinator_address = coordinator_address or os.environ.get("JAXLM_COORDINATOR_ADDRESS")
     num_processes = num_processes if num_processes is not None else _env_int("JAXLM_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAXLM_PROCESS_ID")
@@ -68,22 +69,46 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if num_processes is None or process_id is None:
             raise ConfigError("--coordinator_address needs --num_processes and --process_id too "
                              "(or JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID)")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids, **kw)
+        _join(t, coordinator_address=coordinator_address, num_processes=num_processes,
+              process_id=process_id, local_device_ids=local_device_ids, **kw)
         _watch(float(t["lost_after_s"]))
         return "explicit"
     how = detect()
     if how:
-        jax.distributed.initialize(**kw)
+        _join(t, **kw)
         _watch(float(t["lost_after_s"]))
         return how
     return "single"
 
 
+def _join(t: dict, **kw) -> None:
+    """jax.distributed.initialize, bounded: a process that does not join within init_timeout_s (killed
+    or preempted before it joined, never started) ends every other with one error line (JAX's own
+    timeout, a little later, is the backstop: it aborts the process with a C++ stack trace). A signal
+    meanwhile is recorded (preemption.record_early) and stops the run at its first step."""
+    preemption.record_early()
+    who = f"process {kw['process_id']} of {kw['num_processes']}: " if kw.get("process_id") is not None else ""
+    message = (f"{who}not every process joined jax.distributed within distributed.init_timeout_s="
+               f"{t['init_timeout_s']} s (one was killed or preempted before it joined, or never started); "
+               "run the same command again on every host")
+    timer = threading.Timer(float(t["init_timeout_s"]), _not_joined, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(**{**kw, "initialization_timeout": int(kw["initialization_timeout"]) + 10})
+    finally:
+        timer.cancel()
+
+
+def _not_joined(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 # The defaults of configs/base.py's ``distributed`` section. lost_after_s bounds how long the
 # survivors of a killed process hold their devices; it must exceed the longest time a live
 # process's watchdog thread can go without running (a GIL held by one long C call).
-DEFAULT_TIMEOUTS = {"lost_after_s": 10.0, "heartbeat_timeout_s": 30, "shutdown_timeout_s": 30}
+DEFAULT_TIMEOUTS = {"lost_after_s": 10.0, "heartbeat_timeout_s": 30, "shutdown_timeout_s": 30, "init_timeout_s": 120}
 _KEY = "jaxlm/alive/"
 _state: dict = {"watchdog": None, "failed": False, "resume_hint": None}
 _posting = threading.Lock()  # this process's key: a heartbeat never overwrites its posted failure

@@ -3,6 +3,8 @@
 * :class:`Signals` -- installed for a whole run: during startup a signal unwinds at once
   (:class:`Interrupted`; one process only), during training it is recorded and the loop saves the
   current step and stops.
+* :func:`record_early` -- multi-process: installed before ``jax.distributed.initialize``, so a signal
+  while the processes join is recorded (and acted on at the first step), not fatal.
 * :class:`StopVote` -- multi-process: every process's "signal seen" flag, OR-ed by a tiny
   all-reduce after each step and read one step later, so every process stops at the same step
   (a signal reaches one host of a pod, not all: a TPU maintenance event, a SLURM node's preemption).
@@ -24,6 +26,22 @@ class Interrupted(BaseException):
     failed read) may take it for an error of its own."""
 
 
+_early: dict = {"received": None, "original": {}}  # record_early's signal, and the handlers it replaced
+
+
+def record_early() -> None:
+    """Records SIGTERM/SIGINT from now on (multi-process startup, before jax.distributed.initialize, when
+    a signal would otherwise kill this process and leave its peers waiting for it to join);
+    :class:`Signals` takes the recorded signal over when the run starts."""
+    def handler(signum, frame):
+        _early["received"] = signal.Signals(signum).name
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            _early["original"].setdefault(sig, signal.signal(sig, handler))
+        except ValueError:  # not the main thread
+            pass
+
+
 class Signals:
     """SIGTERM and SIGINT handling for a whole run, installed before its first long operation.
 
@@ -36,7 +54,7 @@ class Signals:
     """
 
     def __init__(self):
-        self.received: str | None = None
+        self.received: str | None = _early["received"]
         self._raise = jax.process_count() == 1
         self._old: dict = {}
 
@@ -65,7 +83,7 @@ class Signals:
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, _early["original"].get(sig, old))
         self._old.clear()
         return False
 

@@ -2,7 +2,8 @@
 the job at once with one line everyone prints; nothing committed is lost; reruns continue exactly.
 
 Each test is a chain of multi-process runs (tests/helpers/pods.py) on one run directory, each run
-with one injected fault, checked against an uninterrupted run of the same processes and devices."""
+with one injected fault, checked against an uninterrupted run of the same processes and devices.
+The runs share one XLA compilation cache (pods.compile_cache): only the first of each program compiles."""
 
 import json
 import re
@@ -16,7 +17,7 @@ from helpers import pods
 
 pytestmark = pytest.mark.slow  # every test starts several jaxlm.main processes
 
-STEPS = 12  # checkpoints on schedule at 0, 3, 6, 9, 12
+STEPS = 15  # checkpoints on schedule at 0, 3, ..., 15; each signal stops a run two steps after it
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,24 @@ def _run(tmp, workdir, corpus, cache, n_proc, devices, fault=None, tag="run"):
 
 
 def test_sigterm_to_one_of_two_processes_saves_one_step_on_all_and_resumes_bit_identically(corpus, tmp_path):
-    """The signal lands in the cache build, the first compile, a save and a step, one run each;
-    every process exits 0 with one checkpoint at the same step; the finished curve is the
-    uninterrupted run's, bit for bit."""
+    """A process killed before it joined jax.distributed ends its peer within init_timeout_s with one
+    line. Then a SIGTERM lands in the cache build, while a process joins jax.distributed, in the first
+    compile, a save and a step, one run each; every process exits 0 with one checkpoint at the same
+    step; the finished curve is the uninterrupted run's, bit for bit."""
     cache, work = tmp_path / "cache", tmp_path / "w"
+    job = pods.Job(pods.tiny_args(work, corpus, cache, STEPS, ["--config.distributed.init_timeout_s=5"]), 2, 4,
+                   tmp_path / "logs-init-kill", fault="init:1:SIGKILL")
+    t0 = time.monotonic()
+    codes = job.wait(60)
+    waited = time.monotonic() - t0  # (from the launch: python and jax imports, then the 5 s)
+    assert codes == [1, -9], (codes, job.out(0)[-3000:])
+    errs = re.findall(r"error: .*", job.out(0))
+    assert errs == ["error: process 0 of 2: not every process joined jax.distributed within "
+                    "distributed.init_timeout_s=5 s (one was killed or preempted before it joined, or never "
+                    "started); run the same command again on every host"], job.out(0)[-3000:]
+    print(f"the peer of a process killed before it joined exited {waited:.1f} s after the launch")
     seen = []
-    for fault in ("build:0:SIGTERM", "compile:1:SIGTERM", "save=6:1:SIGTERM", "step=9:0:SIGTERM"):
+    for fault in ("build:0:SIGTERM", "init:1:SIGTERM", "compile:1:SIGTERM", "save=9:1:SIGTERM", "step=12:0:SIGTERM"):
         before = _steps(work) if (work / "checkpoints").exists() else []
         job, codes = _run(tmp_path, work, corpus, cache, 2, 4, fault=fault, tag=fault.split(":")[0])
         assert codes == [0, 0], (fault, codes, job.out(0)[-3000:], job.out(1)[-3000:])
@@ -96,8 +109,8 @@ def test_four_processes_one_error_one_signal_one_kill(corpus, tmp_path):
     (stop,) = _stopped_at(work, 4)
     assert _steps(work) == [0, stop] and stop < STEPS
 
-    job = pods.Job(pods.tiny_args(work, corpus, cache, STEPS), 4, 8, tmp_path / "logs-kill",
-                   fault=f"step={stop + 1}:1:SIGKILL")
+    job = pods.Job(pods.tiny_args(work, corpus, cache, STEPS, ["--config.distributed.lost_after_s=5"]), 4, 8,
+                   tmp_path / "logs-kill", fault=f"step={stop + 1}:1:SIGKILL")
     died, t_died = None, None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

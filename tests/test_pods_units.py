@@ -48,3 +48,26 @@ def test_the_vote_is_read_one_step_late_and_ors_each_flag():
 def test_the_lost_peer_bound_must_stay_below_the_backstop():
     with pytest.raises(ConfigError, match="lost_after_s=40.0 must be >= 0"):
         config.validate(config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"distributed.lost_after_s": 40.0}))
+
+
+def test_the_join_bound_must_be_positive():
+    with pytest.raises(ConfigError, match="init_timeout_s=0 positive"):
+        config.validate(config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"distributed.init_timeout_s": 0}))
+
+
+def test_a_signal_before_the_run_starts_is_handed_to_it(monkeypatch):
+    import os
+    import signal
+
+    monkeypatch.setitem(preemption._early, "received", None)
+    monkeypatch.setitem(preemption._early, "original", {})
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        preemption.record_early()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end this process without record_early
+        assert preemption._early["received"] == "SIGTERM"
+        with preemption.Signals() as s:
+            assert s.received == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler record_early replaced
+    finally:
+        signal.signal(signal.SIGTERM, before)

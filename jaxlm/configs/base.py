@@ -122,6 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.distributed.lost_after_s = 10.0  # a peer silent this long is lost: every process stops (0 = off)
     c.distributed.heartbeat_timeout_s = 30  # the coordination service's own (backstop) heartbeat timeout
     c.distributed.shutdown_timeout_s = 30  # how long a finishing process waits for the others at exit
+    c.distributed.init_timeout_s = 120  # how long a process waits for every other to join (raise it where hosts start far apart)
 
     # --- log ---------------------------------------------------------------------------------
     c.log = ml_collections.ConfigDict()

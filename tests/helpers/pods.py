@@ -9,7 +9,11 @@ itself is not changed):
 * ``save=K``: SIGNAL to itself at the start of the save of step K (it lands while Orbax writes);
 * ``build``: SIGNAL to itself as the token cache build starts;
 * ``compile``: SIGNAL to itself as the first train step compiles;
+* ``init``: SIGNAL to itself as it starts to join jax.distributed (before its peers may have);
 * ``error-build``: the cache build raises a DataError instead.
+
+Cost: every Job of one test session shares one XLA compilation cache (:func:`compile_cache`), so only
+the first run of each program compiles; the cached executables are the same code, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +35,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_shared: dict = {}
+
+
+def compile_cache() -> Path:
+    """This session's persistent XLA compilation cache (removed at exit), shared by every Job."""
+    if "jcc" not in _shared:
+        import atexit
+        import shutil
+
+        _shared["jcc"] = Path(tempfile.mkdtemp(prefix="jaxlm-pods-jcc-"))
+        atexit.register(shutil.rmtree, _shared["jcc"], True)
+    return _shared["jcc"]
 
 
 def tiny_args(workdir, corpus, cache, steps, extra=()) -> list[str]:
@@ -49,7 +68,9 @@ class Job:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         base = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // n_proc}", **(env or {})}
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // n_proc}",
+                "JAX_COMPILATION_CACHE_DIR": str(compile_cache()), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1", **(env or {})}
         if fault:
             base["JAXLM_TEST_FAULT"] = fault
         cmd = [sys.executable, str(HERE)] if fault else [sys.executable, "-m", "jaxlm.main"]
@@ -124,6 +145,15 @@ def _install_fault(spec: str) -> None:
             from jaxlm.errors import DataError
             raise DataError("data.source: injected failure of this process's cache build")
         data.build = build
+    elif when == "init":
+        import jax
+
+        real_init = jax.distributed.initialize
+
+        def initialize(*a, **kw):
+            fire()
+            return real_init(*a, **kw)
+        jax.distributed.initialize = initialize
     elif when == "compile":
         import jax
 
