@@ -60,6 +60,7 @@ def test_budget_only_keys_need_a_budget():
         _tiny(**{"train.batch_ramp": 0.6})
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_cli_refuses_a_bad_budget_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
                           "--config.train.budget=2 parsecs"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -104,6 +105,7 @@ def test_triangle_and_wsd_shapes():
     assert lr(0.0) == lr(0.79) == 1.0 and lr(0.9) == pytest.approx(0.5, abs=1e-6) and lr(1.0) == 0.0
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_a_new_budget_fraction_does_not_recompile():
     cfg = _tiny(**{"optim.schedule": "triangle", "train.micro_batch_size": 2, "train.batch_ramp": 0.6})
     tr = _trainer(cfg)
@@ -292,6 +294,7 @@ def budgeted(corpus, tmp_path_factory):
     return root, res
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_a_budgeted_run_stops_at_the_budget_with_a_final_checkpoint_and_eval(budgeted):
     root, res = budgeted
     done = json.loads((root / "run" / "done.json").read_text())

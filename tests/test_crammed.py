@@ -22,6 +22,7 @@ def _params(**switches):
     return cfg, gd, naming.flat(params)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_each_switch_changes_exactly_its_parameters():
     _, _, base = _params()
     _, _, nobias = _params(use_bias=False)
@@ -47,6 +48,7 @@ def test_the_gated_mlp_is_gelu_of_one_half_times_the_other():
     np.testing.assert_allclose(np.asarray(mlp(x)), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_no_bias_model_exports_to_hf_with_the_same_logits(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

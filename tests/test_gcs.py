@@ -192,6 +192,7 @@ def test_an_upload_cut_before_its_commit_is_never_taken_for_a_cache(gcs, corpus,
     ("gs://no-such-bucket/run", r"bucket gs://no-such-bucket does not exist"),
     ("ftp://host/run", r"unknown URL scheme 'ftp'"),
 ])
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_bad_urls_are_one_error_line_before_anything_compiles(gcs, url, pattern, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={url}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env(gcs))

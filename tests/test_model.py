@@ -79,6 +79,7 @@ def test_sequence_longer_than_positions_fails_at_call():
         model.logits(gd, p, jnp.zeros((1, 9), jnp.int32))
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_dropout_is_random_with_a_key_and_off_without():
     cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
                            embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
@@ -207,6 +208,7 @@ def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk):
     np.testing.assert_allclose(logz, ref, rtol=1e-6)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_chunked_loss_keeps_no_logits_for_the_backward_pass():
     """With chunks, the residuals saved for the backward pass hold no (B, T, V)-sized array (eager
     vjp: the residuals are concrete arrays in the backward function)."""

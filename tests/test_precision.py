@@ -40,6 +40,7 @@ def _run(regime, q, k, v, **kw):
     return attention.attention(q, k, v, policy=pol, layer_idx=0, collect_stats=True, **kw)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_fp16_scores_overflow_and_upcast_does_not():
     # 64 * 40^2 = 102400 > 65504: the product overflows in fp16 before it is scaled by 1/8.
     q, k, v = _constant_qk(40.0)
@@ -103,6 +104,7 @@ def test_overflow_in_the_model_is_flagged_by_telemetry():
     np.testing.assert_allclose(logits["fp16_upcast"], ref, atol=1e-2 * scale)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 @pytest.mark.parametrize("regime,tol", [("bf16", 3e-2), ("bf16_upcast", 3e-2), ("fp16_upcast", 4e-3), ("fp16", 4e-3)])
 def test_low_precision_logits_agree_with_fp32_on_normal_input(regime, tol):
     cfg = model.GPT2Config(vocab_size=211, n_positions=64, n_embd=96, n_layer=3, n_head=6,

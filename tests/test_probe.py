@@ -31,6 +31,7 @@ def _synthetic(seed=0, n=2000, m=500, f=16, k=4):
     return x[:, :n], y[:, :n], x[:, n:], y[:, n:]
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_linear_labels_compress_and_random_ones_do_not():
     x, y, xt, yt = _synthetic()
     r = mdl.probe(x, y, [4, 4], xt, yt, hp=FAST)
@@ -53,6 +54,7 @@ def test_online_codelength_is_the_sum_over_portions():
     assert mdl.portion_ends(20, 16) == (10, 20)  # too few examples: two portions anyway
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_untrained_probes_cost_exactly_the_uniform_code():
     """max_steps=0: every probe stays at zero weights, predicting 1/K, so online = N log2 K exactly."""
     x, y, xt, yt = _synthetic(n=300, m=50)
@@ -63,6 +65,7 @@ def test_untrained_probes_cost_exactly_the_uniform_code():
     np.testing.assert_allclose(r["compression"], 1.0)
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_probes_are_deterministic():
     x, y, xt, yt = _synthetic(n=500, m=100)
     a = mdl.probe(x, y, [4, 4], xt, yt, seed=3, hp=FAST)
@@ -169,6 +172,7 @@ def test_make_is_deterministic():
 
 # --- representations ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_residuals_are_the_embedding_and_each_block_output():
     cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, vocab_multiple=1,
                            attention_impl="reference")

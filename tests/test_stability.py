@@ -50,6 +50,7 @@ def test_fp8_saturates_at_the_range_and_never_makes_inf(fmt, rel, min_normal, mi
     assert float(st["amax"]) == 3.0 and float(st["saturated"]) == 0.0 and float(st["underflow"]) == 0.25
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_fp8_dot_matches_numpy_on_the_quantised_operands():
     a = jax.random.normal(jax.random.key(0), (16, 32), jnp.float32).astype(jnp.bfloat16)
     b = (jax.random.normal(jax.random.key(1), (32, 8)) * 1e-3).astype(jnp.bfloat16)

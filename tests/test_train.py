@@ -204,6 +204,7 @@ def test_tiny_quickstart_learns_and_logs_every_metric(tmp_path):
     assert (tmp_path / "wandb").is_dir()  # offline wandb run, no network needed
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_the_step_donates_its_state():
     """The old state's buffers are reused by the new one: parameters and optimizer state are never
     held twice on the device."""
