@@ -26,6 +26,7 @@ def _qkv(B=2, T=128, H=2, K=16, seed=0):
     return [jax.random.normal(k, (B, T, H, K), F32) for k in jax.random.split(jax.random.key(seed), 3)]
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 @pytest.mark.parametrize("rate,layer_idx,inverse", [(0.0, 0, False), (0.1, 0, False), (0.3, 3, True)])
 def test_flash_equals_the_reference_path_forward_and_backward(rate, layer_idx, inverse):
     """Interpreted kernel vs the einsum path, dropout on: outputs and all three gradients agree to

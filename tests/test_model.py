@@ -95,6 +95,7 @@ def test_dropout_is_random_with_a_key_and_off_without():
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_stats_are_free_when_off_and_per_layer_when_on():
     cfg = model.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=3, n_head=2)
     gd, p = model.create(cfg, precision.policy("fp32"))

@@ -57,6 +57,7 @@ def test_fp16_scores_overflow_and_upcast_does_not():
         np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 def test_megatron_layer_scaling_avoids_the_overflow_and_preserves_the_function():
     q, k, v = _constant_qk(40.0)
     ref, _ = attention.attention(q, k, v, policy=precision.policy("fp32"), layer_idx=3)

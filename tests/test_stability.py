@@ -175,6 +175,7 @@ def _np_attention(x, p, cfg, softcap=0.0, qk_norm=False):
     return o @ a["c_proj"]["kernel"] + a["c_proj"]["bias"]
 
 
+@pytest.mark.slow  # over 4 s: out of the fast lane (runs in CI)
 @pytest.mark.parametrize("switch", [dict(qk_norm=True), dict(attn_logit_softcap=0.5)])
 def test_qk_norm_and_softcap_against_numpy(switch):
     from flax import nnx
