@@ -50,6 +50,7 @@ def test_flash_equals_the_reference_path_forward_and_backward(rate, layer_idx, i
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=1e-5)
 
 
+@pytest.mark.slow  # over 3 s: out of the fast lane (runs in CI)
 @pytest.mark.parametrize("rate", [0.1, 0.03])  # 0.03 is no multiple of 1/16 or 1/256
 def test_the_realised_drop_rate_is_the_configured_one(rate):
     B, H, T = 4, 4, 256

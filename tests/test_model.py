@@ -15,6 +15,7 @@ from jaxlm.errors import ConfigError, DataError
 ROOT = __import__("conftest").ROOT
 
 
+@pytest.mark.slow  # over 3 s: out of the fast lane (runs in CI)
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_param_count_equals_hugging_face(size):
     torch = pytest.importorskip("torch")
@@ -40,6 +41,7 @@ def test_configs_build_the_documented_sizes():
         assert mc.vocab_size == 50257 and mc.n_positions == 1024
 
 
+@pytest.mark.slow  # over 3 s: out of the fast lane (runs in CI)
 def test_initialisation_follows_gpt2():
     cfg = model.GPT2Config(vocab_size=4000, n_positions=256, n_embd=256, n_layer=8, n_head=4)
     _, p = model.create(cfg, precision.policy("fp32"), seed=0)
@@ -161,6 +163,7 @@ def test_a_padded_token_table_is_the_same_model_and_its_padding_stays_zero():
     assert not np.asarray(grad[97:]).any() and np.asarray(grad[:97]).any()
 
 
+@pytest.mark.slow  # over 3 s: out of the fast lane (runs in CI)
 def test_token_ids_outside_the_vocabulary_are_refused():
     cfg = model.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=2)
     gd, p = model.create(cfg, precision.policy("fp32"))
