@@ -17,15 +17,13 @@ import os
 import random
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import pods  # noqa: E402
+from helpers import pods  # tests/ is on sys.path under pytest, and as the script's own directory
 
 STEPS = 16
 N_PROC, DEVICES = 4, 8
@@ -153,7 +151,6 @@ if __name__ == "__main__":
     ap.add_argument("--root", default=None)
     a = ap.parse_args()
     root = Path(a.root or tempfile.mkdtemp(prefix="jaxlm-chaos-"))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from conftest import write_word_corpus
 
     soak(root, write_word_corpus(root / "corpus", 30), a.kills, a.minutes, a.seed, not a.no_mesh_changes)
