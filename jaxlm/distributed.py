@@ -110,8 +110,24 @@ def _not_joined(message: str) -> None:
 # process's watchdog thread can go without running (a GIL held by one long C call).
 DEFAULT_TIMEOUTS = {"lost_after_s": 10.0, "heartbeat_timeout_s": 30, "shutdown_timeout_s": 30, "init_timeout_s": 120}
 _KEY = "jaxlm/alive/"
-_state: dict = {"watchdog": None, "failed": False, "resume_hint": None}
+_state: dict = {"watchdog": None, "failed": False, "resume_hint": None, "told": False}
 _posting = threading.Lock()  # this process's key: a heartbeat never overwrites its posted failure
+_telling = threading.Lock()  # one error line per process: the watchdog's or the main thread's
+
+
+def claim_error_line() -> bool:
+    """True once per process: for whichever thread prints this process's one ``error:`` line. The
+    other (the main thread, failing at a collective the watchdog already explained) then calls
+    :func:`await_exit`."""
+    with _telling:
+        told, _state["told"] = _state["told"], True
+        return not told
+
+
+def await_exit() -> None:
+    """Blocks while the watchdog thread, which printed this process's line, ends the process."""
+    while True:
+        time.sleep(1.0)
 
 
 def _client():
@@ -260,6 +276,8 @@ class Watchdog(threading.Thread):
                    f"again to {resume}")
 
     def _exit(self, message: str) -> None:
+        if not claim_error_line():  # the main thread is printing this process's own failure
+            return
         logging.getLogger("jaxlm").info("error: %s", message)  # the log file; the console gets it below
         print(f"error: {message}", file=sys.stderr, flush=True)
         if not _state["failed"]:

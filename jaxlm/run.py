@@ -46,10 +46,14 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
         except JaxlmError as e:  # on every process the same line: this one's, with its index
             if jax.process_count() == 1:
                 raise
+            if not distributed.claim_error_line():
+                distributed.await_exit()
             message = distributed.process_prefix() + str(e)
             distributed.publish_failure(message)
             raise type(e)(message) from None
         except Exception as e:
+            if not distributed.claim_error_line():  # the watchdog printed a peer's failure and ends this process
+                distributed.await_exit()
             if (peer := distributed.peer_failure()) is not None:  # a consequence of a peer's failure
                 distributed.publish_failure(peer)
                 raise JaxlmError(peer) from None
