@@ -55,10 +55,12 @@ def encoding(tokenizer_json: str | dict) -> tiktoken.Encoding | None:
     if any(not t.get("special") or t.get("single_word") or t.get("lstrip") or t.get("rstrip")
            for t in obj.get("added_tokens", [])):
         return None
-    dec = byte_decoder()
+    dec = byte_decoder()  # stand-ins -> latin-1 bytes; any other character -> one latin-1 cannot encode
+    to_bytes = str.maketrans({**{chr(c): "\uffff" for c in range(256)}, **{c: chr(b) for c, b in dec.items()}})
     try:
-        ranks = {bytes(dec[c] for c in tok): int(i) for tok, i in obj["model"]["vocab"].items() if tok not in added}
-    except KeyError:  # a token outside the byte-level alphabet
+        ranks = {tok.translate(to_bytes).encode("latin-1"): int(i) for tok, i in obj["model"]["vocab"].items()
+                 if tok not in added}
+    except UnicodeEncodeError:  # a token outside the byte-level alphabet
         return None
     if len(ranks) != len(obj["model"]["vocab"]) - len(set(added) & set(obj["model"]["vocab"])):
         return None

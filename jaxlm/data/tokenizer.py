@@ -139,7 +139,7 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, tk: tokenizers.Tokenizer, *, eos_token: str = EOS_TOKEN, config: dict | None = None,
-                 special_tokens_map: dict | None = None, path: str | None = None):
+                 special_tokens_map: dict | None = None, path: str | None = None, parsed: dict | None = None):
         self.tk, self.path = tk, path
         self.json = tk.to_str()
         self.eos_token = eos_token
@@ -152,7 +152,8 @@ class HFTokenizer:
         self.vocab_size = max(tk.get_vocab(with_added_tokens=True).values()) + 1
         # the whole pipeline as tokenizers serialises it, and the EOS chosen: what decides the tokens
         self.sha256 = hashlib.sha256(self.json.encode() + b"\0eos=" + eos_token.encode()).hexdigest()
-        self._parsed = json.loads(self.json)  # kept for the tiktoken engine (_tiktoken): parsed once
+        # the pipeline parsed (the file's, when loaded): for the tiktoken engine (_tiktoken), parsed once
+        self._parsed = parsed if parsed is not None else json.loads(self.json)
         self.byte_level = _has_type(self._parsed.get("pre_tokenizer"), "ByteLevel")
         self.config = config if config is not None else self._default_config()
         self.special_tokens_map = special_tokens_map if special_tokens_map is not None else {
@@ -243,14 +244,15 @@ class HFTokenizer:
         special = _read_json(d / "special_tokens_map.json", spec)
         eos = _token(config.get("eos_token")) or _token(special.get("eos_token")) or EOS_TOKEN
         if (d / "tokenizer.json").is_file():
-            tk = _from_tokenizer_json(d / "tokenizer.json", spec)
+            tk, parsed = _from_tokenizer_json(d / "tokenizer.json", spec)
         else:
             missing = [f for f in ("vocab.json", "merges.txt") if not (d / f).is_file()]
             if missing:
                 raise DataError(f"data.tokenizer={spec!r}: no tokenizer.json, and no {' or '.join(missing)}; a Hugging "
                                 "Face tokenizer directory has tokenizer.json, or vocab.json + merges.txt (GPT-2)")
-            tk = _from_vocab_merges(d, spec, eos)
-        return cls(tk, eos_token=eos, config=config or None, special_tokens_map=special or None, path=str(d))
+            tk, parsed = _from_vocab_merges(d, spec, eos), None
+        return cls(tk, eos_token=eos, config=config or None, special_tokens_map=special or None, path=str(d),
+                   parsed=parsed)
 
 
 AnyTokenizer = Tokenizer | HFTokenizer  # what load() returns: the interface in the module docstring
@@ -314,7 +316,7 @@ def _has_type(node, name: str) -> bool:
     return False
 
 
-def _from_tokenizer_json(path: Path, spec: str) -> tokenizers.Tokenizer:
+def _from_tokenizer_json(path: Path, spec: str) -> tuple[tokenizers.Tokenizer, dict]:
     text = path.read_text(encoding="utf-8")
     try:
         obj = json.loads(text)
@@ -329,7 +331,7 @@ def _from_tokenizer_json(path: Path, spec: str) -> tokenizers.Tokenizer:
         raise DataError(f"data.tokenizer={spec!r}: tokenizer.json is a BPE that is neither byte-level (no ByteLevel "
                         "pre-tokenizer) nor byte fallback, so some text would have no tokens; use a byte-level BPE")
     try:
-        return tokenizers.Tokenizer.from_str(text)
+        return tokenizers.Tokenizer.from_str(text), obj
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise DataError(f"data.tokenizer={spec!r}: tokenizers cannot read tokenizer.json ({e})") from None
 
