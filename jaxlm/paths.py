@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Union
 
@@ -75,6 +76,7 @@ def check_url(p, what: str) -> None:
     except ConfigError as e:
         raise ConfigError(f"{what}={e}") from None
     bucket = f"{scheme(os.fspath(q))}://{os.fspath(q).split('://', 1)[1].split('/', 1)[0]}"
+    _check_connection(bucket, what, p)
     try:
         found = epath.Path(bucket).exists()
     except ImportError as e:
@@ -86,6 +88,27 @@ def check_url(p, what: str) -> None:
                           "credentials (gcloud auth application-default login, or the VM's service account)") from None
     if not found:
         raise ConfigError(f"{what}={p}: bucket {bucket} does not exist (or these credentials cannot see it)")
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_connection(bucket: str, what: str, p) -> None:
+    """For gs://: one TCP connection to the endpoint gcsfs would use (``$STORAGE_EMULATOR_HOST``, else
+    storage.googleapis.com:443), so a machine without a route fails in seconds, not after the
+    client's minute of retries."""
+    if not bucket.startswith("gs://"):
+        return
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    hostport = emulator.split("://", 1)[-1].split("/", 1)[0] if emulator else "storage.googleapis.com:443"
+    host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+    port = int(port) if port.isdigit() else (80 if emulator.startswith("http://") else 443)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConfigError(f"{what}={p}: cannot reach {bucket} (no connection to {host}:{port} within "
+                          f"{CONNECT_TIMEOUT_S:.0f} s: {e.strerror or type(e).__name__}); check the network, and the "
+                          "credentials (gcloud auth application-default login, or the VM's service account)") from None
 
 
 def mirror(p) -> Path:
