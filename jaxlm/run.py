@@ -110,8 +110,10 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
                                        current_config=meta["config"])
         loader = data.train_loader(cache, cfg)
         epoch_len = len(loader.rows)
-        if isinstance(cache, data.MixtureCache):
-            say(cache.describe(cfg.train.steps * cfg.train.batch_size))
+        if isinstance(cache, data.MixtureCache):  # over the run's rows; a budget without a step cap: the first epoch's
+            horizon = last_step(cfg, trainer.budget, replay)
+            say(cache.describe(horizon * cfg.train.batch_size) if math.isfinite(horizon) else
+                cache.describe(epoch_len, whole_run=False))
 
         max_steps = int(cfg.train.max_steps)
         meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None

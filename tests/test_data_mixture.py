@@ -168,3 +168,22 @@ def test_a_mixture_of_parquet_datasets_dir_and_token_shards_trains_and_resumes_b
 def _step_losses(workdir):
     records, _ = telemetry.read_metrics(workdir / "metrics.jsonl")
     return {r["step"]: r[telemetry.STEP_LOSSES][-1] for r in records if telemetry.STEP_LOSSES in r}
+
+
+@pytest.mark.slow
+def test_the_startup_line_of_a_budgeted_mixture_run_speaks_of_the_rows_it_knows(two, tmp_path):
+    """A budget decides the run's length (no step cap): the proportions are over the first epoch's rows,
+    said so, and not over train.steps' rows (which such a run does not use)."""
+    from jaxlm import run as run_lib
+
+    root, pa_spec, jl_spec = two
+    cfg = cfg_for(_mix(pa_spec, jl_spec, 0.7, 0.3), **{
+        "train.budget": "2s", "train.max_steps": 0, "train.steps": 7, "train.eval_every": 0, "log.every": 1,
+        "log.wandb_mode": "disabled", "log.stats_every": 0, "data.cache_dir": str(root / "k")})
+    logs = []
+    run_lib.run(cfg, tmp_path / "run", log=logs.append)
+    line = next(m for m in logs if "realised proportions" in m)
+    cache = data.prepare(cfg, tmp_path / "run", log=lambda s: None)
+    epoch = sum(len(c.split("train")) for c in cache.components)  # what an epoch count divides by
+    assert f"over the first {epoch:,} rows (the budget decides the run's length)" in line, line
+    assert f"{7 * 8} rows" not in line

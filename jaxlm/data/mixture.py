@@ -161,11 +161,15 @@ class MixtureCache:
             parts.append(grain.MapDataset.source(c.split("train")).shuffle(seed=s).repeat())
         return grain.MapDataset.select_from_datasets(parts, Schedule(self.weights, seed))
 
-    def describe(self, rows: int) -> str:
+    def describe(self, rows: int, whole_run: bool = True) -> str:
+        """The realised proportions over the run's `rows` (or, for a run whose length a budget decides,
+        over its first `rows`)."""
+        rows = int(rows)
         counts = Schedule(self.weights, self.seed).counts(rows)
         got = ", ".join(f"{s} {n / max(rows, 1):.3f} (weight {w:.3f})"
                         for s, w, n in zip(self.specs, self.weights, counts))
-        return f"data: mixture of {len(self.specs)} sources; realised proportions over the run's {rows:,} rows: {got}"
+        span = f"the run's {rows:,} rows" if whole_run else f"the first {rows:,} rows (the budget decides the run's length)"
+        return f"data: mixture of {len(self.specs)} sources; realised proportions over {span}: {got}"
 
 
 class Schedule(grain.transforms.DatasetSelectionMap):
