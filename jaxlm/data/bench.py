@@ -1,6 +1,6 @@
 """Input-pipeline throughput (a benchmark, not a test): cache build per core, and the loader.
 
-    python -m jaxlm.data.bench [--source=stdlib] [--bpe_vocab=50257] [--max_chars=10000000]
+    python -m jaxlm.data.bench [--source=stdlib] [--bpe_vocab=50257] [--max_chars=30000000]
                                [--seq_len=1024] [--batch=32] [--batches=1000] [--cores=1] [--gcs]
 
 The cache build with a GPT-2-format byte-level BPE (trained here on the corpus: nothing is
@@ -38,7 +38,7 @@ from jaxlm.data import tokenizer as tok_lib
 def define_flags():
     flags.DEFINE_string("source", "stdlib", "A data.source spec (its training documents are the corpus).")
     flags.DEFINE_integer("bpe_vocab", 50257, "Vocabulary of the byte-level BPE trained for the bench (GPT-2's).")
-    flags.DEFINE_integer("max_chars", 10_000_000, "Characters of the corpus used (the first documents).")
+    flags.DEFINE_integer("max_chars", 30_000_000, "Characters of the corpus used (the first documents).")
     flags.DEFINE_integer("seq_len", 1024, "Tokens per sequence.")
     flags.DEFINE_integer("batch", 32, "Sequences per batch.")
     flags.DEFINE_integer("batches", 1000, "Loader batches timed.")
@@ -46,7 +46,7 @@ def define_flags():
     flags.DEFINE_integer("cores", 1, "Cores the process is pinned to (the per-core figures divide by it).")
 
 
-REPEATS = 2
+REPEATS = 5
 PROJECTED_TOKENS = 10e9  # FineWeb-10B
 H100_GPT2_SMALL = 0.5e6  # tokens/s one H100 consumes training gpt2_small
 
