@@ -116,3 +116,11 @@ def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus
                          extra=["--config.checkpoint.allow_config_change=True"])
     assert f"resumed from the checkpoint at step {STEPS}" in out + err
     assert sorted(_losses(root / "p2"))[-1] == STEPS + 3
+
+
+def test_a_single_process_prints_every_failure_of_repeated_runs():
+    """One error line per process is for multi-process runs (watchdog vs main thread); a single process
+    that runs again after a failure (a notebook, a sweep) must print and raise each time, not wait."""
+    from jaxlm import distributed
+
+    assert distributed.claim_error_line() and distributed.claim_error_line()
