@@ -7,28 +7,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _share_compiles_between_subprocesses() -> None:
-    """The jaxlm processes tests start share one persistent XLA compilation cache, so a program
-    compiles once per session (the tiny config's steps recur in dozens of runs); a cache hit is the
-    same executable, bit for bit. jax is imported first, so this process itself compiles as usual
-    (its flags read the environment at import). Set JAXLM_TEST_NO_SHARED_COMPILES=1 to turn it off."""
-    import atexit
-    import shutil
-    import tempfile
-
-    import jax  # noqa: F401  (before the variables below: they are for subprocesses only)
-
-    if os.environ.get("JAXLM_TEST_NO_SHARED_COMPILES") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    d = tempfile.mkdtemp(prefix="jaxlm-tests-jcc-")
-    atexit.register(shutil.rmtree, d, True)
-    os.environ.update({"JAX_COMPILATION_CACHE_DIR": d, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"})
-
-
-_share_compiles_between_subprocesses()
-
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
