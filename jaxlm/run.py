@@ -111,8 +111,7 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
         loader = data.train_loader(cache, cfg)
         epoch_len = len(loader.rows)
         if isinstance(cache, data.MixtureCache):  # over the run's rows; a budget without a step cap: the first epoch's
-            horizon = last_step(cfg, trainer.budget, replay)
-            say(cache.describe(horizon * cfg.train.batch_size) if math.isfinite(horizon) else
+            say(cache.describe(ckpt.total * cfg.train.batch_size) if math.isfinite(ckpt.total) else
                 cache.describe(epoch_len, whole_run=False))
 
         max_steps = int(cfg.train.max_steps)
