@@ -24,7 +24,7 @@ LAYERS = [
      "jaxlm.configs.gpt2_medium", "jaxlm.configs.gpt2_large", "jaxlm.configs.gpt2_xl"],
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
-     "jaxlm.data.fastbpe", "jaxlm.data.remote",  # tiktoken as a BPE engine; rows read by byte ranges
+     "jaxlm.data.fastbpe", "jaxlm.data.remote",  # fast BPE engines; rows read by byte ranges
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data",

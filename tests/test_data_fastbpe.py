@@ -1,4 +1,5 @@
-"""tiktoken as the engine of GPT-2-scheme byte-level BPEs: the ids of HF tokenizers, always."""
+"""The fast BPE engines give the ids of HF tokenizers: fastokens (jaxlm's engine) always, tiktoken (the
+bench's baseline) on GPT-2-scheme tokenizers."""
 
 import sysconfig
 from pathlib import Path
@@ -26,25 +27,30 @@ def texts():
     return _real_texts()
 
 
-def test_tiktoken_gives_the_ids_of_tokenizers_on_real_text(texts, tmp_path):
+def test_the_engines_give_the_ids_of_tokenizers_on_real_text(texts, tmp_path):
     tok = tokenizer.train_byte_bpe(iter(texts[::2]), 1500)
-    engine = fastbpe.encoding(tok.json)
-    assert engine is not None
     want = [tok.tk.encode(t, add_special_tokens=False).ids for t in texts]
-    assert [engine.encode(t, allowed_special="all") for t in texts] == want
+    ids, offsets = fastbpe.encode_flat(fastbpe.engine(tok.json), texts)
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == want
+    one = fastbpe.encode_flat(fastbpe.engine(tok.json), texts, one_core=True)
+    assert (one[0] == ids).all() and (one[1] == offsets).all()
     assert tok.encode(texts) == want and tok.encode(texts, num_threads=1) == want and tok._engine
+    flat = tok.encode_flat(texts)
+    assert flat.tolist() == [i for w in want for i in (*w, tok.eos_id)] and flat.dtype == tok.dtype()
     assert want[-2].count(tok.eos_id) == 1  # <|endoftext|> in a text is the EOS, as in transformers
-    # GPT-2's own file layout (vocab.json + merges.txt, no tokenizer.json) takes the same engine
+    tt = fastbpe.encoding(tok.json)  # the bench's baseline encodes the same text the same way
+    assert tt is not None and [tt.encode(t, allowed_special="all") for t in texts] == want
+    # GPT-2's own file layout (vocab.json + merges.txt, no tokenizer.json) takes the same engines
     d = tmp_path / "gpt2"
     tok.save(d)
     (d / "tokenizer.json").unlink()
     files = tokenizer.load(f"hf:{d}")
-    assert fastbpe.encoding(files.json) is not None and files.encode(texts[:50]) == want[:50]
+    assert fastbpe.encoding(files.json) is not None and files.encode(texts[:50]) == want[:50] and files._engine
 
 
-def test_a_tokenizer_tiktoken_would_encode_differently_keeps_tokenizers(texts):
+def test_merges_apply_in_merges_order_and_an_engine_that_differs_is_dropped(texts):
     # merges he, ll, hel, hell: tokenizers gives "hell" -> he ll (no merge joins them); tiktoken, which
-    # merges by the rank of the merged token, would give hell
+    # merges by the rank of the merged token, gives hell
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tokenizer.EOS_TOKEN: 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
     for t in ("he", "ll", "hel", "hell"):
@@ -53,12 +59,22 @@ def test_a_tokenizer_tiktoken_would_encode_differently_keeps_tokenizers(texts):
                                                                         ("hel", "l")])))
     tk.add_special_tokens([tokenizers.AddedToken(tokenizer.EOS_TOKEN, special=True, normalized=False)])
     tok = tokenizer.HFTokenizer(tk)
-    assert fastbpe.encoding(tok.json).encode("hell") == [vocab["hell"]]  # the difference is real
-    assert tok.encode(["hell"]) == [[vocab["he"], vocab["ll"]]] and tok._engine is False
-    assert tok.encode(texts[:5]) == [tk.encode(t, add_special_tokens=False).ids for t in texts[:5]]
+    assert fastbpe.encoding(tok.json).encode("hell") == [vocab["hell"]]  # tiktoken's difference is real
+    assert tok.encode(["hell"]) == [[vocab["he"], vocab["ll"]]] and tok._engine  # fastokens has none
+    # an engine whose ids differ (another tokenizer's) is caught by the spot check and dropped for good
+    other = tokenizer.train_byte_bpe(iter(texts[1::2]), 1200)
+    tok._engine = fastbpe.engine(other.json)
+    want = [tk.encode(t, add_special_tokens=False).ids for t in texts[:5]]
+    assert tok.encode(texts[:5]) == want and tok._engine is False
+    assert tok.encode(texts[:5]) == want
 
 
-def test_other_schemes_are_left_to_tokenizers():
-    tk = tokenizers.Tokenizer(models.BPE({"a": 0, "b": 1, tokenizer.EOS_TOKEN: 2}, [], byte_fallback=True))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+def test_other_schemes_take_fastokens_but_not_the_tiktoken_baseline(texts):
+    vocab = {"a": 0, "b": 1, tokenizer.EOS_TOKEN: 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    tk = tokenizers.Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+    tk.add_special_tokens([tokenizers.AddedToken(tokenizer.EOS_TOKEN, special=True, normalized=False)])
     assert fastbpe.encoding(tk.to_str()) is None
+    ids, offsets = fastbpe.encode_flat(fastbpe.engine(tk.to_str()), texts[:20])
+    assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == \
+        [tk.encode(t, add_special_tokens=False).ids for t in texts[:20]]
+    assert fastbpe.engine('{"model": {"type": "Unigram", "vocab": []}}') is None  # tokenizers encodes those

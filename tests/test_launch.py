@@ -318,9 +318,9 @@ def test_offline_wheels_cover_every_runtime_dependency():
     names = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in deps}
     host = {"jax", "flax", "optax", "orbax-checkpoint", "numpy"}  # the GPU host's Python has these
     # imported inside functions or by modules the check never loads (tensorboardX: a run's TensorBoard sink, which
-    # bench.py and tests/test_gpu.py never create; markdown: the ablation report; pyarrow, tiktoken, fsspec: the
+    # bench.py and tests/test_gpu.py never create; markdown: the ablation report; pyarrow, fastokens, tiktoken, fsspec: the
     # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them
-    lazy = {"tensorflow-datasets", "wandb", "matplotlib", "tensorboardx", "markdown", "pyarrow", "tiktoken", "fsspec"}
+    lazy = {"tensorflow-datasets", "wandb", "matplotlib", "tensorboardx", "markdown", "pyarrow", "fastokens", "tiktoken", "fsspec"}
     assert names - host - lazy <= set(_offline_wheel_names()), names - host - lazy - set(_offline_wheel_names())
     assert {"pytest", "pluggy", "iniconfig", "pygments"} <= set(_offline_wheel_names())  # the check's tests step
     cmds = _commands(_dry("offline_wheels.sh", "/tmp/w"))
@@ -347,7 +347,7 @@ import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in {"tensorflow_datasets", "tensorflow", "wandb", "grain", "matplotlib",
-                                   "tensorboardX", "markdown", "pyarrow", "tiktoken", "fsspec"}:
+                                   "tensorboardX", "markdown", "pyarrow", "fastokens", "tiktoken", "fsspec"}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import jaxlm.bench, jaxlm.throughput

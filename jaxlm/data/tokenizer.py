@@ -24,7 +24,6 @@ Document boundaries are marked by ``eos_id``. An export writes either kind in tr
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io
 import json
@@ -50,7 +49,7 @@ TRAIN_THREADS = 8
 DEFAULT_KIND = "sentencepiece"  # data.tokenizer_kind: what is trained when data.tokenizer is ''
 HF_PREFIX = "hf:"
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's end of text, the EOS of byte_bpe and of GPT-2 files
-SPOT_CHECK = 512  # every how many texts tiktoken's ids are checked against tokenizers' (HFTokenizer.encode)
+SPOT_CHECK = 512  # every how many texts the fast engine's ids are checked against tokenizers' (HFTokenizer)
 HF_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -152,9 +151,8 @@ class HFTokenizer:
         self.vocab_size = max(tk.get_vocab(with_added_tokens=True).values()) + 1
         # the whole pipeline as tokenizers serialises it, and the EOS chosen: what decides the tokens
         self.sha256 = hashlib.sha256(self.json.encode() + b"\0eos=" + eos_token.encode()).hexdigest()
-        # the pipeline parsed (the file's, when loaded): for the tiktoken engine (_tiktoken), parsed once
-        self._parsed = parsed if parsed is not None else json.loads(self.json)
-        self.byte_level = _has_type(self._parsed.get("pre_tokenizer"), "ByteLevel")
+        parsed = parsed if parsed is not None else json.loads(self.json)  # (the file's, when loaded)
+        self.byte_level = _has_type(parsed.get("pre_tokenizer"), "ByteLevel")
         self.config = config if config is not None else self._default_config()
         self.special_tokens_map = special_tokens_map if special_tokens_map is not None else {
             k: eos_token for k in ("bos_token", "eos_token", "unk_token")}
@@ -167,16 +165,13 @@ class HFTokenizer:
                 "model_max_length": 2**30}
 
     def encode(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
-        """Token ids of each text (no EOS), in parallel over CPU cores unless `num_threads` is 1. A
-        GPT-2-scheme BPE encodes with tiktoken (``fastbpe``), the first and every SPOT_CHECK-th text
-        checked against ``tokenizers``: on a difference this tokenizer goes back to ``tokenizers`` for good."""
+        """Token ids of each text (no EOS), in parallel over CPU cores unless `num_threads` is 1. The
+        fast engine encodes (``fastbpe``: fastokens), the first and every SPOT_CHECK-th text checked
+        against ``tokenizers``: on a difference this tokenizer goes back to ``tokenizers`` for good."""
         texts = list(texts)
-        if (engine := self._tiktoken()) is not None:
-            threads = num_threads or cores()
-            ids = ([engine.encode(t, allowed_special="all") for t in texts] if threads == 1 else
-                   engine.encode_batch(texts, num_threads=threads, allowed_special="all"))
-            if self._agrees(texts, ids):
-                return ids
+        if (fast := self._fast_ids(texts, num_threads)) is not None:
+            ids, offsets = fast
+            return [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
         if num_threads == 1:
             return [self.tk.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
@@ -184,37 +179,30 @@ class HFTokenizer:
     def encode_flat(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
         """The texts' ids, each text followed by EOS, as one array of dtype() (what a cache shard holds)."""
         texts, dtype = list(texts), self.dtype()
-        if (engine := self._tiktoken()) is not None:
-            def one(t):  # tiktoken's ids straight into an array: no Python list of ints
-                return engine.encode_to_numpy(t, allowed_special="all")
-
-            threads = num_threads or cores()
-            if threads == 1:
-                arrays = [one(t) for t in texts]
-            else:
-                with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # tiktoken releases the GIL
-                    arrays = list(pool.map(one, texts))
-            if self._agrees(texts, arrays):
-                eos = np.array([self.eos_id], dtype)
-                return np.concatenate([x for a in arrays for x in (a, eos)]).astype(dtype, copy=False) if arrays \
-                    else eos[:0]
+        if (fast := self._fast_ids(texts, num_threads)) is not None:
+            ids, offsets = fast  # no Python list of ints on this path
+            return np.insert(ids, offsets[1:].astype(np.intp), self.eos_id).astype(dtype, copy=False)
         return _flat(self.encode(texts, num_threads), self.eos_id, dtype)
 
-    def _agrees(self, texts, ids) -> bool:
-        """tiktoken's ids against tokenizers' on the first and every SPOT_CHECK-th text."""
-        if all(list(ids[i]) == self.tk.encode(texts[i], add_special_tokens=False).ids
+    def _fast_ids(self, texts: list[str], num_threads: int | None):
+        """The fast engine's (ids, offsets) of `texts` (``fastbpe.encode_flat``), or None: no engine
+        for this tokenizer, or its ids differ from tokenizers' on the first or a SPOT_CHECK-th text."""
+        if (engine := self._fast()) is None:
+            return None
+        ids, offsets = fastbpe.encode_flat(engine, texts, one_core=num_threads == 1)
+        if all(ids[offsets[i]:offsets[i + 1]].tolist() == self.tk.encode(texts[i], add_special_tokens=False).ids
                for i in range(0, len(texts), SPOT_CHECK)):
-            return True
+            return ids, offsets
         self._engine = False
-        return False
+        return None
 
-    def _tiktoken(self):
+    def _fast(self):
         if getattr(self, "_engine", None) is None:
-            self._engine = fastbpe.encoding(self.__dict__.pop("_parsed", None) or self.json) or False
+            self._engine = fastbpe.engine(self.json) or False
         return self._engine or None
 
     def __getstate__(self):  # (to worker processes) the engine is rebuilt there
-        return {k: v for k, v in self.__dict__.items() if k not in ("_engine", "_parsed")}
+        return {k: v for k, v in self.__dict__.items() if k != "_engine"}
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
