@@ -82,7 +82,7 @@ def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(where, tmp_pat
     for h, host in enumerate(hosts):
         names = host["tokenized"]
         # its share only: shard i on host i mod 2, each once, in both splits
-        assert names and all(int(n.split("/")[1][:7]) % 2 == h for n in names), (h, names)
+        assert names and all(int(n.split("/")[1][:7]) % 2 == h for n in names), (h, names, host["log"])
         assert len(set(names)) == len(names), names
         assert f"process {h} of 2: tokenized {len(names)} shards" in "\n".join(host["log"]), host["log"]
     assert len(hosts[0]["tokenized"]) + len(hosts[1]["tokenized"]) == total

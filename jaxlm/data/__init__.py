@@ -29,7 +29,7 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     """The tokenizer and token cache for this config (built if missing; atomic).
 
     On a multi-process run every host first tokenizes its share of the cache's shards
-    (``cache.build_share``: shard i on host i mod P); then process 0 builds the cache from the
+    (``cache.build_share``: shard i on host i mod P); once all have, process 0 builds the cache from the
     finished shards (tokenizing any that are missing) while the others wait at a barrier, and they
     find it (a shared data.cache_dir) or, where each host has its own directory, build their own
     copy. The shards reach process 0 through the shared directory or, for a cache root on an object
@@ -68,6 +68,7 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     if jax.process_count() == 1:
         return find_or_build()
     shards = _tokenize_share(cfg, root, local, fetch, log)  # every host: its share of the shards
+    multihost_utils.sync_global_devices("jaxlm.data.prepare.shares")  # all shares finished (and uploaded)
     cache, error = None, None
     if jax.process_index() == 0:
         try:
