@@ -173,18 +173,19 @@ def test_a_multi_process_run_builds_once_on_process_0(corpus, tmp_path, monkeypa
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     at_barrier = []
 
-    def barrier(name):  # process 0 finishes its build while process 1 waits here
-        at_barrier.append(sorted(p.name for p in tmp_path.glob("*/*/manifest.json")))
-        if jax.process_index() == 1:
+    def barrier(name):  # after the shares, process 0 finishes its build while process 1 waits here
+        at_barrier.append((name, sorted(p.name for p in tmp_path.glob("*/*/manifest.json"))))
+        if jax.process_index() == 1 and name == "jaxlm.data.prepare":
             data.build(cfg.data, cfg.train.seq_len, tmp_path, log=lambda s: None)
 
     monkeypatch.setattr(multihost_utils, "sync_global_devices", barrier)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     log: list[str] = []
     cache = data.prepare(cfg, tmp_path, log=log.append)
-    assert at_barrier == [[]] and log == []  # process 1 neither trained nor tokenized anything
+    # process 1 neither trained nor tokenized anything (a tokenizer still to train: no shares)
+    assert at_barrier == [("jaxlm.data.prepare.shares", []), ("jaxlm.data.prepare", [])] and log == []
     assert cache.path.is_dir() and cache.path.parent.name == "tokens"
-    # process 0 builds before the barrier (here the cache is found)
+    # process 0 builds before the second barrier (here the cache is found)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    assert data.prepare(cfg, tmp_path, log=log.append).path == cache.path and len(at_barrier) == 2
-    assert len(at_barrier[1]) == 1
+    assert data.prepare(cfg, tmp_path, log=log.append).path == cache.path and len(at_barrier) == 4
+    assert [len(m) for _, m in at_barrier[2:]] == [1, 1]

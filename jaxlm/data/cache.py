@@ -15,7 +15,7 @@ shorter than a row is dropped (counted in the manifest). Rows are a flat binary 
 
 The build reads the documents in corpus order in this process and cuts them into shards of
 ``SHARD_DOCS`` documents; ``data.workers`` processes tokenize the shards (0 or 1: this process,
-SentencePiece's threads over all cores), each into a token file named after its index and a digest
+the tokenizer's threads over all cores), each into a token file named after its index and a digest
 of its documents. This process then concatenates the shards' tokens in order and writes the rows,
 so the rows are the same bytes whatever the worker count. The work happens in a directory stable
 per key, ``tokens/.build-<key>/``, held by an ``fcntl`` lock (released by the kernel when its owner

@@ -92,7 +92,7 @@ def _groups(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 class _InProcess:
-    """The executor for data.workers <= 1: tokenizes at submission, with SentencePiece's threads."""
+    """The executor for data.workers <= 1: tokenizes at submission, with the tokenizer's threads (all cores)."""
 
     def __init__(self, tok):
         self.tok = tok
