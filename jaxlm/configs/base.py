@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_docs = 0  # 0 = all documents (a cap for quick experiments)
     c.data.prefetch = 2  # batches buffered ahead by the loader
     # processes tokenizing the corpus when the token cache is built; 0 or 1 = in this process
-    # (SentencePiece's threads over all cores). The rows are the same bytes for any count.
+    # (the tokenizer's threads over all cores). The rows are the same bytes for any count.
     c.data.workers = 1
     c.data.token_format = "auto"  # tokens: shards: auto | llmc (256-int32 header) | raw (nanoGPT uint16)
     # a token cache on an object store: auto = read by byte ranges when it would not fit on the local

@@ -70,10 +70,14 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+_ALLOWED: set[int] = set()  # the cores this process could use before _pin
+
+
 def _pin(cores: int) -> str:
     if not hasattr(os, "sched_setaffinity"):
         return f"not pinned ({os.cpu_count()} cores)"
-    chosen = sorted(os.sched_getaffinity(0))[:cores]
+    _ALLOWED.update(os.sched_getaffinity(0))
+    chosen = sorted(_ALLOWED)[:cores]
     os.sched_setaffinity(0, chosen)
     return f"pinned to core(s) {chosen}"
 
@@ -82,7 +86,7 @@ def _server_cores() -> None:
     """(In the emulator's process) the cores the bench is not pinned to, as a store on another machine
     would have; every core where the bench has them all."""
     if hasattr(os, "sched_setaffinity"):
-        every = set(range(os.cpu_count() or 1))
+        every = _ALLOWED or set(os.sched_getaffinity(0))
         os.sched_setaffinity(0, (every - os.sched_getaffinity(0)) or every)
 
 
