@@ -82,15 +82,23 @@ def _pin(cores: int) -> str:
     return f"pinned to core(s) {chosen}"
 
 
-def _server_cores() -> None:
-    """(In the emulator's process) the cores the bench is not pinned to, as a store on another machine
-    would have; every core where the bench has them all."""
-    if hasattr(os, "sched_setaffinity"):
-        every = _ALLOWED or set(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, (every - os.sched_getaffinity(0)) or every)
+def _start_elsewhere(cmd: list[str]) -> subprocess.Popen:
+    """Start `cmd` on the cores the bench is not pinned to, as a store on another machine would have
+    them (every core where the bench has them all): it inherits this thread's affinity, set for the
+    start and restored, so no Python runs between fork and exec."""
+    if not hasattr(os, "sched_setaffinity"):
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ours = os.sched_getaffinity(0)
+    every = _ALLOWED or ours
+    os.sched_setaffinity(0, (every - ours) or every)
+    try:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        os.sched_setaffinity(0, ours)
 
 
-def build_rates(docs: list[str], tmp: Path, vocab: int, cores: int, log=print) -> dict[str, float]:
+def build_rates(docs: list[str], tmp: Path, vocab: int, cores: int, seq_len: int = 1024,
+                log=print) -> dict[str, float]:
     """tokens/s per core of tiktoken, tokenizers and jaxlm's cache build on `docs`."""
     tok, dt = _timed(lambda: tok_lib.train_byte_bpe(iter(docs), vocab, max_docs=0, max_chars=0))
     log(f"byte-level BPE trained in {dt:.1f}s: vocab {tok.vocab_size}")
@@ -107,7 +115,7 @@ def build_rates(docs: list[str], tmp: Path, vocab: int, cores: int, log=print) -
         t_tt = min(t_tt, t)
         cfg = config.load("configs/tiny.py", {
             "data.source": f"parquet:{tmp}/corpus.parquet", "data.tokenizer": spec, "data.val_fraction": 0.0,
-            "train.seq_len": 1024, "model.n_positions": 1024, "data.cache_dir": str(tmp / f"cache{rep}")})
+            "train.seq_len": seq_len, "model.n_positions": seq_len, "data.cache_dir": str(tmp / f"cache{rep}")})
         cache, t = _timed(lambda: data.prepare(cfg, tmp / "w", log=lambda s: None))
         t_j = min(t_j, t)
         built = cache.manifest["splits"]["train"]["tokens"]
@@ -127,7 +135,7 @@ def main(argv):
     docs = _documents(args.source, args.max_chars)
     print(f"corpus {args.source}: {len(docs):,} documents, {sum(map(len, docs)):,} characters; {where}")
     with tempfile.TemporaryDirectory() as tmp:
-        r = build_rates(docs, Path(tmp), args.bpe_vocab, args.cores)
+        r = build_rates(docs, Path(tmp), args.bpe_vocab, args.cores, args.seq_len)
         cache = r.pop("_cache")
         print(f"{r.pop('_tokens'):,} tokens; tokens/s per core:")
         best = max(v for k, v in r.items() if not k.startswith("jaxlm"))
@@ -172,10 +180,9 @@ def stream_rate(cache, cfg, batches: int, tmp: Path) -> float:
         port = sock.getsockname()[1]
     (tmp / "gcs" / "bench").mkdir(parents=True)
     binary = next((Path(fake.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server-*"))
-    proc = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+    proc = _start_elsewhere([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
                              "-public-host", f"127.0.0.1:{port}", "-backend", "memory", "-data", str(tmp / "gcs"),
-                             "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=_server_cores)  # the server is not the bench: not its core
+                             "-log-level", "error"])  # the server is not the bench: not its core
     try:
         deadline = time.time() + 60
         while True:
