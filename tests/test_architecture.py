@@ -25,7 +25,8 @@ LAYERS = [
     ["jaxlm.config"],
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # fast BPE engines; rows read by byte ranges
-     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
+     "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.tokenizer_train",  # loading, encoding; training
+     "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data",
      "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)

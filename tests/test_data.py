@@ -9,7 +9,7 @@ import pytest
 
 from jaxlm import config, data
 from jaxlm.data import cache as cache_lib
-from jaxlm.data import cache_lock, sources, tokenizer
+from jaxlm.data import cache_lock, sources, tokenizer_train
 from jaxlm.errors import DataError
 
 from conftest import ROOT, SHARED_DATA, write_word_corpus
@@ -275,7 +275,7 @@ def test_missing_tokenizer_file_is_named(tmp_path, corpus):
 
 def test_tokenizer_is_lossless_on_code_and_whitespace():
     docs = ["def f(x):\n    return x  +  1\n\n\tprint('héllo ✓')\n" * 30, "plain text, more text. " * 50]
-    tok = tokenizer.train(docs, vocab_size=300, max_docs=10)
+    tok = tokenizer_train.train(docs, vocab_size=300, max_docs=10)
     for d in docs + ["unseen: 日本語 ≠ 🙂\n  indented"]:
         assert tok.decode(tok.encode([d])[0]) == d
 
@@ -292,7 +292,7 @@ def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
     docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
 
     def train():
-        return tokenizer.train(docs, vocab_size=350, max_docs=60)
+        return tokenizer_train.train(docs, vocab_size=350, max_docs=60)
 
     reference = train()
     for cores in (1, 16):
@@ -301,11 +301,11 @@ def test_tokenizer_does_not_depend_on_the_machine(monkeypatch, corpus):
         monkeypatch.setattr(os, "process_cpu_count", lambda: cores, raising=False)
         assert train().sha256 == reference.sha256, f"the model changed with {cores} cores"
     monkeypatch.undo()
-    monkeypatch.setattr(tokenizer, "TRAIN_THREADS", tokenizer.TRAIN_THREADS + 1)
+    monkeypatch.setattr(tokenizer_train, "TRAIN_THREADS", tokenizer_train.TRAIN_THREADS + 1)
     assert train().sha256 != reference.sha256  # control: a thread count is visible in the model's bytes
     monkeypatch.undo()
     spec = sentencepiece_model_pb2.ModelProto.FromString(reference.proto).trainer_spec
-    assert spec.num_threads == tokenizer.TRAIN_THREADS
+    assert spec.num_threads == tokenizer_train.TRAIN_THREADS
     # encoding in parallel is the same as encoding on one thread
     assert reference.encode(docs[:20], num_threads=1) == reference.encode(docs[:20], num_threads=16)
 
@@ -318,7 +318,7 @@ def test_a_malformed_line_met_while_training_the_tokenizer_arrives_unchanged():
         raise DataError("corpus.jsonl:2: not valid JSON (Expecting value); fix or remove the line")
 
     with pytest.raises(DataError) as e:
-        tokenizer.train(docs(), 300)
+        tokenizer_train.train(docs(), 300)
     assert str(e.value) == "corpus.jsonl:2: not valid JSON (Expecting value); fix or remove the line"
 
 

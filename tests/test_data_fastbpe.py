@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from jaxlm.data import fastbpe, tokenizer
+from jaxlm.data import fastbpe, tokenizer, tokenizer_train
 
 from conftest import SHARED_DATA
 
@@ -28,7 +28,7 @@ def texts():
 
 
 def test_the_engines_give_the_ids_of_tokenizers_on_real_text(texts, tmp_path):
-    tok = tokenizer.train_byte_bpe(iter(texts[::2]), 1500)
+    tok = tokenizer_train.train_byte_bpe(iter(texts[::2]), 1500)
     want = [tok.tk.encode(t, add_special_tokens=False).ids for t in texts]
     ids, offsets = fastbpe.encode_flat(fastbpe.engine(tok.json), texts)
     assert [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == want
@@ -55,14 +55,14 @@ def test_merges_apply_in_merges_order_and_an_engine_that_differs_is_dropped(text
     vocab = {tokenizer.EOS_TOKEN: 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
     for t in ("he", "ll", "hel", "hell"):
         vocab[t] = len(vocab)
-    tk = tokenizer._byte_level(tokenizers.Tokenizer(models.BPE(vocab, [("h", "e"), ("l", "l"), ("he", "l"),
+    tk = tokenizer.byte_level(tokenizers.Tokenizer(models.BPE(vocab, [("h", "e"), ("l", "l"), ("he", "l"),
                                                                         ("hel", "l")])))
     tk.add_special_tokens([tokenizers.AddedToken(tokenizer.EOS_TOKEN, special=True, normalized=False)])
     tok = tokenizer.HFTokenizer(tk)
     assert fastbpe.encoding(tok.json).encode("hell") == [vocab["hell"]]  # tiktoken's difference is real
     assert tok.encode(["hell"]) == [[vocab["he"], vocab["ll"]]] and tok._engine  # fastokens has none
     # an engine whose ids differ (another tokenizer's) is caught by the spot check and dropped for good
-    other = tokenizer.train_byte_bpe(iter(texts[1::2]), 1200)
+    other = tokenizer_train.train_byte_bpe(iter(texts[1::2]), 1200)
     tok._engine = fastbpe.engine(other.json)
     want = [tk.encode(t, add_special_tokens=False).ids for t in texts[:5]]
     assert tok.encode(texts[:5]) == want and tok._engine is False

@@ -6,7 +6,7 @@ import pytest
 from test_gcs import BUCKET, gcs  # noqa: F401  (the emulator fixture)
 
 from jaxlm import data, paths
-from jaxlm.data import remote, sources, tokenizer
+from jaxlm.data import remote, sources, tokenizer, tokenizer_train
 
 from conftest import write_word_corpus
 from helpers.corpora import cfg_for, docs_of, token_stream, write_datasets_dir, write_jsonl, write_llmc, write_parquet
@@ -17,7 +17,7 @@ def test_sources_and_tokenizers_on_gs_read_what_the_local_files_hold(gcs, tmp_pa
     local = tmp_path / "corpora"
     corpus = write_word_corpus(local / "files", 12, words_per_doc=0)
     docs = docs_of(corpus)
-    tok = tokenizer.train_byte_bpe(iter(docs), 300)
+    tok = tokenizer_train.train_byte_bpe(iter(docs), 300)
     tok_dir = local / "tok"
     tok.save(tok_dir)
     specs = {"files": f"files:{corpus}/*.txt", "jsonl": write_jsonl(local / "jl", docs),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import data, telemetry
-from jaxlm.data import mixture, tokenizer
+from jaxlm.data import mixture, tokenizer_train
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -129,7 +129,7 @@ def test_a_mixture_of_parquet_datasets_dir_and_token_shards_trains_and_resumes_b
     """One run over all three new sources: it trains, logs its proportions and per-component losses, and
     a run killed -9 mid-way and restarted gives the uninterrupted run's losses at every step."""
     docs = [docs_of(write_word_corpus(tmp_path / f"c{i}", 24, words_per_doc=0, seed=10 + i)) for i in range(3)]
-    tok = tokenizer.train_byte_bpe(iter(docs[0] + docs[1] + docs[2]), 300)
+    tok = tokenizer_train.train_byte_bpe(iter(docs[0] + docs[1] + docs[2]), 300)
     tok_spec = tok.save(tmp_path / "tok")
     (tmp_path / "shards").mkdir()
     ids = token_stream(tok, docs[2])

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxlm import data
-from jaxlm.data import shards, sources, tokenizer
+from jaxlm.data import shards, sources, tokenizer, tokenizer_train
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_style(tmp_path_factory, corpus):
     """A GPT-2-format byte-level BPE (vocab.json + merges.txt), trained here on the corpus."""
-    tok = tokenizer.train_byte_bpe(iter(docs_of(corpus)), 300)
+    tok = tokenizer_train.train_byte_bpe(iter(docs_of(corpus)), 300)
     return tok.save(tmp_path_factory.mktemp("gpt2tok"))
 
 

@@ -16,7 +16,7 @@ from jaxlm import export as export_lib
 from jaxlm import run as run_lib
 from jaxlm.data import cache as cache_lib
 from jaxlm.data import tokenizer as tok_lib
-from jaxlm.data import tokenizer_export
+from jaxlm.data import tokenizer_export, tokenizer_train
 from jaxlm.errors import DataError
 
 from conftest import ROOT, write_word_corpus
@@ -32,7 +32,7 @@ DOCS = [MIXED * 3, "def f(x):\n    return x  +  1\n\n\tprint('héllo ✓')\n" * 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A byte-level BPE trained here, saved as an HF directory."""
-    tok = tok_lib.train_byte_bpe(DOCS, vocab_size=400)
+    tok = tokenizer_train.train_byte_bpe(DOCS, vocab_size=400)
     d = tmp_path_factory.mktemp("bpe") / "tok"
     spec = tok.save(d)
     return tok, d, spec
@@ -72,7 +72,7 @@ def test_byte_bpe_encodes_as_gpt2_tokenizer_fast_and_is_lossless(trained):
     for t in texts:
         assert loaded.decode(loaded.encode([t])[0]) == t
     # deterministic: the same documents give the same tokenizer
-    assert tok_lib.train_byte_bpe(DOCS, vocab_size=400).sha256 == tok.sha256
+    assert tokenizer_train.train_byte_bpe(DOCS, vocab_size=400).sha256 == tok.sha256
 
 
 def test_vocab_and_merges_alone_load_as_tokenizer_json_does(trained, tmp_path):
@@ -147,7 +147,7 @@ def _big_vocab_dir(d: Path, size: int = 70_000) -> Path:
         vocab[f"<filler{i}>"] = len(vocab)
     for m in merged:
         vocab[m] = len(vocab)
-    tk = tok_lib._byte_level(HFCore(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l"), ("ll", "o"),
+    tk = tok_lib.byte_level(HFCore(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l"), ("ll", "o"),
                                                                     ("he", "llo")])))
     d.mkdir(parents=True)
     tk.save(str(d / "tokenizer.json"))
@@ -257,7 +257,7 @@ def _stdlib_texts(n: int, skip_files: int = 0) -> list[str]:
 @pytest.mark.slow  # transformers' AutoTokenizer
 def test_sentencepiece_export_tokenizes_in_transformers_as_in_jaxlm(tmp_path):
     # trained on some files, compared on others: merges the training text never needed are exercised too
-    sp = tok_lib.train(_stdlib_texts(300) + DOCS, vocab_size=1024)
+    sp = tokenizer_train.train(_stdlib_texts(300) + DOCS, vocab_size=1024)
     tokenizer_export.save_for_hf(sp, tmp_path / "export")
     assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
     assert tokenizer_export.for_model_dir(tmp_path / "export") == str(tmp_path / "export" / "tokenizer.model")
@@ -281,7 +281,7 @@ def test_sentencepiece_models_jaxlm_cannot_convert_exactly_are_refused():
     from sentencepiece import sentencepiece_model_pb2
 
     m = sentencepiece_model_pb2.ModelProto()
-    m.ParseFromString(tok_lib.train(_stdlib_texts(300), vocab_size=1024).proto)
+    m.ParseFromString(tokenizer_train.train(_stdlib_texts(300), vocab_size=1024).proto)
     m.normalizer_spec.add_dummy_prefix = True
     with pytest.raises(DataError, match="has a dummy prefix; only jaxlm's own kind"):
         tokenizer_export.sentencepiece_to_hf(m.SerializeToString())

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from absl import flags
 
 from jaxlm import cli, config, data, paths
-from jaxlm.data import fastbpe, remote, sources
+from jaxlm.data import fastbpe, remote, sources, tokenizer_train
 from jaxlm.data import tokenizer as tok_lib
 
 
@@ -100,7 +100,7 @@ def _start_elsewhere(cmd: list[str]) -> subprocess.Popen:
 def build_rates(docs: list[str], tmp: Path, vocab: int, cores: int, seq_len: int = 1024,
                 log=print) -> dict[str, float]:
     """tokens/s per core of tiktoken, tokenizers and jaxlm's cache build on `docs`."""
-    tok, dt = _timed(lambda: tok_lib.train_byte_bpe(iter(docs), vocab, max_docs=0, max_chars=0))
+    tok, dt = _timed(lambda: tokenizer_train.train_byte_bpe(iter(docs), vocab, max_docs=0, max_chars=0))
     log(f"byte-level BPE trained in {dt:.1f}s: vocab {tok.vocab_size}")
     spec = tok.save(tmp / "tok")
     enc = fastbpe.encoding(tok.json)

@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import files, paths
-from jaxlm.data import cache_lock, cache_shards, remote
+from jaxlm.data import cache_lock, cache_shards, remote, tokenizer_train
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -131,13 +131,13 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     and cached (None instead of training one when `train` is False)."""
     if data_cfg.tokenizer:
         return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
-    kind = data_cfg.get("tokenizer_kind", tok_lib.DEFAULT_KIND)
-    if kind not in tok_lib.TRAINERS:
-        raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tok_lib.TRAINERS)}")
+    kind = data_cfg.get("tokenizer_kind", tokenizer_train.DEFAULT_KIND)
+    if kind not in tokenizer_train.TRAINERS:
+        raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tokenizer_train.TRAINERS)}")
     fields = {"v": FORMAT_VERSION, "source": source.fingerprint(), "vocab": data_cfg.vocab_size,
               "max_docs": data_cfg.tokenizer_max_docs, "max_chars": data_cfg.tokenizer_max_chars,
               "val_fraction": data_cfg.val_fraction}
-    if kind != tok_lib.DEFAULT_KIND:  # the default stays out of the key: caches built before it keep theirs
+    if kind != tokenizer_train.DEFAULT_KIND:  # the default stays out of the key: caches built before it keep theirs
         fields["kind"] = kind
     key = _key(fields)
     final = cache_root / "tokenizers" / key
@@ -151,7 +151,7 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     log(f"training a {data_cfg.vocab_size}-piece {what} tokenizer on {source.spec} "
         f"(up to {data_cfg.tokenizer_max_docs} documents)")
     t0 = time.time()
-    tok = tok_lib.TRAINERS[kind](source.documents("train"), data_cfg.vocab_size,
+    tok = tokenizer_train.TRAINERS[kind](source.documents("train"), data_cfg.vocab_size,
                                  max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
     tmp = cache_lock.tmp_dir(final.parent, key)
     try:
