@@ -56,7 +56,7 @@ def test_merges_apply_in_merges_order_and_an_engine_that_differs_is_dropped(text
     for t in ("he", "ll", "hel", "hell"):
         vocab[t] = len(vocab)
     tk = tokenizer.byte_level(tokenizers.Tokenizer(models.BPE(vocab, [("h", "e"), ("l", "l"), ("he", "l"),
-                                                                        ("hel", "l")])))
+                                                                       ("hel", "l")])))
     tk.add_special_tokens([tokenizers.AddedToken(tokenizer.EOS_TOKEN, special=True, normalized=False)])
     tok = tokenizer.HFTokenizer(tk)
     assert fastbpe.encoding(tok.json).encode("hell") == [vocab["hell"]]  # tiktoken's difference is real

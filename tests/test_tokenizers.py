@@ -148,7 +148,7 @@ def _big_vocab_dir(d: Path, size: int = 70_000) -> Path:
     for m in merged:
         vocab[m] = len(vocab)
     tk = tok_lib.byte_level(HFCore(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l"), ("ll", "o"),
-                                                                    ("he", "llo")])))
+                                                                     ("he", "llo")])))
     d.mkdir(parents=True)
     tk.save(str(d / "tokenizer.json"))
     return d

@@ -90,8 +90,8 @@ def _start_elsewhere(cmd: list[str]) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ours = os.sched_getaffinity(0)
     every = _ALLOWED or ours
-    os.sched_setaffinity(0, (every - ours) or every)
     try:
+        os.sched_setaffinity(0, (every - ours) or every)
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         os.sched_setaffinity(0, ours)

@@ -152,7 +152,7 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
         f"(up to {data_cfg.tokenizer_max_docs} documents)")
     t0 = time.time()
     tok = tokenizer_train.TRAINERS[kind](source.documents("train"), data_cfg.vocab_size,
-                                 max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
+                                         max_docs=data_cfg.tokenizer_max_docs, max_chars=data_cfg.tokenizer_max_chars)
     tmp = cache_lock.tmp_dir(final.parent, key)
     try:
         tok_lib.store(tok, tmp)

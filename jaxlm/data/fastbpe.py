@@ -13,8 +13,8 @@ no normaliser, special tokens only as added tokens -- or None for any other: the
 tiktoken that ``jaxlm.data.bench`` measures the cache build against. tiktoken merges the adjacent
 pair whose merged token has the lowest rank; the BPE of ``tokenizers`` applies merges in merges.txt
 order. The two agree when each merge makes a new token and the merged tokens' ids increase with the
-merge order -- as in GPT-2's files and in every tokenizer ``train_byte_bpe`` makes -- which
-:func:`encoding` checks.
+merge order -- as in GPT-2's files and in every tokenizer ``tokenizer_train.train_byte_bpe`` makes --
+which :func:`encoding` checks.
 """
 
 from __future__ import annotations
