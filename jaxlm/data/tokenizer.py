@@ -29,8 +29,6 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 from jaxlm.data import fastbpe
 from jaxlm.errors import DataError
 
-UNK_ID, EOS_ID = 0, 1
-
 HF_PREFIX = "hf:"
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's end of text, the EOS of byte_bpe and of GPT-2 files
 SPOT_CHECK = 512  # every how many texts the fast engine's ids are checked against tokenizers' (HFTokenizer)

@@ -24,9 +24,10 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
-from jaxlm.data.tokenizer import EOS_ID, EOS_TOKEN, UNK_ID, HFTokenizer, Tokenizer, byte_level
+from jaxlm.data.tokenizer import EOS_TOKEN, HFTokenizer, Tokenizer, byte_level
 from jaxlm.errors import DataError
 
+UNK_ID, EOS_ID = 0, 1  # the SentencePiece model's reserved ids (no BOS, no padding)
 DEFAULT_KIND = "sentencepiece"  # data.tokenizer_kind: what is trained when data.tokenizer is ''
 # SentencePiece's BPE training gives a different model for a different thread count (measured:
 # 1, 2 and 4 threads, three models), so it is fixed here, never os.cpu_count(): the same corpus
