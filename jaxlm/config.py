@@ -33,7 +33,7 @@ CONFIGS_DIR = Path(configs.__file__).resolve().parent
 # Config fields that never change a run's results; everything else must match on resume.
 NEUTRAL_FIELDS = (
     "log.", "checkpoint.", "mesh.", "distributed.", "train.eval_every", "train.eval_batches", "train.seeds",
-    "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
+    "train.eval_sets", "train.stop_on_nonfinite", "data.prefetch", "data.workers", "data.cache_dir", "data.tfds_data_dir",
     "model.attention_impl", "model.remat", "model.loss_chunk", "train.deterministic", "data.remote_reads",
     "model.scan_layers",  # the same function; a checkpoint of the other layout restores through jaxlm.scan
 )
@@ -43,6 +43,17 @@ NEUTRAL_FIELDS = (
 ABSENT_MEANS: dict[str, Any] = {
     "model.vocab_multiple": 1,  # token tables were not padded
 }
+
+
+# Fields with a fixed set of values (the first is the schema's default).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.warmup": ("linear", "log"),
+    "optim.decay_mask": ("matrices", "all"),
+}
+# Where a config names no corpus or tokenizer: what to set (one error line, before anything runs).
+SOURCE_KINDS = "jsonl:GLOB, files:GLOB, parquet:GLOB, hf:DIR, tfds:NAME, tokens:GLOB or stdlib"
+GPT2_TOKENIZER = "hf:DIR, a directory with GPT-2's vocab.json and merges.txt (or its tokenizer.json)"
+REPRODUCE = "the README's \"Reproduce Mistral's numbers\" shows the commands"
 
 
 def schema() -> ml_collections.ConfigDict:
@@ -251,6 +262,13 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(f"optim.schedule: unknown {cfg.optim.schedule!r}; allowed: linear, cosine, constant "
                           "(and by budget fraction, with train.budget: triangle, wsd)")
     budget.validate(cfg)
+    _check_choices(cfg)
+    if cfg.data.seed < -1:
+        raise ConfigError(f"data.seed: a seed >= 0, or -1 (train.seed's), got {cfg.data.seed}")
+    if budget.parse(cfg.train.budget) is not None and (cfg.optim.warmup != "linear" or cfg.optim.deepspeed_lag):
+        raise ConfigError("optim.warmup=log and optim.deepspeed_lag shape step-based schedules (Mistral's); under "
+                          "train.budget the schedule is by budget fraction: set optim.warmup=linear and "
+                          "optim.deepspeed_lag=False, or train.budget=none")
     if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
     _check_stages(cfg.checkpoint.stages)
@@ -283,6 +301,28 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
             "bf16 is the TPU-native regime (run it anyway for the ablation if that is the point)",
             stacklevel=2,
         )
+
+
+def _check_choices(cfg) -> None:
+    for key, allowed in CHOICES.items():
+        value = get_by_path(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: unknown {value!r}; allowed: {', '.join(allowed)}")
+
+
+def check_corpus(cfg) -> None:
+    """Before training or building a cache (not for a model's shape, as the benches read it): a config
+    that names no corpus (data.source='') or trains no tokenizer and names none (data.tokenizer_kind=
+    'none': the gpt2_* configs, whose tokenizer is GPT-2's) is one error line saying what to set."""
+    d, missing = cfg.data, []
+    if not str(d.source).strip():
+        missing.append(f"--config.data.source=SPEC (your corpus: {SOURCE_KINDS})")
+    if not d.tokenizer and d.tokenizer_kind == "none":
+        missing.append(f"--config.data.tokenizer={GPT2_TOKENIZER}")
+    if missing:
+        what = "no corpus" if len(missing) == 1 and "source" in missing[0] else (
+            "no tokenizer" if len(missing) == 1 else "no corpus and no tokenizer")
+        raise ConfigError(f"this config names {what}: set {' and '.join(missing)}; {REPRODUCE}")
 
 
 def _check_stages(stages) -> None:

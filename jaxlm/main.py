@@ -33,6 +33,7 @@ def main(argv):
     cli.require(config=F.config, workdir=F.workdir)
     cfg = F.config
     config_lib.validate(cfg)  # before anything starts or is written
+    config_lib.check_corpus(cfg)
     paths.check_url(F.workdir, "--workdir")
     paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     config_lib.set_xla_flags(cfg)  # before the backend starts (at the first device use, below)

@@ -317,13 +317,16 @@ class LossScaleConfig:
     hysteresis: int = 2  # overflows tolerated (step skipped, scale kept) before the scale halves
     minimum: float = 1.0
     enabled: bool = True  # False: scale 1, nothing skipped (non-fp16 regimes)
+    # DeepSpeed ZeRO-2's order: the scale is updated before the gradients are unscaled, so on a step
+    # where it doubles they are divided by twice the scale the loss was multiplied by (Mistral's runs)
+    update_first: bool = False
 
 
 def loss_scale_config(cfg, pol: Policy) -> LossScaleConfig:
     p = cfg.precision
     return LossScaleConfig(init=float(p.loss_scale_init), window=int(p.loss_scale_window),
                            hysteresis=int(p.loss_scale_hysteresis), minimum=float(p.loss_scale_min),
-                           enabled=pol.is_fp16)
+                           enabled=pol.is_fp16, update_first=bool(p.get("loss_scale_update_first", False)))
 
 
 def loss_scale_init(c: LossScaleConfig) -> dict:

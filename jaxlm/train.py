@@ -160,21 +160,20 @@ class Trainer:
         active = None if knobs is None or self.batch_size == self.micro else knobs["micro_batches"]
         loss, grads = self._grads(state.params, batch, state.rng, state.step, scale, active)
         opt_state_in = state.opt_state
-        if knobs is None:
-            lr = self.schedule(state.step)
+        if knobs is None:  # the lr optax applies: its schedule counts applied updates (skipped ones keep the state)
+            lr = self.schedule(state.step - state.nonfinite)
         else:  # under a budget: the learning rate of (step, f), set in AdamW's injected hyperparameters
             lr = float(self.cfg.optim.lr) * budget_lib.lr_factor(self.cfg.optim, state.step, knobs["fraction"])
             opt_state_in = optim.set_lr(opt_state_in, lr)
         with jax.named_scope("optimizer"):  # unscaling, the finite check, clipping, AdamW, the skip
-            grads = jax.tree.map(lambda g: (g / scale).astype(self.policy.grad_dtype), grads)
-            finite = precision.all_finite(grads) & jnp.isfinite(loss)
+            grads, finite, loss_scale = self._unscale(grads, loss, state.loss_scale)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = self.tx.update(grads, opt_state_in, state.params)
             params = optax.apply_updates(state.params, updates)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             new = TrainState(
                 step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                rng=state.rng, loss_scale=precision.loss_scale_update(state.loss_scale, finite, self.ls_cfg),
+                rng=state.rng, loss_scale=loss_scale,
                 nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
             )
         clip = float(self.cfg.optim.clip_norm)
@@ -194,6 +193,19 @@ class Trainer:
                 metrics[telemetry.BUDGET_FRACTION] = knobs["fraction"]
                 metrics[telemetry.MICRO_BATCHES] = knobs["micro_batches"]
         return new, metrics
+
+    def _unscale(self, grads, loss, loss_scale: dict):
+        """(unscaled gradients, whether they and the loss are finite, the loss scale's next state). DeepSpeed
+        ZeRO-2's order (precision.loss_scale_update_first) checks the scaled gradients and updates the scale
+        first, then unscales by the new scale: halved gradients on a step where the scale doubles."""
+        cast = lambda s: jax.tree.map(lambda g: (g / s).astype(self.policy.grad_dtype), grads)
+        if self.ls_cfg.update_first:
+            finite = precision.all_finite(grads) & jnp.isfinite(loss)
+            new = precision.loss_scale_update(loss_scale, finite, self.ls_cfg)
+            return cast(new["scale"]), finite, new
+        unscaled = cast(loss_scale["scale"])
+        finite = precision.all_finite(unscaled) & jnp.isfinite(loss)
+        return unscaled, finite, precision.loss_scale_update(loss_scale, finite, self.ls_cfg)
 
     def _eval_step(self, params, batch):
         return self._loss(params, batch, None, 1.0)[1]

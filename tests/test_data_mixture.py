@@ -39,7 +39,7 @@ def test_realised_proportions_are_within_3_standard_errors_over_10k_rows(two):
     cfg = cfg_for(_mix(pa_spec, jl_spec, 0.7, 0.3))
     cache = data.prepare(cfg, root / "w", log=lambda s: None)
     n = 10_000
-    got = mixture.Schedule([0.7, 0.3], cfg.data.seed).counts(n)
+    got = mixture.Schedule([0.7, 0.3], data.data_seed(cfg)).counts(n)
     assert got.sum() == n
     se = np.sqrt(0.7 * 0.3 / n)
     assert abs(got[0] / n - 0.7) < 3 * se, got / n
@@ -51,7 +51,7 @@ def test_realised_proportions_are_within_3_standard_errors_over_10k_rows(two):
     for k in range(1024 // cfg.train.batch_size):
         for row in loader.batch(k):
             seen[owner[row.astype(np.uint16).tobytes()]] += 1
-    np.testing.assert_array_equal(seen, mixture.Schedule([0.7, 0.3], cfg.data.seed).counts(1024))
+    np.testing.assert_array_equal(seen, mixture.Schedule([0.7, 0.3], data.data_seed(cfg)).counts(1024))
     assert "realised proportions" in cache.describe(n) and f"{got[0] / n:.3f} (weight 0.700)" in cache.describe(n)
     # the schedule is random, not a fixed interleaving: the first blocks' shares differ
     s = mixture.Schedule([0.5, 0.5], 0)

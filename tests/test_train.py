@@ -213,3 +213,59 @@ def test_the_step_donates_its_state():
     new, _ = tr.train_step(state, jax.device_put(_batch(tr.cfg), tr.batch_sharding))
     assert all(x.is_deleted() for x in jax.tree.leaves(state))
     assert not any(x.is_deleted() for x in jax.tree.leaves(new))
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_gpt2_recipe_in_fp16_skips_until_the_2_pow_32_scale_fits_and_then_updates_at_the_configured_lr():
+    """Mistral's start (DeepSpeed 0.3.13): the scale starts at 2^32 and every overflow halves it, skipping
+    the step; the schedule counts applied updates only; the first applied update runs at optim.lr, the
+    second at the log warmup's lr(0) = 0, the third at lr·ln 2/ln W."""
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "gpt2_small.py", {
+        "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 32,
+        "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0, "model.resid_pdrop": 0.0,
+        "data.vocab_size": 512, "train.batch_size": 16, "train.seq_len": 32, "train.steps": 400,
+        "optim.warmup_steps": 40})
+    assert cfg.precision.regime == "fp16_upcast" and cfg.precision.loss_scale_init == 2.0**32
+    tr = _trainer(cfg)
+    state = tr.init(np.uint32(21))
+    batch = jnp.asarray(_batch(cfg))
+    lr, skipped, applied = cfg.optim.lr, 0, []
+    while len(applied) < 3:
+        before = _host(state.params)
+        state, m = tr.train_step(state, batch)
+        if not bool(m["finite"]):
+            assert not applied, "an overflow after the scale fitted"
+            skipped += 1
+            assert float(m[telemetry.LR]) == pytest.approx(lr, rel=1e-6)  # the schedule has not advanced
+            assert float(state.loss_scale["scale"]) == 2.0 ** (32 - skipped)  # every overflow halves
+            continue
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_host(state.params))))
+        applied.append((float(m[telemetry.LR]), moved))
+        assert skipped < 30
+    assert skipped >= 3  # 2^32 does not fit at first
+    (lr1, moved1), (lr2, moved2), (lr3, moved3) = applied
+    # Adam's first step moves a weight by ~lr, plus lr·0.1·w of decay (LayerNorm gains, w = 1, decay too)
+    assert lr1 == pytest.approx(lr, rel=1e-6) and 0.5 * lr < moved1 <= 1.11 * lr
+    assert lr2 == 0.0 and moved2 == 0.0  # log warmup at k = 0: nothing moves
+    assert lr3 == pytest.approx(lr * np.log(2) / np.log(40), rel=1e-6) and moved3 > 0
+    assert int(state.step) == skipped + 3 and int(state.loss_scale["skipped"]) == skipped
+
+
+@pytest.mark.slow  # 5-15 s: the fast lane stays short
+def test_deepspeed_order_unscales_by_the_updated_scale_halving_the_gradients_where_it_doubles():
+    """precision.loss_scale_update_first (ZeRO-2's order): the step whose clean run completes the window
+    doubles the scale first and unscales by it; the other steps are unchanged."""
+    norms = {}
+    for first in (False, True):
+        cfg = _cfg(**{"precision.regime": "fp16", "precision.loss_scale_init": 2.0**10,
+                      "precision.loss_scale_window": 2, "precision.loss_scale_update_first": first})
+        tr = _trainer(cfg)
+        state, batch = tr.init(np.uint32(0)), jnp.asarray(_batch(cfg))
+        norms[first] = []
+        for _ in range(2):
+            state, m = tr.train_step(state, batch)
+            assert bool(m["finite"])
+            norms[first].append(float(m[telemetry.GRAD_NORM]))
+        assert float(state.loss_scale["scale"]) == 2.0**11  # doubled at step 2 either way
+    assert norms[True][0] == norms[False][0]
+    assert norms[True][1] == pytest.approx(norms[False][1] / 2, rel=1e-6)

@@ -29,10 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.precision.compute_dtype = ""
     c.precision.attn_dtype = ""
     # fp16 dynamic loss scaling (DeepSpeed semantics); used only when the policy has fp16.
-    c.precision.loss_scale_init = 2.0**16
+    c.precision.loss_scale_init = 2.0**16  # the gpt2_* configs: 2**32, DeepSpeed 0.3.13's default (Mistral's)
     c.precision.loss_scale_window = 1000  # clean steps before the scale doubles
-    c.precision.loss_scale_hysteresis = 2  # overflows tolerated before the scale halves
+    # overflows that halve no scale (the step is still skipped) before one does; 1 = every overflow halves.
+    # DeepSpeed's config default is 2, but a config giving only fp16.enabled (Mistral's) gets 1.
+    c.precision.loss_scale_hysteresis = 2
     c.precision.loss_scale_min = 1.0
+    # True: unscale with the scale as updated by this step (DeepSpeed ZeRO-2's order, Mistral's): on a step
+    # where the scale doubles the gradients are halved. False: unscale with the scale the loss was scaled by
+    c.precision.loss_scale_update_first = False
 
     # --- train ------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -40,10 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 512  # global, in sequences
     c.train.micro_batch_size = 0  # per step and globally; 0 = no gradient accumulation
     c.train.seq_len = 1024
-    c.train.seed = 21  # init and dropout; data order has its own data.seed
+    c.train.seed = 21  # init, dropout and (unless data.seed is set) data order, as Mistral's seed did
     c.train.seeds = (21, 49, 81, 343, 777)  # Mistral's five seeds, for ablation grids
     c.train.eval_every = 1000  # 0 = no periodic evaluation
-    c.train.eval_batches = 20
+    c.train.eval_batches = 20  # validation batches per evaluation; 0 = the whole validation split (Mistral's)
+    # more evaluation sets, each 'NAME=SPEC', logged as eval/NAME/<metric> at every evaluation. SPEC:
+    # wikitext:PATH (a WikiText raw file, sliding window, stride 512), lambada:PATH (OpenAI's jsonl, last word),
+    # or a data.source spec (its documents as one stream). Files only: nothing is downloaded.
+    c.train.eval_sets = ()
     c.train.stop_on_nonfinite = True  # non-finite loss outside fp16 loss scaling stops the run
     # GPU: --xla_gpu_deterministic_ops=true, so reruns are bit-identical (no atomics in scatter and
     # reductions; costs some speed, see README). CPU and TPU are deterministic anyway.
@@ -62,16 +71,18 @@ def get_config() -> ml_collections.ConfigDict:
     # stdlib | files:GLOB | jsonl:GLOB | tfds:NAME[:SPLIT] | parquet:GLOB | hf:DIR (a datasets directory) |
     # tokens:GLOB (token shards) | mix:W*SOURCE,W*SOURCE,... (a weighted mixture); GLOB/DIR local or gs://
     c.data.source = "stdlib"
-    c.data.seed = 0  # data order (shuffle)
+    c.data.seed = -1  # data order (shuffle); -1 = train.seed, so a seed sweep sweeps data order too
     c.data.text_field = "text"  # jsonl
     c.data.on_missing_field = "fail"  # fail | skip  (jsonl lines without text_field)
     c.data.doc_separator = ""  # files: split each file into documents on this string; '' = whole file
+    c.data.eos = True  # EOS after every document; False: documents concatenated with nothing between (Mistral)
     c.data.tfds_data_dir = ""  # tfds: where prepared datasets live
     c.data.val_fraction = 0.0005  # held-out share of documents when the source has no split
     # PATH.model (SentencePiece) | hf:DIR (Hugging Face: tokenizer.json, or GPT-2's vocab.json + merges.txt);
     # '' = train one on the corpus
     c.data.tokenizer = ""
     # what is trained: sentencepiece (BPE, byte fallback) | byte_bpe (GPT-2-style byte-level BPE, HF format)
+    # | none (nothing: data.tokenizer must be given; the gpt2_* configs, whose tokenizer is GPT-2's)
     c.data.tokenizer_kind = "sentencepiece"
     c.data.vocab_size = 8192  # when training the tokenizer
     c.data.tokenizer_max_docs = 20_000  # documents sampled to train the tokenizer
@@ -93,10 +104,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.1  # AdamW, masked: never on biases or LayerNorm parameters
+    c.optim.weight_decay = 0.1  # AdamW, on the parameters optim.decay_mask names
+    c.optim.decay_mask = "matrices"  # matrices (kernels, embeddings) | all (every parameter, as Mistral's DeepSpeed)
     c.optim.clip_norm = 1.0  # 0 = no clipping
     c.optim.schedule = "linear"  # linear | cosine | constant (all after warmup)
+    c.optim.warmup = "linear"  # linear (0 -> lr) | log (DeepSpeed 0.3.13's WarmupDecayLR: lr*ln(k+1)/ln(W))
     c.optim.warmup_steps = 4000
+    # DeepSpeed's scheduler lag (Mistral's runs): the first applied update runs at optim.lr, update n >= 2 at
+    # the schedule's value for n - 2 (the scheduler steps after each applied update, none before the first)
+    c.optim.deepspeed_lag = False
     c.optim.final_lr_ratio = 0.0  # end of decay, as a fraction of lr
     # --- budget schedules (under train.budget every schedule reads f; these two only exist there)
     c.optim.budget_peak = 0.5  # triangle: f where the lr peaks

@@ -39,6 +39,7 @@ def crammed(c, budget: str):
     # 0.01 on matrices only (the decay mask), clipping at 0.5: the paper's stable settings.
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-12
     c.optim.weight_decay = 0.01
+    c.optim.decay_mask = "matrices"
     c.optim.clip_norm = 0.5
     # Peak lr 1e-3 on a one-cycle triangle by budget fraction (Cramming's budget-triangle schedule):
     # tying the schedule to the budget anneals the run exactly at the deadline whatever the step rate;
@@ -47,6 +48,7 @@ def crammed(c, budget: str):
     c.optim.schedule = "triangle"
     c.optim.budget_peak = 0.5
     c.optim.warmup_steps = 0
+    c.optim.warmup, c.optim.deepspeed_lag = "linear", False  # (Mistral's DeepSpeed lag is step-based)
     c.optim.final_lr_ratio = 0.0
     # Batch-size ramp: start with small batches (more updates per second while the loss falls fast)
     # and reach the final batch at 60% of the budget (the paper's "aggressive batch size schedule").

@@ -20,6 +20,19 @@ from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache
 
 
+def data_seed(cfg) -> int:
+    """The seed of the training data's order: data.seed, or train.seed where data.seed is -1 (the
+    default: a seed sweep sweeps data order too, as Mistral's seeds did)."""
+    return int(cfg.train.seed) if int(cfg.data.seed) < 0 else int(cfg.data.seed)
+
+
+def _data_cfg(cfg):
+    """cfg.data with its seed resolved (a mixture's schedule reads it)."""
+    d = cfg.data.copy_and_resolve_references()
+    d.seed = data_seed(cfg)
+    return d
+
+
 def cache_root(cfg, workdir):
     """Where the tokenizers and token caches live: data.cache_dir, else WORKDIR/data (a path or a URL)."""
     return paths.path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.path(workdir) / "data"
@@ -56,7 +69,7 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
 
     def find_or_build() -> TokenCache:
         builder = mixture.build if mixture.is_mixture(cfg.data.source) else build
-        cache = builder(cfg.data, cfg.train.seq_len, local, log=log, fetch=fetch)
+        cache = builder(_data_cfg(cfg), cfg.train.seq_len, local, log=log, fetch=fetch)
         if fetch is not None and jax.process_index() == 0:
             for directory in complete_directories(local):
                 url = root / directory.relative_to(local).as_posix()
@@ -142,9 +155,9 @@ def _stream(data_cfg, url, local: Path) -> bool:
 def train_loader(cache: TokenCache | MixtureCache, cfg, **kw) -> Loader:
     if isinstance(cache, MixtureCache):  # rows: the components' (for the epoch count), order: the schedule
         rows = _Rows(sum(len(c.split("train")) for c in cache.components))
-        return Loader(rows, global_batch=cfg.train.batch_size, seed=cfg.data.seed, prefetch=cfg.data.prefetch,
-                      split="train", order=cache.order(cfg.data.seed), **kw)
-    return Loader(cache.split("train"), global_batch=cfg.train.batch_size, seed=cfg.data.seed,
+        return Loader(rows, global_batch=cfg.train.batch_size, seed=data_seed(cfg), prefetch=cfg.data.prefetch,
+                      split="train", order=cache.order(data_seed(cfg)), **kw)
+    return Loader(cache.split("train"), global_batch=cfg.train.batch_size, seed=data_seed(cfg),
                   shuffle=True, repeat=True, prefetch=cfg.data.prefetch, split="train", **kw)
 
 
@@ -176,4 +189,4 @@ def eval_loader(cache: TokenCache, cfg, batch_size: int | None = None, **kw) -> 
 
 
 __all__ = ["TokenCache", "MixtureCache", "Loader", "prepare", "train_loader", "eval_loader",
-           "component_eval_loaders", "to_global", "device_prefetch", "cache_root"]
+           "component_eval_loaders", "to_global", "device_prefetch", "cache_root", "data_seed"]

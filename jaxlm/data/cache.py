@@ -9,7 +9,8 @@ Layout under ``data.cache_dir`` (default ``WORKDIR/data``)::
     tokens/<key>/{train,validation}.bin  uint16/uint32 rows of seq_len+1 tokens (random access)
 
 A token directory's key hashes (source fingerprint, tokenizer sha256, seq_len, format version).
-Documents are concatenated in corpus order, each followed by EOS, and cut into rows; the tail
+Documents are concatenated in corpus order, each followed by EOS (none between them with
+``data.eos=False``, as Mistral's), and cut into rows; the tail
 shorter than a row is dropped (counted in the manifest). Rows are a flat binary that
 ``np.memmap`` opens in place: random access like array_record, with no per-record decoding.
 
@@ -132,8 +133,11 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     if data_cfg.tokenizer:
         return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
     kind = data_cfg.get("tokenizer_kind", tokenizer_train.DEFAULT_KIND)
+    if kind == "none":
+        raise DataError("data.tokenizer is not set and data.tokenizer_kind='none' trains none: set "
+                        "--config.data.tokenizer=hf:DIR (GPT-2's vocab.json and merges.txt, or a tokenizer.json)")
     if kind not in tokenizer_train.TRAINERS:
-        raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tokenizer_train.TRAINERS)}")
+        raise DataError(f"data.tokenizer_kind={kind!r}: allowed: {', '.join(tokenizer_train.TRAINERS)}, none")
     fields = {"v": FORMAT_VERSION, "source": source.fingerprint(), "vocab": data_cfg.vocab_size,
               "max_docs": data_cfg.tokenizer_max_docs, "max_chars": data_cfg.tokenizer_max_chars,
               "val_fraction": data_cfg.val_fraction}
@@ -215,6 +219,8 @@ def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = 
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
                    "has_validation": source.has_validation}
+    if not data_cfg.get("eos", True):  # (only when off: the caches built before the switch keep their keys)
+        fingerprint["eos"] = False
     key = _key(fingerprint)
     final = cache_root / "tokens" / key
     if fetch is not None:
@@ -264,7 +270,7 @@ def build_share(data_cfg, seq_len: int, cache_root: str | Path, host: int, hosts
     workers = _workers(data_cfg)
     shard_dir = final.parent / f".build-{key}" / "shards"
     counts = cache_shards.ShardCounts()
-    t0, pool = time.time(), cache_shards.executor(workers, tok)
+    t0, pool = time.time(), cache_shards.executor(workers, tok, data_cfg.get("eos", True))
     try:
         for split in sources_lib.SPLITS:
             cache_shards.tokenize_share(source.documents(split), pool, shard_dir / split, host, hosts,
@@ -283,7 +289,7 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
     shutil.rmtree(out, ignore_errors=True)  # rows are cheap to write again from the shards
     out.mkdir(parents=True)
     splits, counters, shard_counts = {}, sources_lib.Counters(), cache_shards.ShardCounts()
-    pool = cache_shards.executor(workers, tok)
+    pool = cache_shards.executor(workers, tok, data_cfg.get("eos", True))
     try:
         for split in sources_lib.SPLITS:
             source.counters = sources_lib.Counters()

@@ -29,11 +29,12 @@ from jaxlm.data import tokenizer as tok_lib
 SHARD_DOCS = 2048
 
 _worker_tok: tok_lib.Tokenizer | None = None
+_worker_eos = True
 
 
-def _init_worker(tok: tok_lib.Tokenizer, parent: int) -> None:
-    global _worker_tok
-    _worker_tok = tok
+def _init_worker(tok: tok_lib.Tokenizer, parent: int, eos: bool = True) -> None:
+    global _worker_tok, _worker_eos
+    _worker_tok, _worker_eos = tok, eos
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole group: the parent stops the pool
     # One core per worker (the processes are the parallelism): fastokens otherwise splits one long text
     # over its thread pool (measured: 1.4-1.8 cores busy on texts of 100K characters and more).
@@ -51,12 +52,13 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 def _tokenize_shard(docs: list[str], path: Path, tok: tok_lib.Tokenizer | None = None,
-                    threads: int | None = 1) -> int:
-    """Tokenizes one shard into `path` (its documents' tokens, each followed by EOS), atomically. In a
-    worker process on one thread (the processes are the parallelism); in this process on all cores."""
+                    threads: int | None = 1, eos: bool | None = None) -> int:
+    """Tokenizes one shard into `path` (its documents' tokens, each followed by EOS unless data.eos is
+    off), atomically. In a worker process on one thread (the processes are the parallelism); in this
+    process on all cores."""
     tok = tok or _worker_tok
     dtype = tok.dtype()
-    flat = tok.encode_flat(docs, num_threads=threads).astype(dtype, copy=False)
+    flat = tok.encode_flat(docs, num_threads=threads, eos=_worker_eos if eos is None else eos).astype(dtype, copy=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -97,25 +99,26 @@ def _groups(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 class _InProcess:
     """The executor for data.workers <= 1: tokenizes at submission, with the tokenizer's threads (all cores)."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, eos: bool):
+        self.tok, self.eos = tok, eos
 
     def submit(self, fn, docs, path):
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        fut.set_result(fn(docs, path, self.tok, None))
+        fut.set_result(fn(docs, path, self.tok, None, self.eos))
         return fut
 
     def shutdown(self, wait=True, cancel_futures=False):
         pass
 
 
-def executor(workers: int, tok):
+def executor(workers: int, tok, eos: bool = True):
+    """Tokenizes shards (``submit(_tokenize_shard, docs, path)``), each document followed by EOS if `eos`."""
     if workers <= 1:
-        return _InProcess(tok)
+        return _InProcess(tok, eos)
     # spawn, not fork: the parent is usually a multithreaded JAX process
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-        initargs=(tok, os.getpid()))
+        initargs=(tok, os.getpid(), eos))
 
 
 @dataclasses.dataclass

@@ -40,8 +40,10 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _flat(ids: list[list[int]], eos: int, dtype) -> np.ndarray:
-    return np.concatenate([np.asarray(d + [eos], dtype) for d in ids]) if ids else np.zeros(0, dtype)
+def _flat(ids: list[list[int]], eos: int | None, dtype) -> np.ndarray:
+    """The documents' ids as one array, each followed by `eos` (None: nothing between them)."""
+    tail = [] if eos is None else [eos]
+    return np.concatenate([np.asarray(d + tail, dtype) for d in ids]) if ids else np.zeros(0, dtype)
 
 
 def dtype_for(vocab_size: int):
@@ -85,9 +87,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
-        """The texts' ids, each text followed by EOS, as one array of dtype() (what a cache shard holds)."""
-        return _flat(self.encode(texts, num_threads), self.eos_id, self.dtype())
+    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None, eos: bool = True) -> np.ndarray:
+        """The texts' ids, each text followed by EOS (`eos`), as one array of dtype() (what a cache shard holds)."""
+        return _flat(self.encode(texts, num_threads), self.eos_id if eos else None, self.dtype())
 
     def dtype(self):
         return dtype_for(self.vocab_size)
@@ -158,13 +160,15 @@ class HFTokenizer:
             return [self.tk.encode(t, add_special_tokens=False).ids for t in texts]
         return [e.ids for e in self.tk.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None) -> np.ndarray:
-        """The texts' ids, each text followed by EOS, as one array of dtype() (what a cache shard holds)."""
+    def encode_flat(self, texts: Sequence[str], num_threads: int | None = None, eos: bool = True) -> np.ndarray:
+        """The texts' ids, each text followed by EOS (`eos`), as one array of dtype() (what a cache shard holds)."""
         texts, dtype = list(texts), self.dtype()
         if (fast := self._fast_ids(texts, num_threads)) is not None:
             ids, offsets = fast  # no Python list of ints on this path
-            return np.insert(ids, offsets[1:].astype(np.intp), self.eos_id).astype(dtype, copy=False)
-        return _flat(self.encode(texts, num_threads), self.eos_id, dtype)
+            if eos:
+                ids = np.insert(ids, offsets[1:].astype(np.intp), self.eos_id)
+            return ids.astype(dtype, copy=False)
+        return _flat(self.encode(texts, num_threads), self.eos_id if eos else None, dtype)
 
     def _fast_ids(self, texts: list[str], num_threads: int | None):
         """The fast engine's (ids, offsets) of `texts` (``fastbpe.encode_flat``), or None: no engine
