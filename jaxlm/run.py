@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, distributed, files, paths, preemption, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, evalsets, files, paths, preemption, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
@@ -75,14 +75,18 @@ def last_step(cfg, budget, replay) -> float:
 def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     is_main = jax.process_index() == 0
     config_lib.validate(cfg, backend=jax.default_backend())
+    config_lib.check_corpus(cfg)
     paths.check_url(workdir, "--workdir")
     paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     mesh = sharding.make_mesh(cfg.mesh)
+    eval_sets = evalsets.parse_eval_sets(cfg.train.eval_sets)  # before the cache: a bad entry or file fails first
+    evalsets.check_files(eval_sets, cfg.data)
     cache = data.prepare(cfg, workdir, log=say)
     signals.check()
     vocab = cache.manifest["vocab_size"]
     trainer = train.Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
     say(_describe(trainer, mesh))
+    set_fns = evalsets.callbacks(eval_sets, cfg, cache.tokenizer, trainer, log=say)  # each read once, before any save
     ent = cache.manifest["splits"]["train"].get("unigram_entropy")
     if ent is not None:
         say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
@@ -161,6 +165,7 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
             batches = _chain([first], batches)
             signals.training()  # from here a signal saves the current step and stops
             result = train.loop(trainer, state, batches, tele, eval_batches=eval_fn, eval_components=components,
+                                eval_sets=set_fns,
                                 on_step=lambda step, st: tele.on_step(step, st) or ckpt.on_step(step, st, data_state(step)),
                                 meter=meter, replay=replay)
             if result.budget_spent and not result.stopped:  # the final checkpoint of a budgeted run
@@ -316,18 +321,25 @@ def _validation_batches(cache, cfg, trainer, say):
     except DataError as e:
         say(f"warning: periodic evaluation is off: {e}")
         return None
-    n_eval = min(cfg.train.eval_batches, len(val))
-    say(f"periodic evaluation: every {cfg.train.eval_every} steps, mean loss over {n_eval} validation batches of "
+    n_eval = _eval_batch_count(cfg, val)
+    which = f"all {n_eval}" if not cfg.train.eval_batches else f"{n_eval}"
+    say(f"periodic evaluation: every {cfg.train.eval_every} steps, mean loss over {which} validation batches of "
         f"{trainer.micro} x {cfg.train.seq_len}-token windows (python -m jaxlm.eval scores every token of the "
         "validation text with a sliding window; the two estimates differ slightly)")
     return lambda: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n_eval))
+
+
+def _eval_batch_count(cfg, val) -> int:
+    """train.eval_batches, at most the split's batches; 0: every batch of the split (the rows short of a
+    last full batch are not read)."""
+    return min(cfg.train.eval_batches, len(val)) if cfg.train.eval_batches else len(val)
 
 
 def _component_validation_batches(cache, cfg, trainer):
     """{component index: its evaluation batches} of a mixture (``telemetry.EVAL_COMPONENT_LOSS``)."""
     out = {}
     for c, val in data.component_eval_loaders(cache, cfg, batch_size=trainer.micro).items():
-        n = min(cfg.train.eval_batches, len(val))
+        n = _eval_batch_count(cfg, val)
         out[c] = lambda val=val, n=n: (data.to_global(val.batch(i), trainer.batch_sharding) for i in range(n))
     return out
 

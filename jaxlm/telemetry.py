@@ -60,6 +60,9 @@ LOG_Z = "output/log_z"  # mean log-partition function log Z of the output softma
 EVAL_LOSS = "eval/loss"
 EVAL_PERPLEXITY = "eval/perplexity"
 EVAL_COMPONENT_LOSS = "eval/mix{}/loss"  # data.source=mix:...: the validation loss of component i (format(i))
+EVAL_SET = "eval/{}/{}"  # train.eval_sets: a named set's metric, format(NAME, metric), at every evaluation
+EVAL_SET_METRICS = {"stream": ("loss", "perplexity", "bits_per_byte"),  # a text scored by sliding windows
+                    "lambada": ("accuracy", "perplexity")}  # LAMBADA: last-word accuracy, final-word perplexity
 # under a budget (train.budget)
 BUDGET_FRACTION = "budget/fraction"  # the budget fraction f the last step trained with
 STEP_FRACTIONS = "budget/step_fractions"  # every step's f since the last record (float32 values; replayable)

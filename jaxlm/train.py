@@ -226,8 +226,10 @@ class LoopResult:
 
 
 def validation_metrics(trainer: Trainer, params, batches) -> dict[str, float]:
-    """The periodic validation during training: mean loss over equally sized batches (global arrays).
-    ``jaxlm.eval`` is the offline evaluation of saved checkpoints (sliding windows, bits per byte)."""
+    """The periodic validation during training: mean loss over equally sized batches (global arrays),
+    every batch `batches` yields (the run gives train.eval_batches of them, or with 0 the whole
+    validation split). ``jaxlm.eval`` is the offline evaluation of saved checkpoints (sliding windows,
+    bits per byte)."""
     losses = [trainer.eval_step(params, b) for b in batches]
     if not losses:
         return {}
@@ -267,12 +269,17 @@ def loop(
     *,
     eval_batches: Callable[[], Any] | None = None,
     eval_components: dict[int, Callable[[], Any]] | None = None,
+    eval_sets: dict[str, Callable[[Any], dict[str, float]]] | None = None,
     on_step: Callable[[int, TrainState], str | None] | None = None,
     meter: budget_lib.Meter | None = None,
     replay: list[float] | None = None,
 ) -> LoopResult:
     """Runs steps from state.step to train.steps. `on_step(step, state)` (checkpointing, preemption)
     may return a reason to stop. Host syncs happen only at log/eval/stats steps.
+
+    At every evaluation (train.eval_every; the last step too) the record gets the validation loss
+    (`eval_batches`), a mixture's per-component losses (`eval_components`) and, for each named set of
+    `eval_sets` (train.eval_sets: name -> params -> {metric: value}), eval/NAME/<metric>.
 
     Under a budget (`meter`, train.budget): each step trains with the run fraction f reached before
     it, and the loop stops when the meter is done: the budget spent, or its step cap train.max_steps
@@ -350,11 +357,14 @@ def loop(
         if stats is not None:
             s = jax.device_get(stats)
             record.update({telemetry.STATS_METRICS[k]: v for k, v in s.items()})
-        if eval_batches is not None and eval_every and (step % eval_every == 0 or final):
-            record.update(validation_metrics(trainer, state.params, eval_batches()))
-            for i, component in (eval_components or {}).items():  # a mixture's sources, one loss each
-                loss = validation_metrics(trainer, state.params, component()).get(telemetry.EVAL_LOSS)
-                record[telemetry.EVAL_COMPONENT_LOSS.format(i)] = loss
+        if eval_every and (step % eval_every == 0 or final):
+            if eval_batches is not None:
+                record.update(validation_metrics(trainer, state.params, eval_batches()))
+                for i, component in (eval_components or {}).items():  # a mixture's sources, one loss each
+                    loss = validation_metrics(trainer, state.params, component()).get(telemetry.EVAL_LOSS)
+                    record[telemetry.EVAL_COMPONENT_LOSS.format(i)] = loss
+            for name, evaluate in (eval_sets or {}).items():  # train.eval_sets
+                record.update({telemetry.EVAL_SET.format(name, k): v for k, v in evaluate(state.params).items()})
         if record:
             tele.log(step, record)
         if not window:
