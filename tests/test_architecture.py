@@ -28,10 +28,10 @@ LAYERS = [
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.tokenizer_train",  # loading, encoding; training
      "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
-     "jaxlm.data.mixture", "jaxlm.data",
+     "jaxlm.data.mixture", "jaxlm.data", "jaxlm.data.viewer",  # viewer: what each step trained on
      "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
      "jaxlm.optim", "jaxlm.telemetry"],
-    ["jaxlm.train"],
+    ["jaxlm.train", "jaxlm.evalsets"],  # evalsets: evaluation texts and scorers (the CLI's and a run's eval sets)
     ["jaxlm.checkpoint"],
     ["jaxlm.run"],
     ["jaxlm.cli"],
