@@ -16,15 +16,17 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxlm import cli, hf, paths
+from jaxlm import cli, data, hf, paths
 from jaxlm import run as run_lib
+from jaxlm.data import integrity, tokenizer_export
 from jaxlm.data import tokenizer as tok_lib
-from jaxlm.data import tokenizer_export
+from jaxlm.errors import CheckpointError
 
 
 def export(workdir, out, step: int | None = None) -> Path:
     """Writes checkpoint `step` (default: the newest) of run `workdir` as an HF GPT-2 directory `out`."""
     cfg, trainer, state, meta, step = run_lib.load_run(workdir, step)
+    _tokenizer(workdir, meta)  # (before anything is written)
     url = out if paths.is_remote(out) else None
     if url is not None:  # HF writes local files: a local directory, uploaded with its commit object last
         paths.check_url(url, "--to_hf")
@@ -32,13 +34,29 @@ def export(workdir, out, step: int | None = None) -> Path:
         shutil.rmtree(out, ignore_errors=True)
     out = hf.save_pretrained(out, trainer.model_cfg, trainer.policy, state.params,
                              eos_token_id=int(meta["data"]["eos_id"]))
-    spec = run_lib.tokenizer_spec(meta)
-    if tok_lib.spec_path(spec).exists():  # (a run whose cache was deleted exports without it)
-        tokenizer_export.save_for_hf(tok_lib.load(spec), out)
+    tokenizer_export.save_for_hf(tok_lib.load(_tokenizer(workdir, meta)), out)
     if url is not None:
         paths.publish(out, url)
         return paths.path(url)
     return out
+
+
+def _tokenizer(workdir, meta) -> str:
+    """The run's tokenizer spec, checked: its file must exist and match its token cache's manifest (an
+    export never goes without the tokenizer that gives the model's ids)."""
+    spec = run_lib.tokenizer_spec(meta)
+    cache = Path(meta["data"]["cache"])
+    rebuild = (f"rebuild the run's token cache (python -m jaxlm.data --config=<the run's config> --workdir={workdir}, "
+               "or rerun its training command) and export again")
+    if not tok_lib.spec_path(spec).exists():
+        raise CheckpointError(f"the run's tokenizer {tok_lib.spec_path(spec)} is gone (its token cache was deleted?); "
+                              f"an export needs it: {rebuild}")
+    if (cache / "manifest.json").exists():
+        try:
+            data.TokenCache.open(cache)
+        except integrity.Damage as e:
+            raise CheckpointError(f"{e}: {rebuild}") from None
+    return spec
 
 
 def define_flags():

@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import files, paths
-from jaxlm.data import cache_lock, cache_shards, remote, tokenizer_train
+from jaxlm.data import cache_lock, cache_shards, integrity, remote, tokenizer_train
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -66,6 +66,7 @@ class TokenCache:
 
     path: Path
     manifest: dict
+    lazy: bool = False  # rows verified a chunk at a time as they are read (a cache over integrity.OPEN_BOUND)
 
     @property
     def seq_len(self) -> int:
@@ -93,14 +94,42 @@ class TokenCache:
         if mark.exists() and not (self.path / f"{name}.bin").exists():
             return remote.RemoteRows(f"{mark.read_text().rstrip('/')}/{name}.bin", self.manifest["dtype"],
                                      (info["sequences"], self.seq_len + 1))
-        return np.memmap(self.path / f"{name}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r",
+        rows = np.memmap(self.path / f"{name}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r",
                          shape=(info["sequences"], self.seq_len + 1))
+        if self.lazy:
+            return integrity.VerifiedRows(rows, self.path / f"{name}.bin", self.manifest["files"][f"{name}.bin"],
+                                          self.manifest["vocab_size"], on_damage=self._damaged)
+        return rows
+
+    def _damaged(self, damage: integrity.Damage) -> None:
+        """A chunk found damaged as it was read (a large cache): set aside, so the next run rebuilds it."""
+        aside = set_aside(self.path, damage, log=lambda s: None)
+        raise DataError(f"{damage}; the cache was set aside as {aside.name}: run the same command again to rebuild "
+                        "it (a run resumes from its last checkpoint)") from None
 
     @classmethod
-    def open(cls, path: Path) -> "TokenCache":
+    def open(cls, path: Path, verify: bool = True) -> "TokenCache":
+        """The cache at `path`, verified against its manifest (``jaxlm.data.integrity``): file sizes and
+        the tokenizer at once, the rows at once or (a large cache) as they are read. Raises
+        ``integrity.Damage`` for a damaged file."""
         cache = cls(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
         tok_lib.check_dtype(cache.manifest["vocab_size"], cache.manifest["dtype"], f"token cache {path}")
+        if verify and cache.manifest.get("files"):
+            cache._verify()
         return cache
+
+    def _verify(self) -> None:
+        streamed = (self.path / remote.MARK).exists()  # rows in an object store: only the local files here
+        local = {n: r for n, r in self.manifest["files"].items()
+                 if not (streamed and n in integrity.ROW_FILES and not (self.path / n).exists())}
+        integrity.check_sizes(self.path, local)
+        rows = {n: r for n, r in local.items() if n in integrity.ROW_FILES}
+        self.lazy = sum(r["size"] for r in rows.values()) > integrity.OPEN_BOUND
+        for name, r in local.items():
+            if name not in rows:  # the tokenizer's files
+                integrity.check_file(self.path / name, r)
+            elif not self.lazy:
+                integrity.check_file(self.path / name, r, self.manifest["vocab_size"], self.manifest["dtype"])
 
 
 def local_tokenizer_spec(spec: str) -> str:
@@ -242,7 +271,10 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
     cache_root = Path(cache_root)
     source, tok, fingerprint, key, final = _target(data_cfg, seq_len, cache_root, log, fetch)
     if (final / "manifest.json").exists():
-        return TokenCache.open(final)
+        try:
+            return TokenCache.open(final)
+        except integrity.Damage as e:
+            set_aside(final, e, log, remote_root=fetch is not None)
     workers = _workers(data_cfg)
     work = final.parent / f".build-{key}"
     lock = cache_lock.hold(work, final, log, WAIT_S)
@@ -254,6 +286,23 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
         return _build_into(work, final, source, tok, data_cfg, seq_len, fingerprint, key, workers, log)
     finally:
         lock.release()
+
+
+def set_aside(directory: Path, damage: integrity.Damage, log, remote_root: bool = False) -> Path:
+    """Moves a damaged token directory aside (``<key>.corrupt-<time>``) with one warning, so it is built
+    again; where it cannot be moved (a read-only or remote cache), one DataError saying how to rebuild."""
+    directory = Path(directory)
+    how = (f"delete {directory} (and, for a cache in an object store, its copy there) and run again to rebuild "
+           "it, or set data.cache_dir to a fresh directory")
+    if remote_root:
+        raise DataError(f"{damage}; the cache is in an object store: {how}") from None
+    aside = directory.with_name(f"{directory.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        directory.rename(aside)
+    except OSError as e:
+        raise DataError(f"{damage}; it cannot be set aside ({e.strerror}): {how}") from None
+    log(f"warning: {damage}; the cache was set aside as {aside.name} and is rebuilt")
+    return aside
 
 
 def build_share(data_cfg, seq_len: int, cache_root: str | Path, host: int, hosts: int, log=print,
@@ -319,6 +368,7 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
         "format_version": FORMAT_VERSION, "key": key, "fingerprint": fingerprint, "source": source.spec,
         "seq_len": seq_len, "dtype": np.dtype(tok.dtype()).name, "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id, "tokenizer_sha256": tok.sha256, "splits": splits, "counters": counters,
+        "files": integrity.records(out),  # sizes and chunk checksums: verified when opened (data/integrity.py)
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     cache_lock.publish(out, final)
