@@ -70,7 +70,7 @@ def define_config(name: str = "config", help_text: str = "A config file, e.g. co
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with every error turned into one ``error:`` line (exit status 2)."""
-    argv = [_resolve_config_arg(a) for a in argv]
+    argv = _last_wins([_resolve_config_arg(a) for a in argv])
     try:
         rest = FLAGS(argv)
         for name in FLAGS:  # a config file flag's --config.* overrides are what the user set explicitly
@@ -129,6 +129,14 @@ def _resolve_config_arg(arg: str) -> str:
             except JaxlmError as e:
                 fail(e, status=2)
     return arg
+
+
+def _last_wins(argv: list[str]) -> list[str]:
+    """A ``--config.KEY=VALUE`` given twice: the last one (ml_collections would join two tuples), as absl
+    does for any other flag."""
+    last = {a.split("=", 1)[0]: i for i, a in enumerate(argv) if a.startswith(("--config.", "-config.")) and "=" in a}
+    return [a for i, a in enumerate(argv)
+            if not (a.startswith(("--config.", "-config.")) and "=" in a and last[a.split("=", 1)[0]] != i)]
 
 
 def _override_arg(argv: list[str], error: BaseException) -> str:

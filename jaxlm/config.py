@@ -20,8 +20,9 @@ from typing import Any
 
 import ml_collections
 
-from jaxlm import budget, configs, precision, sharding
+from jaxlm import budget, config_rules, configs, precision, sharding
 from jaxlm import model as model_lib
+from jaxlm.config_rules import check_corpus, check_size, check_vocab, get_by_path  # noqa: F401  (config.X for the tools)
 from jaxlm.configs import base
 from jaxlm.errors import ConfigError, JaxlmError
 
@@ -43,17 +44,6 @@ NEUTRAL_FIELDS = (
 ABSENT_MEANS: dict[str, Any] = {
     "model.vocab_multiple": 1,  # token tables were not padded
 }
-
-
-# Fields with a fixed set of values (the first is the schema's default).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optim.warmup": ("linear", "log"),
-    "optim.decay_mask": ("matrices", "all"),
-}
-# Where a config names no corpus or tokenizer: what to set (one error line, before anything runs).
-SOURCE_KINDS = "jsonl:GLOB, files:GLOB, parquet:GLOB, hf:DIR, tfds:NAME, tokens:GLOB or stdlib"
-GPT2_TOKENIZER = "hf:DIR, a directory with GPT-2's vocab.json and merges.txt (or its tokenizer.json)"
-REPRODUCE = "the README's \"Reproduce Mistral's numbers\" shows the commands"
 
 
 def schema() -> ml_collections.ConfigDict:
@@ -121,16 +111,6 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) ->
     note_explicit(new, overrides)
     validate(new)
     return new
-
-
-def get_by_path(cfg: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:
-    """``cfg.<dotted>``, or `default` where a part of the path does not exist."""
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def note_explicit(cfg: ml_collections.ConfigDict, keys) -> None:
@@ -237,6 +217,7 @@ def _check_keys(cfg, schema_cfg, prefix=""):
 def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, vocab_size: int | None = None) -> None:
     """Raises ConfigError naming the field for anything that cannot work; warns for what is risky."""
     _check_keys(cfg, schema())
+    config_rules.check_ranges(cfg)
     model_config(cfg, vocab_size=vocab_size or cfg.model.vocab_size or cfg.data.vocab_size)
     pol = policy(cfg)
     t = cfg.train
@@ -245,9 +226,6 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
             f"train.seq_len={t.seq_len} exceeds model.n_positions={cfg.model.n_positions}; "
             "lower train.seq_len or raise model.n_positions"
         )
-    for f in ("steps", "batch_size", "seq_len"):
-        if t[f] <= 0:
-            raise ConfigError(f"train.{f}: must be positive, got {t[f]}")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} does not divide train.batch_size={t.batch_size}"
@@ -262,15 +240,11 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(f"optim.schedule: unknown {cfg.optim.schedule!r}; allowed: linear, cosine, constant "
                           "(and by budget fraction, with train.budget: triangle, wsd)")
     budget.validate(cfg)
-    _check_choices(cfg)
-    if cfg.data.seed < -1:
-        raise ConfigError(f"data.seed: a seed >= 0, or -1 (train.seed's), got {cfg.data.seed}")
+    config_rules.check_choices(cfg)
     if budget.parse(cfg.train.budget) is not None and (cfg.optim.warmup != "linear" or cfg.optim.deepspeed_lag):
         raise ConfigError("optim.warmup=log and optim.deepspeed_lag shape step-based schedules (Mistral's); under "
                           "train.budget the schedule is by budget fraction: set optim.warmup=linear and "
                           "optim.deepspeed_lag=False, or train.budget=none")
-    if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0 and optim.warmup_steps >= 0, got {cfg.optim.lr}, {cfg.optim.warmup_steps}")
     _check_stages(cfg.checkpoint.stages)
     d = cfg.distributed
     if d.lost_after_s < 0 or d.heartbeat_timeout_s <= d.lost_after_s or d.shutdown_timeout_s <= 0 \
@@ -280,18 +254,11 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
                           f"{d.shutdown_timeout_s} and init_timeout_s={d.init_timeout_s} positive")
     if cfg.log.wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"log.wandb_mode: unknown {cfg.log.wandb_mode!r}; allowed: disabled, offline, online")
-    if cfg.log.every <= 0:
-        raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
     for key in cfg.log.wandb_keys:
         if get_by_path(cfg, key, None) is None:
             raise ConfigError(f"log.wandb_keys: {key!r} is not a config key (e.g. 'optim.lr')")
-    if cfg.log.profile_steps < 0 or cfg.log.profile_start < 0:
-        raise ConfigError(f"log.profile_steps={cfg.log.profile_steps}, log.profile_start={cfg.log.profile_start}: "
-                          "both must be >= 0 (profile_steps=0: no trace)")
     if cfg.data.on_missing_field not in ("fail", "skip"):
         raise ConfigError(f"data.on_missing_field: allowed: fail, skip; got {cfg.data.on_missing_field!r}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     for name, allowed in (("token_format", ("auto", "llmc", "raw")), ("remote_reads", ("auto", "stream", "download"))):
         if cfg.data.get(name, allowed[0]) not in allowed:
             raise ConfigError(f"data.{name}: allowed: {', '.join(allowed)}; got {cfg.data.get(name)!r}")
@@ -301,28 +268,6 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
             "bf16 is the TPU-native regime (run it anyway for the ablation if that is the point)",
             stacklevel=2,
         )
-
-
-def _check_choices(cfg) -> None:
-    for key, allowed in CHOICES.items():
-        value = get_by_path(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: unknown {value!r}; allowed: {', '.join(allowed)}")
-
-
-def check_corpus(cfg) -> None:
-    """Before training or building a cache (not for a model's shape, as the benches read it): a config
-    that names no corpus (data.source='') or trains no tokenizer and names none (data.tokenizer_kind=
-    'none': the gpt2_* configs, whose tokenizer is GPT-2's) is one error line saying what to set."""
-    d, missing = cfg.data, []
-    if not str(d.source).strip():
-        missing.append(f"--config.data.source=SPEC (your corpus: {SOURCE_KINDS})")
-    if not d.tokenizer and d.tokenizer_kind == "none":
-        missing.append(f"--config.data.tokenizer={GPT2_TOKENIZER}")
-    if missing:
-        what = "no corpus" if len(missing) == 1 and "source" in missing[0] else (
-            "no tokenizer" if len(missing) == 1 else "no corpus and no tokenizer")
-        raise ConfigError(f"this config names {what}: set {' and '.join(missing)}; {REPRODUCE}")
 
 
 def _check_stages(stages) -> None:

@@ -146,6 +146,12 @@ def attention_implementations(cfg: GPT2Config, policy: precision.Policy) -> tupl
         return plain, None
 
 
+def approx_params(*, n_layer: int, n_embd: int, n_positions: int, vocab: int) -> int:
+    """GPT-2's parameter count from its shape alone (token and position tables, 12·d² + 13·d per block,
+    the final LayerNorm), before anything is built: what a size check needs."""
+    return vocab * n_embd + n_positions * n_embd + n_layer * (12 * n_embd**2 + 13 * n_embd) + 2 * n_embd
+
+
 def count_params(params, cfg: GPT2Config | None = None) -> int:
     """Parameters of `params`; given its config, without the token table's padding rows."""
     padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd if cfg is not None else 0

@@ -79,11 +79,13 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     paths.check_url(workdir, "--workdir")
     paths.check_url(cfg.data.cache_dir, "data.cache_dir")
     mesh = sharding.make_mesh(cfg.mesh)
+    config_lib.check_size(cfg, cfg.data.vocab_size, *sharding.memory(mesh))  # before minutes of building a model
     eval_sets = evalsets.parse_eval_sets(cfg.train.eval_sets)  # before the cache: a bad entry or file fails first
     evalsets.check_files(eval_sets, cfg.data)
     cache = data.prepare(cfg, workdir, log=say)
     signals.check()
     vocab = cache.manifest["vocab_size"]
+    config_lib.check_vocab(cfg, vocab, cache.tokenizer_spec)
     trainer = train.Trainer(cfg, mesh, vocab)  # its GPT2Config checks the model against the real vocabulary
     say(_describe(trainer, mesh))
     set_fns = evalsets.callbacks(eval_sets, cfg, cache.tokenizer, trainer, log=say)  # each read once, before any save

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import warnings
 
@@ -190,3 +191,13 @@ def state_shardings(abstract_state, mesh: Mesh):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def memory(mesh: Mesh) -> tuple[float, str]:
+    """(bytes, what) the mesh's devices hold in all: accelerators' memory, or the host's RAM for CPU
+    devices (which share it, simulated ones too)."""
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]) * mesh.devices.size, f"{mesh.devices.size} {device.device_kind} device(s)"
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this host's memory"

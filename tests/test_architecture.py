@@ -22,11 +22,11 @@ LAYERS = [
     ["jaxlm.sharding", "jaxlm.hf", "jaxlm.configs", "jaxlm.configs.base", "jaxlm.configs._gpt2", "jaxlm.configs.tiny",
      "jaxlm.configs.stress_fp16", "jaxlm.configs.stress_fp16_deep", "jaxlm.configs.crammed", "jaxlm.configs.gpt2_small",
      "jaxlm.configs.gpt2_medium", "jaxlm.configs.gpt2_large", "jaxlm.configs.gpt2_xl"],
-    ["jaxlm.config"],
+    ["jaxlm.config_rules", "jaxlm.config"],  # config_rules: the range and choice tables, the size checks
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # fast BPE engines; rows read by byte ranges
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.tokenizer_train",  # loading, encoding; training
-     "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
+     "jaxlm.data.integrity", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data", "jaxlm.data.viewer",  # viewer: what each step trained on
      "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
