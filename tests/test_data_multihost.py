@@ -29,9 +29,9 @@ from jaxlm import config, data
 from jaxlm.data import cache_shards
 cache_shards.SHARD_DOCS = int(sys.argv[4])
 real, done = cache_shards._tokenize_shard, []
-def recorded(docs, path, tok=None, threads=1):  # data.workers=0: the shards are tokenized in this process
+def recorded(docs, path, tok=None, threads=1, eos=None):  # data.workers=0: tokenized in this process
     done.append(f"{path.parent.name}/{path.name}")
-    return real(docs, path, tok, threads)
+    return real(docs, path, tok, threads, eos)
 cache_shards._tokenize_shard = recorded
 o = json.loads(sys.argv[3])
 log = []
