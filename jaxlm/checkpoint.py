@@ -16,6 +16,11 @@ one-line warning naming the cause, and the previous one is used. A read that fai
 cause (permission, out of memory, a transient object-store error: :func:`not_damage`) keeps the
 checkpoint and stops with one error line.
 
+A checkpoint of parameters alone (``jaxlm.hf_import``: a model trained elsewhere, one checkpoint per
+step) holds ``{"params": ...}`` as its ``state``, with the same fingerprints and ``meta[PARAMS_ONLY]``
+set: ``run.load_run`` and ``restore_params`` read it; a full restore (resuming training) refuses it
+with one error (:func:`params_only_error`).
+
 When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and
 when ``step % every == 0`` for the first stage ``(every, until)`` with ``until >= step`` (past the
 last stage, its ``every``); plus a time-based "latest" save every ``latest_every_minutes`` that
@@ -166,6 +171,21 @@ def state_signature(abstract_state) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+PARAMS_ONLY = "params_only"  # meta key: the checkpoint's state is params_tree(params), nothing else
+
+
+def params_tree(params) -> dict:
+    """The state of a checkpoint of parameters alone (its fingerprints are named 'params.<name>', as a
+    train state's are)."""
+    return {"params": params}
+
+
+def params_only_error(path) -> str:
+    """Why checkpoint `path`, of parameters alone, cannot be restored as a whole train state."""
+    return (f"checkpoint {path} holds parameters only (imported: no optimizer state, RNG or data position), so "
+            "training cannot resume from it; evaluate, probe, sample or export it, and train in another --workdir")
+
+
 class Checkpointer:
     """Owns the Orbax manager of one run directory and the decisions of when to save."""
 
@@ -265,6 +285,8 @@ class Checkpointer:
             except Exception as e:
                 self._set_aside_if_damaged(step, e)
                 continue
+            if meta.get(PARAMS_ONLY):
+                raise CheckpointError(params_only_error(self.directory / str(step)))
             diffs = []
             if current_config is not None:
                 diffs = config_lib.config_differences(meta.get("config", {}), current_config)
@@ -306,7 +328,10 @@ class Checkpointer:
         fingerprints saved with it (CheckpointError naming the leaves that differ)."""
         if self.abstract_state is None:
             raise CheckpointError("restore needs the abstract train state")
-        convert = self.other_signature is not None and self.read_meta(step).get("state_signature") == self.other_signature
+        meta = self.read_meta(step)
+        if meta.get(PARAMS_ONLY):
+            raise CheckpointError(params_only_error(self.directory / str(step)))
+        convert = self.other_signature is not None and meta.get("state_signature") == self.other_signature
         target = self.other_layout[0] if convert else self.abstract_state
         r = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))

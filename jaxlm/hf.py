@@ -13,12 +13,18 @@ The two HF attention flags map as follows:
   ``*_upcast`` variant (fp32 scores). On export it is set when the policy upcasts the scores.
   Note: recent transformers honours ``reorder_and_upcast_attn`` only with
   ``attn_implementation="eager"``.
+
+A config.json written before transformers had the two flags (Mistral trained with 4.5, so its released
+runs' configs lack them) is read as transformers reads it, both False (OpenAI's GPT-2), with one
+warning: Mistral's models need both True (``ATTENTION_PRESETS["mistral"]``; ``jaxlm.hf_import
+--attn_flags=mistral`` sets them, ``attention_flags`` decides).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ from safetensors.numpy import save as save_safetensors
 
 from jaxlm import files, naming, precision
 from jaxlm import model as model_lib
-from jaxlm.errors import CheckpointError
+from jaxlm.errors import CheckpointError, ConfigError
 
 TOKEN_TABLE = "wte.embedding"  # (padded_vocab_size, D) here, (vocab_size, D) in HF
 # jaxlm flat name -> HF name (after the "transformer." prefix); {i} is the layer.
@@ -137,6 +143,33 @@ def config_to_hf(cfg: model_lib.GPT2Config, policy: precision.Policy,
     }
 
 
+ATTENTION_FLAGS = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn")
+# --attn_flags of jaxlm.hf_import: Mistral's released runs trained with both (its stability fix); OpenAI's with neither
+ATTENTION_PRESETS = {"mistral": dict.fromkeys(ATTENTION_FLAGS, True), "gpt2": dict.fromkeys(ATTENTION_FLAGS, False)}
+# how to decide the flags where a model is loaded for eval/probe/harness --hf, which take no flag for them
+LOADER_FIX = ("add both to its config.json (true for a Mistral model, false for OpenAI's GPT-2), or import it with "
+              "python -m jaxlm.hf_import --attn_flags=mistral|gpt2 and use the run (--workdir)")
+
+
+def attention_flags(hf: dict[str, Any], preset: str | None = None, *, source: str = "config.json",
+                    fix: str = LOADER_FIX) -> dict[str, bool]:
+    """The two HF attention flags of a model: `preset`'s ('mistral' | 'gpt2') if given, else config.json's.
+    A flag config.json lacks is read as False, as transformers reads it, with one warning naming the
+    flags and `fix`, how to decide them: never a silent guess."""
+    if preset:
+        if preset not in ATTENTION_PRESETS:
+            raise ConfigError(f"--attn_flags={preset!r}: unknown; one of {', '.join(ATTENTION_PRESETS)} (mistral: "
+                              f"{' and '.join(ATTENTION_FLAGS)} True; gpt2: both False)")
+        return dict(ATTENTION_PRESETS[preset])
+    missing = [f for f in ATTENTION_FLAGS if f not in hf]
+    if missing:  # warn_explicit: one line, without a source line under it
+        warnings.warn_explicit(
+            f"{source} has no {' / '.join(missing)} (written by a transformers older than these flags, as Mistral's "
+            f"released runs were): read as False, OpenAI's GPT-2, the wrong function for a Mistral model; {fix}",
+            UserWarning, "jaxlm.hf", 0)
+    return {f: bool(hf.get(f, False)) for f in ATTENTION_FLAGS}
+
+
 def policy_for(hf: dict[str, Any], regime: str = "fp32", **overrides) -> precision.Policy:
     """The policy for `regime`, upcast to fp32 scores if the HF model asks for reorder_and_upcast_attn."""
     if hf.get("reorder_and_upcast_attn") and not overrides.get("attn_dtype"):
@@ -145,6 +178,22 @@ def policy_for(hf: dict[str, Any], regime: str = "fp32", **overrides) -> precisi
 
 
 # --- weights --------------------------------------------------------------------------------
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a Hugging Face model directory."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face GPT-2 model directory")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not JSON ({e}); a download cut short?") from None
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a Hugging Face model directory, as float32 arrays by HF name."""
+    return _read_tensors(Path(path))
+
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     st = sorted(path.glob("model*.safetensors"))
@@ -214,13 +263,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: model_lib.GPT2Config, po
 
 
 def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_overrides):
-    """Loads a local HF GPT-2 directory; returns (GPT2Config, Policy, graphdef, params)."""
+    """Loads a local HF GPT-2 directory; returns (GPT2Config, Policy, graphdef, params). A config.json
+    without the attention flags warns once (``attention_flags``)."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face GPT-2 model directory")
-    hf = json.loads(cfg_file.read_text())
-    cfg = config_from_hf(hf, str(cfg_file))
+    hf = read_config(path)
+    hf = {**hf, **attention_flags(hf, source=str(path / "config.json"))}  # one warning where config.json lacks them
+    cfg = config_from_hf(hf, str(path / "config.json"))
     policy = policy_for(hf, regime, **policy_overrides)
     graphdef, params = params_from_hf(_read_tensors(path), cfg, policy, source=str(path))
     return cfg, policy, graphdef, params

@@ -357,7 +357,8 @@ def load_run(workdir, step: int | None = None, mesh=None, *, params_only: bool =
 
     Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
     With `params_only` the state holds the parameters only (its other fields None): for evaluation,
-    a third of the bytes read and held under AdamW.
+    a third of the bytes read and held under AdamW. A checkpoint of parameters alone (an imported run,
+    ``jaxlm.hf_import``) gives such a state whatever `params_only` says.
     """
     steps = checkpoint.saved_steps(workdir)
     directory = paths.path(workdir) / "checkpoints"
@@ -376,9 +377,11 @@ def load_run(workdir, step: int | None = None, mesh=None, *, params_only: bool =
     trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
     try:
-        if meta.get("state_signature") not in (None, ckpt.signature):
+        alone = bool(meta.get(checkpoint.PARAMS_ONLY))  # the checkpoint holds parameters only
+        signature = checkpoint.state_signature(checkpoint.params_tree(ckpt.abstract_state.params)) if alone else ckpt.signature
+        if meta.get("state_signature") not in (None, signature):
             raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
-        if params_only:
+        if params_only or alone:
             state = train.TrainState(step=None, params=_params_or_fail(ckpt, step), opt_state=None, rng=None,
                                      loss_scale=None, nonfinite=None)
         else:

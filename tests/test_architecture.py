@@ -40,7 +40,8 @@ LAYERS = [
      "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
      "jaxlm.data.bench", "jaxlm.probe", "jaxlm.probe.tasks", "jaxlm.probe.mdl", "jaxlm.probe.report",
      "jaxlm.probe.study", "jaxlm.probe.__main__", "jaxlm.harness",
-     "jaxlm.harness_bench"],
+     "jaxlm.harness_bench",
+     "jaxlm.hf_import", "jaxlm.ablate.seeds"],  # an HF checkpoint series as a run; runs' metrics as a seed band
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.

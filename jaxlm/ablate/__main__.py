@@ -20,6 +20,11 @@ validation loss vs training time, time to --target-loss and the final loss at th
 Build a report from run directories, also from several machines:
 
     python -m jaxlm.ablate report DIR [DIR ...] --out=REPORT
+
+Seeds side by side (jaxlm's runs and imported ones: their eval.csv, probe and harness results over
+steps, the runs as a band; ``jaxlm.ablate.seeds``):
+
+    python -m jaxlm.ablate seeds RUN [RUN ...] --out=DIR
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from absl import flags
 from jaxlm import cli
 from jaxlm import config as config_lib
 from jaxlm.ablate import grid, report
+from jaxlm.ablate import seeds as seeds_lib
 from jaxlm.errors import ConfigError
 
 
@@ -46,7 +52,7 @@ def define_flags():
                               "(repeatable).")
     flags.DEFINE_list("seeds", None, "Seeds (default: the config's train.seeds).")
     flags.DEFINE_integer("steps", None, "Override train.steps of every cell.")
-    flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report).")
+    flags.DEFINE_string("out", None, "Grid directory (run) or report directory (report, seeds).")
     flags.DEFINE_string("budget", None, "train.budget of every cell ('15m', '2h', '1e18flops'); --steps is then a step cap.")
     flags.DEFINE_float("target_loss", None, "Report the training time to this validation loss.")
     flags.DEFINE_alias("target-loss", "target_loss")
@@ -61,8 +67,13 @@ def main(argv):
         cli.require(out=F.out)
         print(wrote(report.build(args[1:], F.out, target_loss=F.target_loss)))
         return
+    if args and args[0] == "seeds":
+        cli.require(out=F.out)
+        written = seeds_lib.seeds_report(args[1:], F.out)
+        print(f"seeds: wrote {', '.join(p.name for p in written)} in {Path(F.out).resolve()}")
+        return
     if args:
-        raise ConfigError(f"unexpected arguments {args}; did you mean 'report'?")
+        raise ConfigError(f"unexpected arguments {args}; did you mean 'report' or 'seeds'?")
     cli.require(config=F.config, out=F.out)
     cfg = F.config
     if F.budget:  # the same budget for every cell; --steps is then a step cap (train.max_steps)
