@@ -13,15 +13,20 @@ library too. ``run`` then gives each tool the same behaviour:
 * a bad flag (unknown, malformed, a config key that does not exist or a value of the wrong type, a
   config file that is not there), any :class:`jaxlm.errors.JaxlmError` raised while working, and an
   OSError about a path (unreadable, unwritable, a file where a directory belongs, a full disk) end
-  as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback;
-* library INFO logs (absl, Orbax, JAX) stay off the console; warnings and errors still show.
+  as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback; the
+  line comes last (a single process leaves at once, before the libraries' threads can add to it);
+* library INFO logs (absl, Orbax, JAX) stay off the console, and Orbax's and gcsfs's errors too (jaxlm
+  reports what fails); ``--verbose`` shows them all.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import re
 import sys
+import threading
 from typing import Callable, NoReturn
 
 from absl import app, flags
@@ -29,6 +34,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
+from jaxlm import distributed
 from jaxlm.errors import ConfigError, JaxlmError
 
 FLAGS = flags.FLAGS
@@ -38,18 +44,29 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
     """Defines the tool's flags, parses them and runs `main` under jaxlm's error convention."""
     if define_flags is not None:
         define_flags()
+    if "verbose" not in FLAGS:
+        flags.DEFINE_bool("verbose", False, "Library logs (Orbax's and gcsfs's errors among them) on the console.")
 
     def guarded(argv):
-        quiet_library_logs()
+        if not FLAGS.verbose:
+            quiet_library_logs()
+            sys.stderr = LibraryTracebacks(sys.stderr)
+        _state["working"] = True
         try:
             return main(argv)
         except JaxlmError as e:
             fail(e)
         except OSError as e:  # a path the user gave that cannot be read or written (permissions, a file, no space)
-            if e.filename is not None:
+            if e.filename is not None and e.errno not in NO_SPACE:
                 fail(f"{e.filename}: {e.strerror}; check the path and its permissions")
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                fail(f"{e.strerror}; free space (or use a writable directory) and run the same command again")
+            if e.errno == errno.EROFS:
+                fail(f"{e.strerror}; use a writable directory and run the same command again")
+            if (why := no_space(e)) is not None:
+                fail(why)
+            raise
+        except Exception as e:  # a library's error whose cause is a full disk (Orbax: RESOURCE_EXHAUSTED ...)
+            if (why := no_space(e)) is not None:
+                fail(why)
             raise
 
     app.run(guarded, flags_parser=parse_flags)
@@ -89,8 +106,33 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{_override_arg(argv, e)}: {config_lib.one_line(e)}", status=2)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_state = {"working": False}  # main() started: libraries may run threads that print at interpreter exit
+
+
+def no_space(error: BaseException) -> str | None:
+    """The one line for an error whose cause (anywhere in its chain) is a full disk or quota, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno in NO_SPACE) or "No space left on device" in str(error):
+            where = getattr(error, "filename", None) or next(iter(re.findall(r'"(/[^"]+)"', str(error))), None)
+            at = f" writing {where}" if where else ""
+            return (f"no space left on the device{at}; free space (or use another --workdir or data.cache_dir) and "
+                    "run the same command again: a run resumes from its last complete checkpoint")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def fail(message, status: int = 1) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Prints the one ``error:`` line and exits. Once a tool is working, a single process exits at once
+    (``os._exit``): at interpreter exit the threads of Orbax and friends would print after the line. Its
+    files are closed by then (the run closes its checkpointer and sinks as the error passes)."""
+    stream = sys.stderr.stream if isinstance(sys.stderr, LibraryTracebacks) else sys.stderr
+    print(f"error: {message}", file=stream, flush=True)
+    if _state["working"] and not distributed.joined():
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -102,18 +144,66 @@ def require(**values) -> None:
 
 
 def quiet_library_logs() -> None:
-    """Only warnings and errors reach the console, and of Orbax's and gcsfs's only errors: their warnings
-    describe their own bookkeeping (a read-only manager, intervals; a bucket's type without credentials),
-    and jaxlm reports what matters about checkpoints and object stores."""
+    """Only warnings and errors reach the console, and none of Orbax's or gcsfs's: their warnings describe
+    their own bookkeeping (a read-only manager, intervals; a bucket's type without credentials), their
+    errors come from their threads as tracebacks, and jaxlm reports in one line what failed (--verbose
+    shows them)."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     handler = absl_logging.get_absl_handler()
     handler.setLevel(logging.WARNING)
-    handler.addFilter(_not_orbax_below_error)
+    handler.addFilter(_not_orbax)
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _not_orbax_below_error(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR or not any(lib in record.pathname for lib in ("orbax", "gcsfs"))
+class LibraryTracebacks:
+    """stderr less the tracebacks that library threads print (TensorStore's and asyncio's after a failed
+    Orbax save, say): a traceback none of whose frames is jaxlm's goes to the log (the per-process log
+    file of a run) instead of the console; jaxlm's own, and everything else, pass as they are."""
+
+    START = "Traceback (most recent call last):"
+
+    def __init__(self, stream):
+        self.stream, self.block, self.pending = stream, None, ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            if self.block is None and not self.pending and self.START not in text:
+                return self.stream.write(text)
+            self.pending += text
+            while "\n" in self.pending:
+                line, self.pending = self.pending.split("\n", 1)
+                self._line(line + "\n")
+            return len(text)
+
+    def _line(self, line: str) -> None:
+        if self.block is None:
+            if line.startswith(self.START):
+                self.block = [line]
+            else:
+                self.stream.write(line)
+            return
+        self.block.append(line)
+        if not line.startswith((" ", "\t")) and not line.startswith(self.START):  # the exception's own line
+            block, self.block = "".join(self.block), None
+            if "/jaxlm/" in block:
+                self.stream.write(block)
+            else:
+                logging.getLogger("jaxlm").info("a library thread's traceback (--verbose shows them):\n%s", block)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending and self.block is None:
+                self.stream.write(self.pending)
+                self.pending = ""
+            self.stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
+        return getattr(self.stream, name)
+
+
+def _not_orbax(record: logging.LogRecord) -> bool:
+    return not any(lib in record.pathname for lib in ("orbax", "gcsfs"))
 
 
 def _resolve_config_arg(arg: str) -> str:

@@ -136,6 +136,11 @@ def _client():
     return jax_distributed.global_state.client
 
 
+def joined() -> bool:
+    """Whether this process is one of a multi-process run (jax.distributed initialised)."""
+    return _client() is not None
+
+
 def set_resume_hint(hint: Callable[[], str]) -> None:
     """What the lost-peer line says the rerun resumes from (the run sets it once checkpoints exist)."""
     _state["resume_hint"] = hint

@@ -13,7 +13,7 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxlm import cli, distributed, paths
+from jaxlm import cli, distributed, lease, paths
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
 from jaxlm.errors import JaxlmError
@@ -59,11 +59,14 @@ def main(argv):
         result = run_lib.run(cfg, F.workdir, log=say)
     except JaxlmError as e:  # the console gets it once, from cli; the log file gets it at INFO
         logger.info("error: %s", e)
-        if not paths.is_remote(F.workdir):
+        if not paths.is_remote(F.workdir) and not isinstance(e, lease.LeaseError):  # (the holder's log stays)
             _forget_log(log_file, Path(F.workdir), existed)
         raise
-    except Exception:
-        logger.exception("the run failed; see %s", log_file)
+    except Exception as e:
+        if cli.no_space(e) is not None:  # one line on the console (cli), the traceback in the log file
+            logger.info("the run failed", exc_info=True)
+        else:
+            logger.exception("the run failed; see %s", log_file)
         raise
     if result.stopped and not result.preempted:
         sys.exit(2)  # e.g. a non-finite loss outside fp16; a preempted run exits 0 and resumes

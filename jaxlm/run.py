@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, distributed, evalsets, files, paths, preemption, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, evalsets, files, lease, paths, preemption, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
@@ -33,13 +33,16 @@ def run(cfg, workdir, *, log: Callable[[str], None] | None = None) -> train.Loop
     """Prepares data, builds the trainer on the mesh, initialises or resumes, and trains.
 
     SIGTERM/SIGINT are handled from the start: during preparation the run stops at once (exit 0,
-    nothing half-written kept), during training it saves the current step and stops.
+    nothing half-written kept), during training it saves the current step and stops. The run holds
+    the workdir's lease (``jaxlm.lease``) from before it writes anything there to its end: a second
+    run on the same workdir ends at once with a LeaseError naming this one.
     """
     is_main = jax.process_index() == 0
     say = log or (lambda s: print(s, flush=True) if is_main else None)
     with preemption.Signals() as signals:
         try:
-            result = _run(cfg, paths.path(workdir), say, signals)
+            with lease.Lease(workdir, log=say):  # one run per workdir; released on every way out
+                result = _run(cfg, paths.path(workdir), say, signals)
         except preemption.Interrupted as e:
             say(f"interrupted by {e} before training started; run the same command again to start or resume")
             result = train.LoopResult(None, 0, f"interrupted by {e}", preempted=True)

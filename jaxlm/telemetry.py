@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from jaxlm import budget as budget_lib
 from jaxlm import config as config_lib
-from jaxlm import files, paths, precision, tensorboard_sink
+from jaxlm import files, metrics_file, paths, precision, tensorboard_sink
+from jaxlm.metrics_file import read_metrics, trim_metrics  # noqa: F401 (the reader, as reports and tests name it)
 
 # --- metric names -------------------------------------------------------------------------
-STEP = "step"
+STEP = metrics_file.STEP  # "step": the key every record of metrics.jsonl has
 LOSS = "train/loss"  # mean over the steps since the last log record
 STEP_LOSSES = "train/step_losses"  # every step's loss since the last record (for exact comparisons)
 PERPLEXITY = "train/perplexity"
@@ -198,19 +199,6 @@ def jsonable(x):
     return x
 
 
-def read_metrics(path) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl, and how many lines could not be read (a torn last line)."""
-    records, bad = [], 0
-    for line in paths.path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
-    return records, bad
-
-
 def first_nonfinite_step(records: list[dict]) -> int | None:
     """The one definition of a run's first non-finite step (the loop's stop line, jaxlm.ablate's CLI,
     tables and plots): the first step whose own training loss is not finite, read from every step's
@@ -228,13 +216,29 @@ def first_nonfinite_step(records: list[dict]) -> int | None:
     return None
 
 
-def trim_metrics(path, last_step: int) -> int:
-    """Keeps the records up to `last_step` (a resumed run writes the later ones again), in one atomic
-    replace: a kill during it leaves the old file or the new one. Returns the unreadable lines dropped."""
-    records, bad = read_metrics(path)
-    keep = [r for r in records if isinstance(r, dict) and r.get(STEP, last_step + 1) <= last_step]
-    files.atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
-    return bad
+def write_run_json(path, meta: dict) -> str | None:
+    """Writes run.json when it is missing or its config is not `meta`'s (a resume with another config, an
+    edited or damaged file); returns what differed, None when it was missing or the same (kept as is)."""
+    path = paths.path(path)
+    if not path.exists():
+        files.atomic_write_json(path, meta, indent=2, sort_keys=True)
+        return None
+    try:
+        before = json.loads(path.read_text())["config"]
+        if before == meta["config"]:
+            return None
+        old, new = dict(_leaves(before)), dict(_leaves(meta["config"]))
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = f"differed from this run's config in {', '.join(keys[:6])}" + (" ..." if len(keys) > 6 else "")
+    except (ValueError, KeyError, TypeError):
+        changed = "could not be read as a run's record"
+    files.atomic_write_json(path, meta, indent=2, sort_keys=True)
+    return changed
+
+
+def _leaves(d, prefix=""):
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
 
 # --- sinks ------------------------------------------------------------------------------------
@@ -265,22 +269,17 @@ class Telemetry:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._metrics = self.workdir / "metrics.jsonl"
-        metrics = self._metrics
-        if self.remote:  # a local copy to append to
-            metrics = paths.mirror(self.workdir) / "metrics.jsonl"
-            metrics.parent.mkdir(parents=True, exist_ok=True)
-            metrics.write_text(self._metrics.read_text() if self._metrics.exists() else "")
-        if metrics.exists():  # resuming: records past the restored step will be written again
-            dropped = trim_metrics(metrics, start_step)
-            if dropped:
-                self.message(f"warning: {self._metrics}: dropped {dropped} unreadable line(s), the end of a write "
-                             "that a kill cut short")
+        # the file appended to: an object store's has a local copy; resuming, records past the restored
+        # step will be written again, and lines that are not records are dropped (with a warning)
+        metrics = paths.mirror(self.workdir) / "metrics.jsonl" if self.remote else self._metrics
+        for warning in metrics_file.resume(self._metrics, metrics, start_step):
+            self.message(warning)
         self._local_metrics = metrics
         self._jsonl = open(metrics, "a")
         self._uploaded = 0.0
         self.sync(force=True)  # the trimmed history, before anything new
-        if run_metadata is not None and not (self.workdir / "run.json").exists():
-            files.atomic_write_json(self.workdir / "run.json", jsonable(run_metadata), indent=2, sort_keys=True)
+        if run_metadata is not None and (changed := write_run_json(self.workdir / "run.json", jsonable(run_metadata))):
+            self.message(f"warning: {self.workdir / 'run.json'} {changed}; rewritten with this run's config")
         if cfg.log.wandb_mode != "disabled":
             self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
         if cfg.log.tensorboard:

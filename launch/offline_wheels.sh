@@ -30,7 +30,7 @@ if [ -z "${dir:-}" ]; then echo "usage: $0 [--dry-run] [--python-version 3.12] D
 # bring (grain: cloudpickle, portpicker -> psutil), then pytest and its own needs for the check's tests
 # step (pluggy, iniconfig, pygments; packaging comes with transformers). tests/test_launch.py checks this
 # list against pyproject.toml, so a new dependency must be placed here or named as the host's.
-WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm cloudpickle portpicker psutil
+WHEELS="grain array-record ml-collections sentencepiece tokenizers safetensors absl-py tqdm xxhash cloudpickle portpicker psutil
         pytest pluggy iniconfig pygments"
 platforms=()
 for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 \

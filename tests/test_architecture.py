@@ -13,7 +13,8 @@ PACKAGE = ROOT / "jaxlm"
 LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.preemption",
-     "jaxlm.profiling", "jaxlm.budget", "jaxlm.tensorboard_sink"],
+     "jaxlm.profiling", "jaxlm.budget", "jaxlm.tensorboard_sink",
+     "jaxlm.metrics_file", "jaxlm.lease"],  # metrics.jsonl read back; the workdir's lease (one run per workdir)
     ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
     ["jaxlm.model_config", "jaxlm.layers"],

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_faults
+from test_faults import _cfg, _records
 
 from jaxlm import data, export, telemetry
 from jaxlm import run as run_lib
@@ -17,8 +19,7 @@ from jaxlm.data import cache as cache_lib
 from jaxlm.data import integrity
 from jaxlm.errors import CheckpointError, DataError
 
-from conftest import ROOT
-from test_faults import _cfg, _records, corpus, reference  # noqa: F401  (fixtures)
+corpus, reference = test_faults.corpus, test_faults.reference  # the fault tests' fixtures
 
 
 def _build(corpus, root, **over):

@@ -177,7 +177,7 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     if fetch is not None:
         fetch(final)
     if spec := tok_lib.stored(final):
-        return tok_lib.load(spec)
+        return _load_trained(spec, final)
     if not train:
         return None
     what = "SentencePiece BPE" if kind == "sentencepiece" else "byte-level BPE"
@@ -194,7 +194,17 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
         shutil.rmtree(tmp, ignore_errors=True)
     spec = tok_lib.stored(final)
     log(f"tokenizer trained in {time.time() - t0:.1f}s -> {tok_lib.spec_path(spec)}")
-    return tok_lib.load(spec)
+    return _load_trained(spec, final)
+
+
+def _load_trained(spec: str, directory: Path) -> tok_lib.AnyTokenizer:
+    """A tokenizer jaxlm trained and cached; an error names its directory (the user set no data.tokenizer)."""
+    try:
+        return tok_lib.load(spec)
+    except DataError as e:
+        reason = str(e).split("': ", 1)[-1]
+        raise DataError(f"the tokenizer trained for this corpus, {directory}, cannot be loaded ({reason}); delete "
+                        "that directory to train it again") from None
 
 
 def _write_split(shards: Iterable[tuple[int, np.ndarray]], tok: tok_lib.Tokenizer, seq_len: int, out: Path,
@@ -244,7 +254,8 @@ def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = 
     tok = tokenizer_for(data_cfg, source, cache_root, log, fetch=fetch, train=train)
     if tok is None:
         return source, None, None, None, None
-    tok_lib.check_dtype(tok.vocab_size, tok.dtype(), f"data.tokenizer={data_cfg.tokenizer or '<trained>'!r}")
+    where = f"data.tokenizer={data_cfg.tokenizer!r}" if data_cfg.tokenizer else f"the tokenizer trained here ({tok.path})"
+    tok_lib.check_dtype(tok.vocab_size, tok.dtype(), where)
     fingerprint = {"v": FORMAT_VERSION, "source": source.fingerprint(), "tokenizer": tok.sha256,
                    "seq_len": seq_len, "val_fraction": data_cfg.val_fraction, "max_docs": data_cfg.max_docs,
                    "has_validation": source.has_validation}

@@ -112,6 +112,9 @@ class Source:
             return data.decode("utf-8", errors="replace")
 
 
+BINARY_PROBE = 8192  # bytes of a files: file looked at for NUL bytes (text never has them)
+
+
 def held_out(text: str, fraction: float) -> bool:
     """Deterministic: the document goes to validation iff its hash falls below `fraction`."""
     if fraction <= 0:
@@ -141,10 +144,14 @@ class FilesSource(Source):
         return {"spec": self.spec, "files": _file_fingerprint(self.paths), "sep": self.cfg.doc_separator}
 
     def raw_documents(self, split):
-        sep = self.cfg.doc_separator
+        sep = self.cfg.doc_separator.encode("utf-8")
         for p in self.paths:
-            text = self._decode(_read_bytes(p))
-            yield from (text.split(sep) if sep else [text])
+            raw = _read_bytes(p)
+            if b"\0" in raw[:BINARY_PROBE]:
+                raise DataError(f"data.source={self.spec!r}: {p} is not a text file (NUL bytes in its first "
+                                f"{BINARY_PROBE:,}: an image, an archive, a binary?); remove it from the glob")
+            # each document decoded on its own, so the non-UTF-8 count is of documents, not files
+            yield from (self._decode(d) for d in (raw.split(sep) if sep else [raw]))
 
 
 class StdlibSource(FilesSource):
@@ -174,9 +181,11 @@ class JsonlSource(Source):
     def raw_documents(self, split):
         field = self.cfg.text_field
         for p in self.paths:
-            for lineno, line in enumerate(self._decode(_read_bytes(p)).splitlines(), 1):
-                if not line.strip():
+            # JSON Lines separates records on "\n" only (U+2028 and the like may stand inside a string)
+            for lineno, raw in enumerate(_read_bytes(p).split(b"\n"), 1):
+                if not raw.strip():
                     continue
+                line = self._decode(raw)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
