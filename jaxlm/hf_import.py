@@ -46,7 +46,7 @@ import ml_collections
 from absl import flags
 from tqdm import tqdm
 
-from jaxlm import checkpoint, cli, data, files, hf, paths, precision, sharding, telemetry, train
+from jaxlm import checkpoint, cli, data, files, hf, lease, paths, precision, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.data import tokenizer_export
@@ -206,7 +206,11 @@ def import_hf(spec: str, workdir, base=None, *, attn_flags: str | None = None, t
     sources = find_sources(str(spec), step)
     attn, how, first = decide_flags(sources, attn_flags)
     _recorded(workdir)  # (before anything is written there)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with lease.Lease(workdir, log=log):  # one writer per workdir, as training (a second import is refused)
+        return _import_into(workdir, sources, attn, how, first, base, tokenizer, log, progress)
+
+
+def _import_into(workdir: Path, sources, attn, how, first, base, tokenizer, log, progress: bool) -> dict:
     tok_spec = save_tokenizer(tokenizer or tokenizer_export.for_model_dir(sources[0][1]), workdir)
     cfg = run_config(base if base is not None else config_lib.schema(), first, attn, tok_spec)
     before = check_rerun(workdir, cfg, attn)
