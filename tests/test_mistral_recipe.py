@@ -134,6 +134,8 @@ def mistral(corpus, tmp_path_factory):
 def test_jaxlm_trains_as_mistral_did_step_for_step(mistral):
     ours, ref = mistral["losses"], mistral["reference"]
     rel = np.abs(ours - ref) / np.abs(ref)
+    print(f"jaxlm vs the PyTorch re-creation over {STEPS} steps: max relative difference {rel.max():.3g} at step "
+          f"{rel.argmax() + 1}; losses {ours[0]:.4f} -> {ours[-1]:.4f}")
     assert rel.max() < TOLERANCE, f"worst step {rel.argmax() + 1}: jaxlm {ours[rel.argmax()]} vs torch {ref[rel.argmax()]}"
     assert ours[-1] < ours[0] - 0.5  # it learned: the comparison is not of two flat curves
 
