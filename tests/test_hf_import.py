@@ -155,10 +155,9 @@ def test_an_imported_series_evaluates_and_probes_as_its_run(original, imported):
     ca, cb = (cache_lib.TokenCache.open(Path(checkpoint.read_meta(r, 0)["data"]["cache"])) for r in (run, imported))
     for split in ("train", "validation"):
         assert np.array_equal(ca.split(split), cb.split(split))
-    probed = [0, 1, 10, STEPS - 1]  # (every step would take a minute: a second per checkpoint and run)
-    pa, pb = _probe(run, probed), _probe(imported, probed)
+    pa, pb = _probe(run), _probe(imported)  # --all-steps: every checkpoint of each
     for task in pa:
-        assert len(pb[task]) == 3 * len(probed)  # (embedding + 2 blocks) x steps
+        assert len(pb[task]) == len(pa[task]) == 3 * STEPS  # (embedding + 2 blocks) x steps
         for x, y in zip(pa[task], pb[task]):
             assert (x["step"], x["layer"]) == (y["step"], y["layer"])
             for k in ("compression", "accuracy", "control_compression", "selectivity"):
