@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import threading
 import time
 from typing import Callable
 
@@ -190,10 +192,35 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
                          + (f" (the step cap train.max_steps={max_steps:,})" if result.step == max_steps else "")
                          + f"; run directory {workdir}")
     finally:
+        _close(tele, ckpt, failing=sys.exc_info()[0] is not None)
+    return result
+
+
+# How long a run that is failing waits for its sinks and checkpointer to close: after a full disk a
+# library's writer thread (Orbax's, tensorboardX's) may never finish, and the error must still be said.
+CLOSE_ON_ERROR_S = 60.0
+
+
+def _close(tele, ckpt, failing: bool) -> None:
+    """Closes the telemetry and the checkpointer (waiting for a save in flight); on the way out of an
+    error, for at most CLOSE_ON_ERROR_S on a daemon thread, then the error goes on regardless."""
+    def close():
         if tele is not None:
             tele.close()
         ckpt.close()
-    return result
+
+    if not failing:
+        return close()
+
+    def close_quietly():  # (what fails here is the same failure again: the log file has it)
+        try:
+            close()
+        except Exception:
+            logging.getLogger("jaxlm").info("closing after a failure failed too", exc_info=True)
+
+    worker = threading.Thread(target=close_quietly, daemon=True, name="jaxlm-close")
+    worker.start()
+    worker.join(CLOSE_ON_ERROR_S)
 
 
 def _mesh_change(saved_env: dict, mesh) -> str:

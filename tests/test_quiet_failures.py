@@ -5,6 +5,7 @@ such); run.json rewritten when it no longer says the run's config; errors name w
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -91,8 +92,14 @@ def test_a_full_disk_is_one_error_line_last_and_the_run_resumes_from_what_was_sa
     args = ["--config=configs/tiny.py", f"--workdir={small_disk / 'w'}", "--config.train.steps=12"] + [
         f"--config.{k}={v}" for k, v in _flat_overrides(corpus, root / "cache").items()]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.main", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**env, "PYTHONFAULTHANDLER": "1"})
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # a hang: its threads' stacks (faulthandler) in the failure
+        proc.send_signal(signal.SIGABRT)
+        raise AssertionError(f"the run hung on a full disk:\n{proc.communicate(timeout=60)[1][-6000:]}") from None
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.returncode == 1 and lines[-1].startswith("error: no space left on the device writing "), lines[-5:]
     assert "Traceback" not in res.stderr and sum(x.startswith("error:") for x in lines) == 1, res.stderr[-3000:]
