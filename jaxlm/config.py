@@ -142,8 +142,8 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
     """The config a run saved (``config.to_dict``), over today's schema: fields it lacks read as
     ``ABSENT_MEANS`` or their default; fields the schema no longer has are dropped."""
     cfg = schema()
-    current = _flatten(cfg.to_dict())
-    values = {**{k: v for k, v in ABSENT_MEANS.items() if k in current}, **_flatten(saved)}
+    current = flatten(cfg.to_dict())
+    values = {**{k: v for k, v in ABSENT_MEANS.items() if k in current}, **flatten(saved)}
     with cfg.ignore_type():  # JSON gives lists for tuples and ints for whole floats
         for key, value in values.items():
             if key in current:
@@ -173,11 +173,12 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} of a nested dict (tuples as lists, as JSON gives them back)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = _lists(v)
     return out
@@ -190,8 +191,8 @@ def _lists(v):
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every result-changing field of `current` that differs from
     `saved` (a field `saved` lacks reads as ``ABSENT_MEANS`` or today's default)."""
-    a, b = _flatten(saved), _flatten(current)
-    defaults = _flatten(schema().to_dict())
+    a, b = flatten(saved), flatten(current)
+    defaults = flatten(schema().to_dict())
     diffs = []
     no_budget = all(str(d.get("train.budget", "none")).strip().lower() in ("", "none") for d in (a, b))
     for k in sorted(b):

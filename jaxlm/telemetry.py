@@ -227,18 +227,13 @@ def write_run_json(path, meta: dict) -> str | None:
         before = json.loads(path.read_text())["config"]
         if before == meta["config"]:
             return None
-        old, new = dict(_leaves(before)), dict(_leaves(meta["config"]))
+        old, new = config_lib.flatten(before), config_lib.flatten(meta["config"])
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         changed = f"differed from this run's config in {', '.join(keys[:6])}" + (" ..." if len(keys) > 6 else "")
     except (ValueError, KeyError, TypeError):
         changed = "could not be read as a run's record"
     files.atomic_write_json(path, meta, indent=2, sort_keys=True)
     return changed
-
-
-def _leaves(d, prefix=""):
-    for k, v in (d.items() if isinstance(d, dict) else ()):
-        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
 
 
 # --- sinks ------------------------------------------------------------------------------------

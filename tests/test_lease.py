@@ -139,13 +139,19 @@ def test_the_read_only_tools_take_no_lease():
         assert not re.search(r"\blease\b", src), name
 
 
-@pytest.mark.slow  # a subprocess
-def test_a_local_holder_killed_with_kill_9_never_blocks_the_next(tmp_path):
-    code = (f"from jaxlm import lease; import time; lease.Lease({str(tmp_path)!r}, holder=True).__enter__(); "
+def _holder_in_another_process(workdir: str) -> subprocess.Popen:
+    """A process that takes the lease on `workdir` and sleeps holding it (returned once it holds it)."""
+    code = (f"from jaxlm import lease; import time; lease.Lease({workdir!r}, holder=True).__enter__(); "
             "print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_local_holder_killed_with_kill_9_never_blocks_the_next(tmp_path):
+    p = _holder_in_another_process(str(tmp_path))
     with pytest.raises(lease.LeaseError, match=f"process {p.pid} on"):
         lease.Lease(tmp_path, holder=True).__enter__()
     p.send_signal(signal.SIGKILL)
@@ -312,11 +318,7 @@ def test_on_gs_a_lease_whose_holder_on_this_machine_is_gone_is_taken_over_at_onc
     """A kill -9, or an exit that skipped the release (a lost peer ends a process at once): a rerun on the
     holder's machine finds its pid gone and does not wait for the timeout."""
     url = f"gs://{BUCKET}/lease-dead-here"
-    code = (f"from jaxlm import lease; import time; lease.Lease({url!r}, holder=True).__enter__(); "
-            "print('held', flush=True); time.sleep(600)")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert p.stdout.readline().strip() == "held"
+    p = _holder_in_another_process(url)
     with pytest.raises(lease.LeaseError, match=f"process {p.pid} on"):
         lease.Lease(url, holder=True).__enter__()
     p.send_signal(signal.SIGKILL)
