@@ -157,6 +157,8 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
         total = last_step(cfg, trainer.budget, replay)
         tele = telemetry.Telemetry(workdir, cfg, total_steps=total if meter is None else max_steps,
                                    start_step=start, run_metadata=meta)
+        if tele.dashboard:
+            say(tele.dashboard)
         ckpt.before_save = lambda: tele.sync(force=True)
         result = train.LoopResult(state, start, budget_spent=meter is not None and meter.done)
         if start < total and not result.budget_spent:

@@ -1,11 +1,11 @@
 """Telemetry: metric names (defined once; reports and tests import them), FLOPs and MFU, sinks.
 
 Sinks, on process 0 only: a console progress bar with ETA, JSON Lines in ``WORKDIR/metrics.jsonl``
-(one record per log step), TensorBoard event files in ``WORKDIR/tensorboard`` (``log.tensorboard``,
-on by default: ``tensorboard --logdir runs/``), and wandb (``log.wandb_mode``: disabled/offline/online;
-offline by default so nothing needs a network). ``WORKDIR/run.json`` records the resolved config, package
-versions (jaxlm's own too: a pip-installed jaxlm has no git commit), the jaxlm git commit, devices and
-mesh, once per run.
+(one record per log step), TensorBoard event files in ``WORKDIR/tensorboard/NAME`` (``log.tensorboard``,
+on by default: ``tensorboard --logdir runs/``; see tensorboard_sink), and wandb (``log.wandb_mode``:
+disabled/offline/online; offline by default so nothing needs a network). ``WORKDIR/run.json`` records
+the resolved config, package versions (jaxlm's own too: a pip-installed jaxlm has no git commit), the
+jaxlm git commit, devices and mesh, once per run.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ EVAL_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY)
 # Lists of one value per step since the last record (the others are per layer): TensorBoard gets each
 # value at its own step, the record at step s holding steps s-n+1 .. s.
 PER_STEP_METRICS = (STEP_LOSSES, STEP_LRS, STEP_FRACTIONS)
-TENSORBOARD_DIR = "tensorboard"  # under the workdir; jax.profiler traces go to its plugins/profile
+TENSORBOARD_DIR = "tensorboard"  # under the workdir; a run's events in its subdirectory tensorboard_sink.event_dir
 
 
 def perplexity(loss: float) -> float:
@@ -255,9 +255,11 @@ class Telemetry:
         self._wandb = None
         self._jsonl = None
         self._tb = None
-        # log.profile_steps: every process traces its devices (XProf shows each host) into the TensorBoard directory
+        # log.profile_steps: every process traces its devices (XProf shows each host) into the run's event directory
         local = paths.mirror(self.workdir) if self.remote else self.workdir
-        self.tensorboard_dir = Path(local) / TENSORBOARD_DIR
+        self.tensorboard_dir = tensorboard_sink.event_dir(Path(local) / TENSORBOARD_DIR,
+                                                          self.workdir.name or Path(local).resolve().name)
+        self.dashboard = None  # the startup line that says how to view the run in TensorBoard
         self._profile = (int(cfg.log.profile_start), int(cfg.log.profile_steps)) if cfg.log.profile_steps else None
         self._tracing = False
         if not self.is_main:
@@ -280,6 +282,7 @@ class Telemetry:
         if cfg.log.tensorboard:
             self._tb = tensorboard_sink.TensorBoard(self.tensorboard_dir, start_step, PER_STEP_METRICS, hparam_metrics=(
                 LOSS, EVAL_LOSS), run_metadata=None if run_metadata is None else jsonable(run_metadata))
+            self.dashboard = tensorboard_sink.view_line(self.tensorboard_dir, local)
         self._budget = budget_lib.parse(cfg.train.budget) if not cfg.train.budget_replay else None
         if self._budget is not None:  # under a budget the bar counts the run fraction f, in percent
             self._bar = tqdm(total=100, unit="%", dynamic_ncols=True, file=sys.stderr, disable=None,
@@ -392,7 +395,8 @@ class Telemetry:
             self._wandb.finish()
             self._wandb = None
         if self._tb is not None:
-            self._tb.close()
+            if summary := self._tb.close():  # how many values were non-finite: one line, if any
+                self.message(summary)
             self._tb = None
 
 

@@ -2,19 +2,49 @@
 
 ``telemetry.Telemetry`` feeds it every record (``log.tensorboard``, on by default); it lives apart
 from the metric names so that it knows nothing of them but the few it is handed.
+
+TensorBoard names a run by its event directory relative to ``--logdir``, so a run's events go to
+``WORKDIR/tensorboard/NAME`` (NAME: the workdir's name, see ``event_dir``): ``--logdir runs/`` shows
+``NAME/tensorboard/NAME``, ``--logdir runs/NAME`` shows ``tensorboard/NAME``, and the command the run
+prints at its start (``view_line``) shows ``NAME``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
 from jaxlm.errors import ConfigError
 
+EVENTS = "events.out.tfevents.*"
+
+
+def event_dir(base, name: str) -> Path:
+    """The directory of a run's event files under `base` (WORKDIR/tensorboard): `base`/`name` for a new
+    run; where a run's events already are for a resumed one, so that purge_step (which acts within one
+    directory) still hides the steps it writes again: `base` itself for a run started before runs had
+    their own directory, the first directory holding events for a workdir renamed since it started."""
+    base = Path(base)
+    if not base.is_dir():
+        return base / name
+    if any(base.glob(EVENTS)):
+        return base
+    started = sorted(d for d in base.iterdir() if d.is_dir() and any(d.glob(EVENTS)))
+    return started[0] if started else base / name
+
+
+def view_line(directory, workdir) -> str:
+    """The startup line with the commands that show the run whose events are in `directory` by its name,
+    alone and beside the other runs of its parent directory."""
+    directory = Path(directory)
+    return (f"dashboard: tensorboard --logdir {directory.parent}  (this run, as {directory.name}; "
+            f"every run beside it: tensorboard --logdir {Path(workdir).parent})")
+
 
 class TensorBoard:
-    """Event files in `directory` (WORKDIR/tensorboard): every number of every record as a scalar (a
+    """Event files in `directory` (see event_dir): every number of every record as a scalar (a
     per-layer list as ``name/<layer>``; a list named in `per_step` one value per step, the record at
     step s holding steps s-n+1 .. s), and on a fresh run the config as text and as hparams (section.key).
 
@@ -23,20 +53,27 @@ class TensorBoard:
     which the resumed run writes again, so no step appears twice; metrics.jsonl is trimmed the same way.
     ``flush`` runs before every checkpoint save, so the events up to a checkpoint are on disk when it is.
     Telemetry gives an object-store workdir's local mirror as `directory` (a TensorBoard reads that).
+
+    Scalars are written as Summary protos directly: tensorboardX's add_scalar logs a warning line for
+    every non-finite value (an fp16 run that overflows would print dozens); the sink counts them in
+    `nonfinite` instead (the steps themselves are in metrics.jsonl: train/nonfinite_steps, skipped_steps).
     """
 
     def __init__(self, directory, start_step: int, per_step: Iterable[str], *, hparam_metrics: Iterable[str] = (),
                  run_metadata: dict | None = None):
         try:
             from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
+            from tensorboardX.proto.summary_pb2 import Summary
         except ImportError as e:
             raise ConfigError(f"log.tensorboard=True needs tensorboardX ({e}): pip install 'tensorboardX>=2.6.5', "
                               "or --config.log.tensorboard=False") from e
 
         self.directory = Path(directory)
         self.per_step, self.hparam_metrics = tuple(per_step), tuple(hparam_metrics)
+        self.nonfinite = 0  # non-finite scalar values written (NaN/Inf, as TensorBoard shows them)
+        self._summary = Summary
         # a new file per start, named to sort after the earlier ones (the name has the time in seconds only)
-        n = len(list(self.directory.glob("events.out.tfevents.*"))) if self.directory.exists() else 0
+        n = len(list(self.directory.glob(EVENTS))) if self.directory.exists() else 0
         self.writer = SummaryWriter(str(self.directory), purge_step=start_step + 1 if start_step else None,
                                     flush_secs=30, filename_suffix=f".{n:04d}")
         if not start_step and run_metadata is not None:
@@ -53,7 +90,8 @@ class TensorBoard:
                 if isinstance(v, dict):
                     walk(f"{prefix}{k}.", v)
                 else:
-                    flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                    ok = isinstance(v, (int, float, str, bool)) and (not isinstance(v, float) or math.isfinite(v))
+                    flat[prefix + k] = v if ok else json.dumps(v)  # (a non-finite float would be warned about)
         walk("", meta.get("config", {}))
         for summary in hparams(flat, {m: float("nan") for m in self.hparam_metrics}):
             self.writer.file_writer.add_summary(summary)
@@ -63,15 +101,23 @@ class TensorBoard:
         for k, v in rec.items():
             if k in self.per_step:
                 for i, x in enumerate(v):
-                    self.writer.add_scalar(k, float(x), step - len(v) + 1 + i)
+                    self._scalar(k, float(x), step - len(v) + 1 + i)
             elif isinstance(v, list):
                 for i, x in enumerate(v):
-                    self.writer.add_scalar(f"{k}/{i}", float(x), step)
+                    self._scalar(f"{k}/{i}", float(x), step)
             elif v is not None:
-                self.writer.add_scalar(k, float(v), step)
+                self._scalar(k, float(v), step)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """What add_scalar writes (a simple_value), without its NaN/Inf warning line."""
+        self.nonfinite += not math.isfinite(value)
+        self.writer.file_writer.add_summary(self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]), step)
 
     def flush(self) -> None:
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Closes the event file; returns the line that counts the non-finite values written, if any."""
         self.writer.close()
+        n = self.nonfinite
+        return f"tensorboard: {n} non-finite value{'s' if n > 1 else ''} logged (shown as NaN/Inf)" if n else None

@@ -262,6 +262,58 @@ def test_a_diverged_curve_is_drawn_above_the_others_and_marked(tmp_path):
     assert labels == ["fp16 (1 seed)", "fp32 (2 seeds)"]
 
 
+def _layers_run(device, regime, model, rms, steps=(50,)):
+    from jaxlm.ablate import runs
+
+    r = runs.Run(ROOT / "unused", device, regime, True, 21, [], {"step": 60}, model=model)
+    r.records = [{"step": s, telemetry.LOSS: 3.0, telemetry.RESID_RMS: list(rms)} for s in steps]
+    return r
+
+
+@pytest.mark.parametrize("rms", [(1.0, 1.1, 1.3), (0.8, 2.0, 8.0), (0.5, 3.0, 40.0), (1e-2, 1.0, 1e6)])
+def test_the_rms_panel_labels_at_least_three_values(rms):
+    """Its log axis labels >= 3 values over narrow and wide ranges (matplotlib's default labels only the
+    powers of ten: one label over 0.8-8)."""
+    from jaxlm.ablate import plots
+
+    plt = plots._plt()
+    r = _layers_run("cpu", "fp32", {}, rms)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plots.draw_final_layers(ax, {r.group: [r]}, telemetry.RESID_RMS, "RMS", "Per-layer activation RMS")
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    locs = [v for v in ax.yaxis.get_major_locator()() if lo <= v <= hi]
+    labels = [t for t in ax.yaxis.get_major_formatter().format_ticks(locs) if t]
+    plt.close(fig)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), (rms, labels)
+
+
+def test_heat_map_titles_fit_their_panels_at_a_legible_size_and_one_sampled_step_warns_nothing():
+    """A long configuration label is wrapped to its panel's width at 10 points; a run with its layer stats
+    at one step only (a short budgeted cell) is drawn as one column, with no matplotlib warning."""
+    import warnings
+
+    from jaxlm.ablate import plots
+
+    model = {"query_key_layer_scaling": True, "qk_norm": True, "z_loss": 1e-4, "attn_logit_softcap": 30.0}
+    by_group = {r.group: [r] for r in (_layers_run("NVIDIA H100 80GB HBM3", "fp16_upcast", model, (1.0, 2.0)),
+                                       _layers_run("cpu", "fp32", {}, (1.0, 3.0), steps=(5, 10, 15)))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'Attempting to set identical low and high xlims' before
+        fig = plots.layer_heatmaps(by_group, telemetry.RESID_RMS, "Residual-stream RMS per layer")
+        fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_title()][:2]
+    assert len(panels) == 2
+    for ax in panels:
+        assert ax.title.get_fontsize() >= 10
+        assert ax.title.get_window_extent(renderer).width <= ax.get_window_extent(renderer).width * 1.05, ax.get_title()
+        assert ax.get_xlim()[0] < ax.get_xlim()[1]
+    assert "\n" in panels[0].get_title()  # the long one wrapped
+    assert panels[0].get_xlim() == (49.5, 50.5) and panels[1].get_xlim() == (2.5, 17.5)  # columns centred on steps
+    plots._plt().close(fig)
+
+
 @pytest.mark.slow  # a subprocess and two reports: 5-15 s
 def test_ablate_report_says_where_it_wrote_and_has_no_loss_scale_panel_without_fp16(tmp_path):
     study = tmp_path / "study"

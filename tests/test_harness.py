@@ -82,6 +82,30 @@ def exported(tmp_path_factory):
     return root / "run", out, write_tasks(root / "tasks", corpus)
 
 
+@pytest.mark.slow  # imports lm-eval, loads the task's dataset
+def test_the_readme_task_yaml_loads_without_a_warning(tmp_path, caplog):
+    """The README's task over local files as written (its data file made here): lm-eval loads it and warns
+    about nothing (a metric without its aggregation or higher_is_better is one warning each)."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    text = (ROOT / "README.md").read_text().split("**A task over local files**", 1)[1]
+    yaml = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "/data/my_mc.jsonl" in yaml
+    data = tmp_path / "my_mc.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["a", "b"], "answer": i % 2}) + "\n"
+                            for i in range(3)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "my_mc.yaml").write_text(yaml.replace("/data/my_mc.jsonl", str(data)))
+    with caplog.at_level(logging.INFO):
+        tasks = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False).load(["my_mc"])["tasks"]
+    assert list(tasks) == ["my_mc"] and len(list(tasks["my_mc"].test_docs())) == 3
+    assert [m["metric"] for m in tasks["my_mc"].config.metric_list] == ["acc", "acc_norm"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warned, warned
+
+
 @functools.cache
 def _task_manager(tasks_dir):
     """The test tasks only: indexing lm-eval's thousands of built-in YAMLs is most of an evaluation's cost."""

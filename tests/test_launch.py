@@ -319,9 +319,10 @@ def test_offline_wheels_cover_every_runtime_dependency():
     host = {"jax", "flax", "optax", "orbax-checkpoint", "numpy"}  # the GPU host's Python has these
     # imported inside functions or by modules the check never loads (tensorboardX: a run's TensorBoard sink, which
     # bench.py and tests/test_gpu.py never create; markdown: the ablation report; pyarrow, fastokens, tiktoken, fsspec: the
-    # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them
+    # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them;
+    # tensorboard: the dashboard program, never imported by jaxlm
     lazy = {"tensorflow-datasets", "wandb", "matplotlib", "tensorboardx", "markdown", "pyarrow", "fastokens", "tiktoken",
-            "fsspec"}
+            "fsspec", "tensorboard"}
     assert names - host - lazy <= set(_offline_wheel_names()), names - host - lazy - set(_offline_wheel_names())
     assert {"pytest", "pluggy", "iniconfig", "pygments"} <= set(_offline_wheel_names())  # the check's tests step
     cmds = _commands(_dry("offline_wheels.sh", "/tmp/w"))

@@ -282,8 +282,15 @@ def test_probe_an_hf_export_with_the_default_split_and_nothing_written_beside_th
     src = study.hf_source(hf_dir, data=f"jsonl:{corpus}", workdir=tmp_path / "w")
     assert src.out == tmp_path / "w" / "probe" and src.tokenizer.kind == "sentencepiece"
     settings = tasks_lib.TaskSettings(window=32, rows=40, tokens_per_row=10, pairs_per_row=4)
-    rows = study.probe_source(src, ["position"], settings=settings, hp=FAST, log=lambda s: None)
+    said = []
+    rows = study.probe_source(src, ["position"], settings=settings, hp=FAST, log=said.append)
     assert len(rows["position"]) == 3 and (tmp_path / "w" / "probe" / "position.json").is_file()
+    # labelled as the HF model, not as "step 0" (which reads as untrained): in the JSON, the table and the log
+    written = json.loads((tmp_path / "w" / "probe" / "position.json").read_text())
+    assert written["steps"] == ["hf:hf"] and [r["step"] for r in written["rows"]] == ["hf:hf"] * 3
+    assert [line.split(",")[1] for line in (tmp_path / "w" / "probe" / "position.csv").read_text().splitlines()[1:]] == \
+        ["hf:hf"] * 3
+    assert [s for s in said if s.startswith("hf:hf: representations")] and not [s for s in said if s.startswith("step")]
     assert list((tmp_path / "w" / "probe" / "cache").glob("tasks-*.npz"))
     assert sorted(p.name for p in hf_dir.iterdir()) == before  # nothing written into the model's directory
     with pytest.raises(ConfigError, match="--hf needs --workdir"):

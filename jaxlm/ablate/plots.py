@@ -7,6 +7,7 @@ A group is (accelerator kind, configuration label) -> its runs (seeds); see jaxl
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -118,7 +119,34 @@ def _grid_and_legend(ax, fontsize: int = 8) -> None:
         ax.legend(fontsize=fontsize)
 
 
+def log_ticks(axis, values) -> None:
+    """Ticks for a log-scale `axis` over `values` that label at least 3 values (matplotlib's default labels
+    only the powers of ten, one over a range like 0.8-8): 1-2-5 over 1-3 decades, evenly spaced values
+    under a decade, the powers of ten over more; plain numbers, no minor labels."""
+    from matplotlib import ticker  # matplotlib: lazy, as above
+
+    finite = [float(v) for a in values for v in np.ravel(a) if math.isfinite(v) and v > 0]
+    span = math.log10(max(finite) / min(finite)) if finite else 0.0
+    axis.set_major_locator(ticker.MaxNLocator(5) if span < 1 else ticker.LogLocator(subs=(1, 2, 5)) if span <= 3
+                           else ticker.LogLocator())
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _panel_title(text: str, width: int = 44) -> str:
+    """A heat map's panel title, wrapped to its panel's width at 10 points."""
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def plot_layer_heatmaps(by_group, key, path, title, log_color=True):
+    plt = _plt()
+    fig = layer_heatmaps(by_group, key, title, log_color)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_heatmaps(by_group, key, title, log_color=True):
+    """The figure of plot_layer_heatmaps: one panel per group (its first seed), layers by steps."""
     plt = _plt()
     from matplotlib.colors import LogNorm  # matplotlib: lazy, as above
 
@@ -141,24 +169,35 @@ def plot_layer_heatmaps(by_group, key, path, title, log_color=True):
             continue
         vals = np.where(np.isfinite(vals), vals, np.nan)
         norm = LogNorm(vmin=max(vmin, 1e-3), vmax=max(vmax, vmin * 1.01)) if log_color else None
+        # each column centred on its step, half a step's spacing either side (one sampled step: +-0.5)
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
         im = ax.imshow(np.abs(vals).T, aspect="auto", origin="lower", cmap=cmap, norm=norm,
-                       extent=(steps[0], steps[-1], -0.5, vals.shape[1] - 0.5), interpolation="nearest")
-        ax.set(title=_group_label(g) + f" seed {run.seed}", xlabel="step", ylabel="layer",
-               yticks=range(vals.shape[1]))
-        ax.title.set_fontsize(8)
+                       extent=(steps[0] - half, steps[-1] + half, -0.5, vals.shape[1] - 0.5), interpolation="nearest")
+        ax.set(xlabel="step", ylabel="layer", yticks=range(vals.shape[1]), **({"xticks": steps} if len(steps) == 1 else {}))
+        ax.set_title(_panel_title(_group_label(g) + f" seed {run.seed}"), fontsize=10)
     for ax in axes.ravel()[len(groups):]:
         ax.set_axis_off()
     if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label="|value| (log)")
+        bar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label="|value| (log)")
+        if log_color:
+            log_ticks(bar.ax.yaxis, [vmin, vmax])
     fig.suptitle(title + " (red: non-finite)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_final_layers(by_group, key, path, ylabel, title):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
+    draw_final_layers(ax, by_group, key, ylabel, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_final_layers(ax, by_group, key, ylabel, title) -> None:
+    """Each group's per-layer `key` at its last sample (mean over seeds), log y (see log_ticks)."""
     colors = _color_map(by_group)
+    drawn = []
     for g, runs in by_group.items():
         finals = []
         for r in runs:
@@ -167,16 +206,15 @@ def plot_final_layers(by_group, key, path, ylabel, title):
                 finals.append(vals[-1])
         if finals:
             m = np.vstack(finals)
-            with np.errstate(all="ignore"):
-                ax.plot(range(m.shape[1]), np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=0), "o-",
-                        color=colors[g], label=_group_label(g))
+            with np.errstate(all="ignore"), warnings.catch_warnings():  # (a layer non-finite in every seed)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                drawn.append(np.nanmean(np.where(np.isfinite(m), m, np.nan), axis=0))
+            ax.plot(range(m.shape[1]), drawn[-1], "o-", color=colors[g], label=_group_label(g))
     n_layers = max((r.layers(key)[1].shape[1] for rs in by_group.values() for r in rs), default=1)
     ax.set(xlabel="layer", ylabel=ylabel, title=title + " (missing: non-finite)", yscale="log",
            xticks=range(n_layers))
+    log_ticks(ax.yaxis, drawn)
     _grid_and_legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_lr_sweep(points, path):

@@ -4,7 +4,8 @@ Per run and task (``write_task``): ``<task>.json`` (the settings and the rows), 
 rows: one per (layer, step)) and ``<task>.png``: heat maps of compression and of selectivity (layer
 0 = embedding output, layer i = block i's output; one column per checkpoint), and the compression of
 the layer that compresses best at the last step, over steps (log x; step 0 drawn at 1), with its
-control task's compression dashed.
+control task's compression dashed. A model that is no run's checkpoint (``probe --hf``) has a label,
+``hf:<directory name>``, in place of a step, and its third panel is compression by layer.
 
 Across seeds (``seeds``, ``python -m jaxlm.probe report RUN_A RUN_B ... --out=DIR``): per task, every
 layer's compression over steps, the mean over runs as a line and the runs' min-max as a band, as the
@@ -76,6 +77,7 @@ def plot_task(rows: list[dict], path: Path, title: str) -> None:
     steps, layers, comp = grid(rows, "compression")
     _, _, sel = grid(rows, "selectivity")
     _, _, ctrl = grid(rows, "control_compression")
+    trained = all(isinstance(s, int) for s in steps)  # a run's checkpoints; else one model's label (probe --hf)
     fig, ax = plt.subplots(1, 3, figsize=(15, 3.2 + 0.25 * len(layers)))
     for a, m, name, cmap, kw in ((ax[0], comp, "compression (uniform / online codelength)", "viridis", {}),
                                  (ax[1], sel, "selectivity (accuracy - control accuracy)", "RdBu_r",
@@ -83,16 +85,23 @@ def plot_task(rows: list[dict], path: Path, title: str) -> None:
         im = a.imshow(m, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest", **kw)
         a.set_yticks(range(len(layers)), _layer_names(layers))
         every = max(1, len(steps) // 8)
-        a.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], rotation=45)
-        a.set(xlabel="checkpoint step", title=name)
+        a.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], rotation=45 if trained else 0)
+        a.set(xlabel="checkpoint step" if trained else "model", title=name)
         fig.colorbar(im, ax=a)
-    best = int(np.nanargmax(comp[:, -1]))
-    x = [max(s, 1) for s in steps]
-    ax[2].plot(x, comp[best], "o-", label=f"{_layer_names(layers)[best]} (best at the last step)")
-    ax[2].plot(x, ctrl[best], "s--", color="C0", alpha=0.6, label="its control task")
+    if trained:
+        best = int(np.nanargmax(comp[:, -1]))
+        x = [max(s, 1) for s in steps]
+        ax[2].plot(x, comp[best], "o-", label=f"{_layer_names(layers)[best]} (best at the last step)")
+        ax[2].plot(x, ctrl[best], "s--", color="C0", alpha=0.6, label="its control task")
+        _log_steps(ax[2], steps)
+        ax[2].set(title="best layer over training")
+    else:  # one model without steps (probe --hf): its layers
+        ax[2].plot(range(len(layers)), comp[:, 0], "o-", label=str(steps[0]))
+        ax[2].plot(range(len(layers)), ctrl[:, 0], "s--", color="C0", alpha=0.6, label="its control task")
+        ax[2].set_xticks(range(len(layers)), _layer_names(layers), rotation=45)
+        ax[2].set(title="compression by layer")
     ax[2].axhline(1.0, color="grey", lw=0.8)
-    _log_steps(ax[2], steps)
-    ax[2].set(ylabel="compression", title="best layer over training")
+    ax[2].set(ylabel="compression")
     ax[2].legend(fontsize=8)
     ax[2].grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)

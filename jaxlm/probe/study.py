@@ -51,6 +51,7 @@ class Source:
     identity: dict  # what the cached examples depend on
     out: Path
     n_positions: int
+    label: str | None = None  # a model that is no run's checkpoint (--hf): its name in the results, not "step 0"
 
 
 def resolve_steps(available: list[int], step: int | None, steps: list[int] | None, all_steps: bool,
@@ -98,10 +99,11 @@ HF_VAL_FRACTION, HF_MAX_DOCS = 0.1, 2000
 
 def hf_source(hf_dir, *, data: str, tokenizer: str | None = None, out=None, workdir=None,
               val_fraction: float = HF_VAL_FRACTION, max_docs: int = HF_MAX_DOCS) -> Source:
-    """A Hugging Face GPT-2 directory (one 'step', 0) with its tokenizer (`tokenizer`, a spec, or the
-    directory's own) and a data.source spec: `val_fraction` of its documents (at most `max_docs` per
-    split; 0 = all) are probed, the rest give the corpus statistics. Nothing is written into the model
-    directory: results and the example cache go to `out`, default WORKDIR/probe."""
+    """A Hugging Face GPT-2 directory (one model, labelled ``hf:<directory name>`` where a run's rows have
+    their step) with its tokenizer (`tokenizer`, a spec, or the directory's own) and a data.source spec:
+    `val_fraction` of its documents (at most `max_docs` per split; 0 = all) are probed, the rest give the
+    corpus statistics. Nothing is written into the model directory: results and the example cache go to
+    `out`, default WORKDIR/probe."""
     if not data:
         raise ConfigError("--hf needs --data (a data.source spec whose held-out documents are probed and whose other "
                           "documents give the corpus statistics)")
@@ -126,7 +128,8 @@ def hf_source(hf_dir, *, data: str, tokenizer: str | None = None, out=None, work
                   stream("train")[:MAX_TRAIN_TOKENS], {"hf": str(Path(hf_dir).resolve()), "data": data,
                                                         "val_fraction": val_fraction, "max_docs": max_docs,
                                                         "tokenizer": tok.sha256},
-                  Path(out) if out else Path(workdir) / "probe", cfg.n_positions)
+                  Path(out) if out else Path(workdir) / "probe", cfg.n_positions,
+                  label=f"hf:{Path(hf_dir).resolve().name}")
 
 
 # --- representations --------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ def probe_source(src: Source, task_names, *, settings: tasks_lib.TaskSettings = 
         order[g] = (np.random.default_rng(settings.seed).permutation(train), np.flatnonzero(rows >= data.n_train_rows))
     results: dict[str, list[dict]] = {n: [] for n in names}
     for step in src.steps:
+        tag = src.label or int(step)  # what the rows, the table, the plot and the log call this model
         t0 = time.perf_counter()
         graphdef, params = src.load_params(step)
         feats = dict(zip(("token", "pair"), features(graphdef, params, data)))
@@ -207,7 +211,7 @@ def probe_source(src: Source, task_names, *, settings: tasks_lib.TaskSettings = 
                 majority = float(np.mean(y[c, te] == np.bincount(y[c, tr]).argmax()))
                 for layer in range(r["compression"].shape[0]):
                     results[n].append({
-                        "task": n, "step": int(step), "layer": layer,
+                        "task": n, "step": tag, "layer": layer,
                         "online_bits": r["online_bits"][layer, c], "uniform_bits": r["uniform_bits"][layer, c],
                         "compression": r["compression"][layer, c], "accuracy": r["accuracy"][layer, c],
                         "control_online_bits": r["online_bits"][layer, k],
@@ -217,13 +221,13 @@ def probe_source(src: Source, task_names, *, settings: tasks_lib.TaskSettings = 
                         "majority_accuracy": majority, "classes": data.classes[n],
                         "n_train": int(tr.size), "n_test": int(te.size)})
         del feats
-        best = ", ".join(f"{n} {max(r['compression'] for r in results[n] if r['step'] == step):.2f}" for n in names)
-        log(f"step {step:>7}: representations {t1 - t0:.1f}s, probes {time.perf_counter() - t1:.1f}s; "
+        best = ", ".join(f"{n} {max(r['compression'] for r in results[n] if r['step'] == tag):.2f}" for n in names)
+        log(f"{src.label or f'step {step:>7}'}: representations {t1 - t0:.1f}s, probes {time.perf_counter() - t1:.1f}s; "
             f"best compression: {best}")
     src.out.mkdir(parents=True, exist_ok=True)
     for n in names:
         report.write_task(src.out, n, results[n], {
-            "source": src.name, "steps": src.steps, "definition": tasks_lib.definition(n),
+            "source": src.name, "steps": [src.label] if src.label else src.steps, "definition": tasks_lib.definition(n),
             "tasks": dataclasses.asdict(settings), "probe": dataclasses.asdict(hp),
             "portion_ends": list(mdl.portion_ends(int(order[_group(n)][0].size), hp.min_first)),
             "representations": "residual stream; layer 0 = embedding output, layer i = output of block i",
