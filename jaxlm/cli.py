@@ -99,9 +99,11 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.exit(0)
         raise
     except flags.Error as e:
-        fail(f"{config_lib.one_line(e)} (see --help)", status=2)
+        fail(_flag_error(config_lib.one_line(e)), status=2)
     except (AttributeError, KeyError) as e:  # a --config override of a key the schema does not have
-        fail(f"{_override_arg(argv, e)}: unknown config key {config_lib.one_line(e)}", status=2)
+        arg = _override_arg(argv, e)
+        key = arg.lstrip("-").split("=", 1)[0].removeprefix("config.")
+        fail(f"{arg}: {config_lib.unknown_key(key) if arg.startswith('-') else config_lib.one_line(e)}", status=2)
     except (TypeError, ValueError) as e:  # a --config override ml_collections refused
         fail(f"{_override_arg(argv, e)}: {config_lib.one_line(e)}", status=2)
 
@@ -229,12 +231,24 @@ def _last_wins(argv: list[str]) -> list[str]:
             if not (a.startswith(("--config.", "-config.")) and "=" in a and last[a.split("=", 1)[0]] != i)]
 
 
+def _flag_error(text: str) -> str:
+    """absl's message for a flag it could not parse; a --config override whose value is not of its field's
+    type in the shape of every config error (``--config.KEY=VALUE: what is wrong; what to do``)."""
+    m = re.match(r"flag (--config\.([\w.]+))=(.*?): (?:invalid literal for (int)\(\)|could not convert string to float)",
+                 text)
+    if not m:
+        return f"{text} (see --help)"
+    arg, key, value, kind = m.groups()
+    example = config_lib.get_by_path(config_lib.schema(), key)
+    return f"{arg}={value}: not {'a whole number' if kind == 'int' else 'a number'}; give one, e.g. {arg}={example}"
+
+
 def _override_arg(argv: list[str], error: BaseException) -> str:
     """The ``--config.*`` argument an ml_collections error is about (best effort)."""
     text = str(error)
     for a in argv:
         key = a.lstrip("-").split("=", 1)[0]
-        if key.startswith("config.") and key.rsplit(".", 1)[-1] in text:
+        if key.startswith("config.") and any(part in text for part in key.split(".")[1:]):
             return a
     return "a --config override"
 

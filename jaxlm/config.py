@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 import traceback
 import warnings
 from pathlib import Path
@@ -216,7 +217,43 @@ def _check_keys(cfg, schema_cfg, prefix=""):
 
 
 def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, vocab_size: int | None = None) -> None:
-    """Raises ConfigError naming the field for anything that cannot work; warns for what is risky."""
+    """Raises ConfigError naming the field for anything that cannot work, in the shape of every config
+    error (``--config.KEY=VALUE: what is wrong; what to do``); warns for what is risky."""
+    try:
+        _validate(cfg, backend=backend, vocab_size=vocab_size)
+    except ConfigError as e:
+        raise ConfigError(as_override(cfg, one_line(e))) from None
+
+
+_MISSING = object()
+
+
+def as_override(cfg, text: str) -> str:
+    """A message that begins ``KEY: `` or ``KEY=VALUE: `` (KEY a field of `cfg`, VALUE its value) begun
+    as the override that sets it, ``--config.KEY=VALUE: ``; any other message as it is."""
+    m = re.match(r"(?:config\.)?([a-z_]+(?:\.[a-z_0-9]+)+)[=:]", text)
+    value = get_by_path(cfg, m.group(1), _MISSING) if m else _MISSING
+    if value is _MISSING or isinstance(value, ml_collections.ConfigDict):
+        return text
+    key, shown = m.group(1), value if isinstance(value, str) else repr(value)
+    for head in (f"{key}={value!r}: ", f"{key}={value}: ", f"{key}: "):
+        if text.startswith(head) or text.startswith("config." + head):
+            return f"--config.{key}={shown}: {text.split(head, 1)[1]}"
+    return text
+
+
+def unknown_key(dotted: str) -> str:
+    """The message for a --config override of a key the schema lacks, with the closest key's name."""
+    section = schema()
+    for part in dotted.split("."):
+        if not isinstance(section, ml_collections.ConfigDict) or part not in section:
+            break
+        section = section[part]
+    options = section.keys() if isinstance(section, ml_collections.ConfigDict) else ()
+    return f"unknown config key {part!r}{_did_you_mean(part, options) if options else ''}"
+
+
+def _validate(cfg, *, backend, vocab_size) -> None:
     _check_keys(cfg, schema())
     config_rules.check_ranges(cfg)
     model_config(cfg, vocab_size=vocab_size or cfg.model.vocab_size or cfg.data.vocab_size)

@@ -14,7 +14,7 @@ becomes what ``eval``, ``probe``, ``harness``, ``generate`` and ``export --workd
   marked ``checkpoint.PARAMS_ONLY``, so resuming training from it is one error;
 * ``tokenizer/``: the model's tokenizer (the directory's own, or ``--tokenizer``), written through
   ``tokenizer_export``; the run's ``data.tokenizer`` names it;
-* the token cache of ``data.source`` in that tokenizer (``WORKDIR/data`` unless ``data.cache_dir``):
+* the token cache of ``data.source`` in that tokenizer (the machine's cache unless ``data.cache_dir``):
   the run's validation split (``eval`` without ``--data``) and the probe's texts;
 * ``run.json``: the config (the model section from config.json, the rest from ``--config``, by default
   the schema's) and ``import``: each step's source directory, the attention flags and how they were

@@ -5,8 +5,10 @@ where the same code works) behind one small interface, over ``etils.epath`` (whi
   ``epath.Path`` for a URL. Both take ``/``, ``exists``, ``read_text``, ``write_bytes``, ``iterdir``.
 * ``check_url(p, what)``: fails with one line before anything compiles when a URL's scheme is
   unknown, its bucket is missing or there are no credentials.
+* ``machine_cache()``: this machine's cache directory (``$JAXLM_CACHE``, else ``$XDG_CACHE_HOME/jaxlm``,
+  else ``~/.cache/jaxlm``): tokenizers and token caches by default, the mirrors of URLs.
 * ``mirror(p)``: a local directory standing for a URL, for what must be a local file (memory-mapped
-  token rows, log files, wandb): ``$JAXLM_LOCAL_CACHE`` or ``~/.cache/jaxlm``, then ``mirror/<hash>``.
+  token rows, log files, wandb): ``machine_cache()/mirror/<hash>``.
 * ``publish(local_dir, url)`` / ``committed(url)``: commit semantics that hold on object stores,
   which have no atomic directory rename: a directory is uploaded file by file and its commit object
   (``.jaxlm-commit.json``, the list of files and sizes) is written last; readers trust nothing
@@ -111,9 +113,18 @@ def _check_connection(bucket: str, what: str, p) -> None:
                           "credentials (gcloud auth application-default login, or the VM's service account)") from None
 
 
+def machine_cache() -> Path:
+    """This machine's jaxlm cache: ``$JAXLM_CACHE``, else ``$XDG_CACHE_HOME/jaxlm``, else ``~/.cache/jaxlm``
+    (as HF's ``HF_HOME`` and ``~/.cache/huggingface``): one per machine, so one per host on a pod."""
+    if os.environ.get("JAXLM_CACHE"):
+        return Path(os.environ["JAXLM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxlm"
+
+
 def mirror(p) -> Path:
     """A local directory standing for URL `p` (the same directory for the same URL on this machine)."""
-    root = Path(os.environ.get("JAXLM_LOCAL_CACHE") or Path.home() / ".cache" / "jaxlm")
+    root = machine_cache()
     digest = hashlib.sha256(os.fspath(p).rstrip("/").encode()).hexdigest()[:16]
     return root / "mirror" / digest
 

@@ -1,10 +1,16 @@
-"""Test setup: CPU only, deterministic; jaxlm is imported as installed (pip install -e .)."""
+"""Test setup: CPU only, deterministic; jaxlm is imported as installed (pip install -e .). The machine's
+cache (paths.machine_cache) is one directory of the session's own, shared by its tests and their
+subprocesses as a machine's is by its runs, and never the user's: tests damage caches on purpose."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+SESSION_CACHE = tempfile.mkdtemp(prefix="jaxlm-test-cache-")
+os.environ["JAXLM_CACHE"] = SESSION_CACHE
 ROOT = Path(__file__).resolve().parent.parent
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -36,3 +42,7 @@ def write_word_corpus(d: Path, n_docs: int, words_per_doc: int = 400, seed: int 
         n = words_per_doc or rng.randint(80, 300)
         (d / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words, size=n)) + f"\nend of document {i}.\n")
     return d
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

@@ -29,7 +29,8 @@ LAYERS = [
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.tokenizer_train",  # loading, encoding; training
      "jaxlm.data.integrity", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
-     "jaxlm.data.mixture", "jaxlm.data", "jaxlm.data.viewer",  # viewer: what each step trained on
+     "jaxlm.data.mixture", "jaxlm.data.cache_index",  # cache_index: which runs use which cache entries
+     "jaxlm.data", "jaxlm.data.viewer",  # viewer: what each step trained on
      "jaxlm.data.tokenizer_export",  # the tokenizer beside an exported model (tokenizer.py + transformers' format)
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train", "jaxlm.evalsets"],  # evalsets: evaluation texts and scorers (the CLI's and a run's eval sets)

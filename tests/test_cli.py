@@ -1,10 +1,12 @@
 """Every CLI answers a bad input of its own kind with one `error:` line and a non-zero exit, never a
 traceback; `--help` lists the tool's flags."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +40,7 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize("args, fragment", [
     (["--config=configs/tiny.py", "--workdir=W", "--bogus=1"], "Unknown command line flag 'bogus'"),
     (["--config=configs/tiny.py"], "--workdir is required"),
-    (["--config=configs/tiny.py", "--workdir=W", "--config.train.stepz=5"], 'Did you mean "steps"'),
+    (["--config=configs/tiny.py", "--workdir=W", "--config.train.stepz=5"], "did you mean 'steps'?"),
     (["--config=configs/tiny.py", "--workdir=W", "--config.train.steps=1.5"], "--config.train.steps=1.5"),
     (["--config=configs/nope.py", "--workdir=W"], "no such file"),
     (["--config=configs/tiny.py", "--workdir=W", "--config.checkpoint.stages=((0, 100),)"], "checkpoint.stages"),
@@ -51,10 +53,64 @@ def test_main_bad_flags_and_config(tmp_path, args, fragment):
     assert not (tmp_path / "w").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.parametrize("override, rest", [
+    ("train.stepz=5", "unknown config key 'stepz'; did you mean 'steps'?"),
+    ("bogus.x=1", "unknown config key 'bogus'; known: checkpoint, data"),
+    ("train.steps=ten", "not a whole number; give one, e.g. --config.train.steps="),
+    ("optim.lr=x", "not a number; give one, e.g. --config.optim.lr="),
+    ("train.steps=-3", "must be a number >= 1"),
+    ("precision.regime=fp17", "unknown regime 'fp17'; allowed: fp32"),
+    ("mesh.data=0", "a positive size or -1"),
+    ("checkpoint.stages=((0, 100),)", "each stage is (every, until)"),
+])
+def test_every_config_error_has_one_shape(tmp_path, override, rest):
+    """`error: --config.KEY=VALUE: what is wrong; what to do`, whichever layer found it (absl's parser,
+    ml_collections' keys, the ranges table, a check of its own)."""
+    res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", f"--config.{override}"])
+    _assert_one_error(res, f"error: --config.{override}: {rest}")
+
+
 def test_main_finds_packaged_configs_from_another_directory(tmp_path):
     res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--config.train.stepz=1"],
                cwd=tmp_path)
     _assert_one_error(res, "stepz")  # the config file was found (the override is what failed)
+
+
+def test_top_level_configs_is_the_packaged_directory():
+    """The design card's layout: configs/ at the top of the checkout, the same files the package ships."""
+    assert (ROOT / "configs").is_symlink() and (ROOT / "configs").resolve() == (ROOT / "jaxlm" / "configs").resolve()
+    assert (ROOT / "configs" / "tiny.py").read_text() == (ROOT / "jaxlm" / "configs" / "tiny.py").read_text()
+
+
+@pytest.mark.slow  # builds a wheel: about 10 s
+def test_a_wheel_ships_the_configs_inside_the_package_only(tmp_path):
+    """Built from a copy of the tracked files, the wheel has jaxlm/configs/*.py and no top-level configs
+    package, and a --target install of it finds configs/tiny.py from any directory."""
+    import zipfile
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    src = tmp_path / "src"
+    for name in filter(None, (t.decode() for t in tracked)):
+        target = src / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / name).is_symlink():
+            target.symlink_to(os.readlink(ROOT / name))
+        else:
+            shutil.copy2(ROOT / name, target)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("jaxlm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "jaxlm/configs/tiny.py" in names and "jaxlm/configs/gpt2_small.py" in names
+    assert not [n for n in names if n.startswith("configs/")], names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = ("from jaxlm import config; c = config.load('configs/tiny.py'); "
+             "print(c.model.n_layer, config.CONFIGS_DIR)")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[1] == str(tmp_path / "site" / "jaxlm" / "configs"), res.stdout
 
 
 def test_main_workdir_that_is_a_file(tmp_path):
@@ -87,7 +143,7 @@ def test_export_unknown_step(run_dir, tmp_path):
 
 
 def test_generate_bad_tokenizer_file(run_dir, tmp_path):
-    tok = next((run_dir / "data" / "tokens").glob("*/tokenizer.model"))
+    tok = Path(json.loads((run_dir / "run.json").read_text())["data"]["tokenizer"])
     saved = tok.read_bytes()
     try:
         tok.write_bytes(b"not a sentencepiece model")

@@ -14,6 +14,13 @@ from jaxlm.errors import DataError
 
 from conftest import ROOT, SHARED_DATA, write_word_corpus
 
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own machine cache, WORKDIR/data of the tmp_path workdir it prepares in: these tests
+    count what is built, and a cache shared with the session's other tests would be found instead."""
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "data"))
+
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 WIKITEXT = SHARED_DATA / "wikitext-2" / "valid.txt"
 

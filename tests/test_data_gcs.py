@@ -55,9 +55,9 @@ def test_a_streamed_cache_on_gs_gives_the_batches_of_a_local_copy_without_downlo
                                                                                              monkeypatch):
     corpus = write_word_corpus(tmp_path / "c", 30, words_per_doc=0)
     over = {"data.cache_dir": f"gs://{BUCKET}/streamed", "data.vocab_size": 300}
-    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-a"))
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "host-a"))
     built = data.prepare(cfg_for(f"files:{corpus}/*.txt", **over), tmp_path / "w", log=lambda s: None)  # uploads
-    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-b"))  # another host, rows left in the bucket
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "host-b"))  # another host, rows left in the bucket
     cfg = cfg_for(f"files:{corpus}/*.txt", **over, **{"data.remote_reads": "stream"})
     streamed = data.prepare(cfg, tmp_path / "w", log=lambda s: None)
     assert isinstance(streamed.split("train"), remote.RemoteRows)

@@ -17,6 +17,13 @@ from conftest import ROOT, write_word_corpus
 from helpers.corpora import cfg_for, docs_of, token_stream, write_datasets_dir, write_jsonl, write_llmc, write_parquet
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own machine cache, WORKDIR/data of the tmp_path workdir it prepares in: these tests
+    count what is built, and a cache shared with the session's other tests would be found instead."""
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "data"))
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     """Two small corpora of different words: one as Parquet, one as JSONL."""

@@ -71,7 +71,7 @@ def test_two_hosts_tokenize_their_shares_and_build_the_same_bytes(where, tmp_pat
         root = f"gs://{BUCKET}/multihost-{tmp_path.name}"
     o = _overrides(corpus, root, tokenizer=ref.tokenizer_spec)  # the same tokenizer: the same key
     addr = f"127.0.0.1:{_free_port()}"
-    envs = [{**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_LOCAL_CACHE": str(tmp_path / f"host-{i}")} for i in range(2)]
+    envs = [{**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": str(tmp_path / f"host-{i}")} for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", HOST, addr, str(i), json.dumps(o), str(SHARD_DOCS)], cwd=ROOT,
                               env=envs[i], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -58,7 +58,7 @@ def gcs(tmp_path_factory):
             time.sleep(0.2)
     url = f"http://127.0.0.1:{port}"
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "test",
-           "JAXLM_LOCAL_CACHE": str(tmp_path_factory.mktemp("mirror"))}
+           "JAXLM_CACHE": str(tmp_path_factory.mktemp("mirror"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     gcsfs.GCSFileSystem.clear_instance_cache()
@@ -113,7 +113,7 @@ def test_a_run_on_gs_trains_survives_kill_9_resumes_bit_identically_evaluates_an
     # the same run killed -9 once it is past a few checkpoints (a fresh local mirror: another machine)
     run = f"gs://{BUCKET}/run"
     log = tmp_path / "stderr.txt"
-    env = _env(gcs, JAXLM_LOCAL_CACHE=str(tmp_path / "mirror-a"))
+    env = _env(gcs, JAXLM_CACHE=str(tmp_path / "mirror-a"))
     with open(log, "w") as err:
         proc = subprocess.Popen(_args(run, corpus), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
         deadline = time.time() + 600
@@ -123,14 +123,14 @@ def test_a_run_on_gs_trains_survives_kill_9_resumes_bit_identically_evaluates_an
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not paths.path(run).joinpath("done.json").exists()
-    env = _env(gcs, JAXLM_LOCAL_CACHE=str(tmp_path / "mirror-b"))  # resume on "another host"
+    env = _env(gcs, JAXLM_CACHE=str(tmp_path / "mirror-b"))  # resume on "another host"
     out = subprocess.run(_args(run, corpus), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from the checkpoint" in out.stdout
     assert _losses(run) == reference  # every step, exact floats
 
     out = subprocess.run([sys.executable, "-m", "jaxlm.eval", f"--workdir={run}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env=_env(gcs, JAXLM_LOCAL_CACHE=str(tmp_path / "mirror-c")))
+                         text=True, timeout=600, env=_env(gcs, JAXLM_CACHE=str(tmp_path / "mirror-c")))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == STEPS and np.isfinite(result["loss"]) and result["loss"] < np.log(300)
@@ -164,12 +164,12 @@ def test_an_upload_cut_before_its_commit_is_never_taken_for_a_cache(gcs, corpus,
         real_publish(local_dir, url)
         raise KeyboardInterrupt
 
-    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-a"))
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "host-a"))
     monkeypatch.setattr(paths, "publish", cut)
     with pytest.raises(KeyboardInterrupt):
         data.prepare(cfg, workdir, log=lambda s: None)
     monkeypatch.undo()
-    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-b"))
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "host-b"))
     tokens = paths.path(workdir) / "data" / "tokens"
     partial = [d for d in tokens.iterdir() if not d.name.startswith(".")]
     assert partial and all(paths.committed(d) is None for d in partial)  # uploaded, never committed
@@ -181,7 +181,7 @@ def test_an_upload_cut_before_its_commit_is_never_taken_for_a_cache(gcs, corpus,
     url = paths.path(workdir) / "data" / "tokens" / again.path.name
     assert paths.committed(url) is not None
     # a third host downloads the committed cache instead of building it
-    monkeypatch.setenv("JAXLM_LOCAL_CACHE", str(tmp_path / "host-c"))
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "host-c"))
     built = []
     third = data.prepare(cfg, workdir, log=built.append)
     assert not any("tokenizing" in s or "training" in s for s in built), built

@@ -62,7 +62,7 @@ def test_initialisation_follows_gpt2():
     ({"train.seq_len": 512}, r"train.seq_len=512 exceeds model.n_positions=128"),
     ({"model.attention_impl": "fused"}, r"model.attention_impl.*'fused'.*auto, reference, cudnn, flash"),
     ({"model.attn_pdrop": 1.5}, r"model.attn_pdrop"),
-    ({"model.remat": "some"}, r"model.remat: unknown 'some'; allowed: none, dots, full"),
+    ({"model.remat": "some"}, r"--config.model.remat=some: unknown 'some'; allowed: none, dots, full"),
 ])
 def test_bad_config_names_the_field(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

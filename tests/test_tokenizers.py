@@ -94,19 +94,20 @@ def test_vocab_and_merges_alone_load_as_tokenizer_json_does(trained, tmp_path):
 def test_cache_trains_byte_bpe_under_its_own_key_and_keeps_the_default_key(tmp_path):
     corpus = write_word_corpus(tmp_path / "corpus", 20, words_per_doc=150)
     root = tmp_path / "cache"
-    sp = data.prepare(_cfg(f"files:{corpus}/*.txt"), root, log=_quiet)
-    bb = data.prepare(_cfg(f"files:{corpus}/*.txt", **{"data.tokenizer_kind": "byte_bpe"}), root, log=_quiet)
+    sp = data.prepare(_cfg(f"files:{corpus}/*.txt", **{"data.cache_dir": str(root)}), None, log=_quiet)
+    bb = data.prepare(_cfg(f"files:{corpus}/*.txt", **{"data.tokenizer_kind": "byte_bpe", "data.cache_dir": str(root)}),
+                      None, log=_quiet)
     assert sp.tokenizer_spec == str(sp.path / "tokenizer.model") == str(sp.tokenizer_path)
     assert bb.tokenizer_spec == f"hf:{bb.path / 'hf'}" and bb.tokenizer_path == bb.path / "hf"
     assert sp.tokenizer().kind == "sentencepiece" and bb.tokenizer().kind == "hf"
     assert bb.manifest["tokenizer_sha256"] == bb.tokenizer().sha256
     # the default kind stays out of the key: a cache built before tokenizer_kind existed is found
-    cfg = _cfg(f"files:{corpus}/*.txt").data
+    cfg = _cfg(f"files:{corpus}/*.txt", **{"data.cache_dir": str(root)}).data
     source = data.sources.open_source(cfg)
     old_key = cache_lib._key({"v": cache_lib.FORMAT_VERSION, "source": source.fingerprint(), "vocab": cfg.vocab_size,
                               "max_docs": cfg.tokenizer_max_docs, "max_chars": cfg.tokenizer_max_chars,
                               "val_fraction": cfg.val_fraction})
-    trained = {p.name: p for p in (root / "data" / "tokenizers").iterdir() if not p.name.startswith(".")}
+    trained = {p.name: p for p in (root / "tokenizers").iterdir() if not p.name.startswith(".")}
     assert len(trained) == 2 and (trained[old_key] / "tokenizer.model").is_file()
     assert [k for k, p in trained.items() if (p / "hf" / "tokenizer.json").is_file()] == [k for k in trained if k != old_key]
     # rows decode back to the corpus text through either tokenizer

@@ -3,8 +3,8 @@
 A cell is a regime, a seed and any config overrides (``Cell.overrides``): a learning rate, a model
 switch, a layer-scaling flavour. ``cells`` takes their product. Cells run one after another in this
 process. A finished cell (its ``done.json``) is skipped; an interrupted one resumes from its
-checkpoint, like any run. The data cache is shared by the cells (``OUT/data`` unless
-``data.cache_dir`` is set).
+checkpoint, like any run. The cells share the data cache (the machine's, unless ``data.cache_dir``
+is set), as every run on the machine does.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def cell_config(cfg, cell: Cell, out: Path, steps: int | None):
     the keys the grid switches as top-level config (for grouping and parallel coordinates)."""
     switched = cell.overrides(cfg)
     over = {"precision.regime": cell.regime, **switched,
-            "train.seed": cell.seed, "data.cache_dir": cfg.data.cache_dir or str(out / "data"),
+            "train.seed": cell.seed,
             "log.wandb_group": cfg.log.wandb_group or Path(out).resolve().name, "log.wandb_job_type": cell.regime,
             "log.wandb_keys": tuple(dict.fromkeys(["precision.regime", "train.seed", *switched,
                                                    *cfg.log.wandb_keys]))}

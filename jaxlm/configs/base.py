@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.vocab_size = 8192  # when training the tokenizer
     c.data.tokenizer_max_docs = 20_000  # documents sampled to train the tokenizer
     c.data.tokenizer_max_chars = 50_000_000
-    c.data.cache_dir = ""  # '' = WORKDIR/data; a shared directory is fine
+    c.data.cache_dir = ""  # '' = this machine's cache ($JAXLM_CACHE, else ~/.cache/jaxlm); a shared directory is fine
     c.data.max_docs = 0  # 0 = all documents (a cap for quick experiments)
     c.data.prefetch = 2  # batches buffered ahead by the loader
     # processes tokenizing the corpus when the token cache is built; 0 or 1 = in this process

@@ -14,7 +14,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxlm import files, paths
-from jaxlm.data import mixture, remote
+from jaxlm.data import cache_index, mixture, remote
 from jaxlm.data.cache import TokenCache, build, build_share, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache
@@ -33,9 +33,16 @@ def _data_cfg(cfg):
     return d
 
 
-def cache_root(cfg, workdir):
-    """Where the tokenizers and token caches live: data.cache_dir, else WORKDIR/data (a path or a URL)."""
-    return paths.path(cfg.data.cache_dir) if cfg.data.cache_dir else paths.path(workdir) / "data"
+def cache_root(cfg, workdir=None):
+    """Where the tokenizers and token caches live: data.cache_dir (a path or a URL); else, for a run in an
+    object store, beside it (``WORKDIR/data``: every host, and an eval or export anywhere, finds it there);
+    else this machine's cache (``paths.machine_cache()``: per host on a pod), which every run and workdir
+    on the machine shares. Entries are keyed by content and built under a lock."""
+    if cfg.data.cache_dir:
+        return paths.path(cfg.data.cache_dir)
+    if workdir is not None and paths.is_remote(workdir):
+        return paths.path(workdir) / "data"
+    return paths.machine_cache()
 
 
 def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
@@ -79,7 +86,7 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
         return cache
 
     if jax.process_count() == 1:
-        return find_or_build()
+        return _recorded(find_or_build(), root, workdir)
     shards = _tokenize_share(cfg, root, local, fetch, log)  # every host: its share of the shards
     multihost_utils.sync_global_devices("jaxlm.data.prepare.shares")  # all shares finished (and uploaded)
     cache, error = None, None
@@ -93,7 +100,15 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     multihost_utils.sync_global_devices("jaxlm.data.prepare")
     if error is not None:
         raise error
-    return cache or find_or_build()
+    return _recorded(cache or find_or_build(), root, workdir)
+
+
+def _recorded(cache, root, workdir):
+    """`cache`, once the cache index notes that `workdir` uses it (``--prune`` keeps it while it does)."""
+    if workdir is not None:
+        dirs = [c.path for c in cache.components] if isinstance(cache, MixtureCache) else [cache.path]
+        cache_index.record(root, workdir, dirs)
+    return cache
 
 
 def _tokenize_share(cfg, root, local: Path, fetch, log) -> Path | None:

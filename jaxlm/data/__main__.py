@@ -1,11 +1,15 @@
 """Build the tokenizer and token cache ahead of training, and print corpus statistics; or show what
 each step of a run trained on (``jaxlm.data.viewer``).
 
-    python -m jaxlm.data --config=configs/tiny.py [--workdir=DIR] [--config.data.source=...]
+    python -m jaxlm.data --config=configs/tiny.py [--config.data.source=...]
     python -m jaxlm.data [--config=...] --workdir=RUN --batches=FIRST:LAST --out=FILE.npy
     python -m jaxlm.data [--config=...] --workdir=RUN --find=TEXT [--batches=FIRST:LAST]
+    python -m jaxlm.data --cache | --prune [--config=... for its data.cache_dir]
 
-``jaxlm.main`` with the same config and workdir (or the same data.cache_dir) finds them.
+``jaxlm.main`` with the same config finds them in the machine's cache (``$JAXLM_CACHE``, else
+``$XDG_CACHE_HOME/jaxlm``, else ``~/.cache/jaxlm``) or the same data.cache_dir. ``--cache`` lists what
+the cache holds, its size and the run directories using each entry; ``--prune`` deletes what no existing
+run directory uses (``jaxlm.data.cache_index``).
 
 ``--batches`` writes the int32 rows steps FIRST..LAST train on (from 1, as in metrics.jsonl) to a .npy
 file of shape (LAST - FIRST + 1, train.batch_size, train.seq_len + 1), from the loader alone (no
@@ -21,16 +25,21 @@ import sys
 import jax
 from absl import flags
 
-from jaxlm import cli, data
+from jaxlm import cli, data, paths
 from jaxlm import config as config_lib
-from jaxlm.data import viewer
+from jaxlm.data import cache_index, viewer
 from jaxlm.errors import ConfigError
 
 
 def define_flags():
     cli.define_config("config", "A config file, e.g. configs/tiny.py.")
-    flags.DEFINE_string("workdir", "runs/data", "Where the cache goes (unless data.cache_dir is set); with "
-                        "--batches or --find, the run directory (its run.json is the config when --config is not given).")
+    flags.DEFINE_string("workdir", None, "With --batches or --find: the run directory (its run.json is the config "
+                        "when --config is not given). When building: the run the cache is for (--prune keeps it while "
+                        "that directory exists).")
+    flags.DEFINE_bool("cache", False, "List what the cache (the machine's, or --config's data.cache_dir) holds: "
+                      "each entry's size and the run directories using it.")
+    flags.DEFINE_bool("prune", False, "Delete the cache entries no existing run directory uses (and damaged caches "
+                      "set aside); builds in progress are left.")
     flags.DEFINE_string("batches", None, "FIRST:LAST: the steps (from 1, as in metrics.jsonl) whose training rows "
                         "to write to --out (or, with --find, to search).")
     flags.DEFINE_string("out", None, "With --batches: the .npy file the rows go to, int32 of shape "
@@ -99,8 +108,18 @@ def main(argv):
     F = cli.FLAGS
     if not os.environ.get("JAX_PLATFORMS"):  # nothing here runs on a device: leave an accelerator's memory to training
         jax.config.update("jax_platforms", "cpu")
+    if F.cache or F.prune:
+        root = data.cache_root(F.config) if F.config is not None else paths.machine_cache()
+        if paths.is_remote(root):
+            raise ConfigError(f"--cache and --prune read a local cache; data.cache_dir={root} is in an object store")
+        if F.prune:
+            gone = cache_index.prune(root, log=_err)
+            _err(f"pruned {len(gone)} entries from {root}")
+        print(cache_index.describe(root))
+        return
     span = view_range(F.batches, F.out, F.find)
     if span is not None or F.find is not None:
+        cli.require(workdir=F.workdir)
         cfg = viewer.run_config(F.workdir, F.config, log=_err)
         if F.find is not None:
             find_text(cfg, F.workdir, F.find, span)

@@ -1,6 +1,6 @@
 """The tokenized cache: tokenize a corpus once into packed sequences of ``seq_len + 1`` tokens.
 
-Layout under ``data.cache_dir`` (default ``WORKDIR/data``)::
+Layout under ``data.cache_dir`` (default: the machine's cache, ``jaxlm.paths.machine_cache()``)::
 
     tokenizers/<key>/tokenizer.model     a trained tokenizer, keyed by (source, vocab settings[, kind])
                                          (tokenizer.model for SentencePiece, hf/ for a byte-level BPE)
@@ -283,7 +283,9 @@ def build(data_cfg, seq_len: int, cache_root: str | Path, log=print, fetch=None)
     source, tok, fingerprint, key, final = _target(data_cfg, seq_len, cache_root, log, fetch)
     if (final / "manifest.json").exists():
         try:
-            return TokenCache.open(final)
+            found = TokenCache.open(final)
+            log(f"data: cache hit: {final} (nothing to build)")
+            return found
         except integrity.Damage as e:
             set_aside(final, e, log, remote_root=fetch is not None)
     workers = _workers(data_cfg)

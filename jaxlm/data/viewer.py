@@ -82,7 +82,7 @@ def _saved_config(path) -> dict:
 
 def open_loader(cfg, workdir, log: Callable[[str], None] = print):
     """(token cache, training loader) of `cfg`: the cache training uses (found under data.cache_dir or
-    WORKDIR/data, or built there), its loader as one process reads it (the global batches)."""
+    the machine's cache, or built there), its loader as one process reads it (the global batches)."""
     config_lib.validate(cfg)
     config_lib.check_corpus(cfg)
     paths.check_url(workdir, "--workdir")
