@@ -295,6 +295,7 @@ def _validate(cfg, *, backend, vocab_size) -> None:
     for key in cfg.log.wandb_keys:
         if get_by_path(cfg, key, None) is None:
             raise ConfigError(f"log.wandb_keys: {key!r} is not a config key (e.g. 'optim.lr')")
+    config_rules.check_val_source(cfg)
     if cfg.data.on_missing_field not in ("fail", "skip"):
         raise ConfigError(f"data.on_missing_field: allowed: fail, skip; got {cfg.data.on_missing_field!r}")
     for name, allowed in (("token_format", ("auto", "llmc", "raw")), ("remote_reads", ("auto", "stream", "download"))):

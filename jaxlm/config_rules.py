@@ -14,6 +14,11 @@ import ml_collections
 from jaxlm.errors import ConfigError
 from jaxlm.model_config import approx_params
 
+# Every form of a single data source (data.source's errors and the CLIs' help list them from here: the
+# readers are jaxlm/data/sources.py's), its kinds' names, and a mixture of them (data.source only).
+SOURCE_FORMS = ("stdlib, files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], parquet:GLOB, hf:DIR (a datasets directory), "
+                "tokens:GLOB (token shards), tokens:DIR (nanoGPT's train.bin + val.bin [+ meta.pkl])")
+SOURCE_NAMES = tuple(dict.fromkeys(k.split(":")[0].split()[0] for k in SOURCE_FORMS.split(", ")))
 # Fields with a fixed set of values (the first is the schema's default).
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.warmup": ("linear", "log"),
@@ -91,6 +96,24 @@ def check_corpus(cfg) -> None:
         what = "no corpus" if len(missing) == 1 and "source" in missing[0] else (
             "no tokenizer" if len(missing) == 1 else "no corpus and no tokenizer")
         raise ConfigError(f"this config names {what}: set {' and '.join(missing)}; {REPRODUCE}")
+
+
+def check_val_source(cfg) -> None:
+    """data.val_source: '' or a source spec (not a mixture, not data.source itself), for a source that
+    is not a mixture (whose components hold out their own validation splits)."""
+    v, source = str(cfg.data.get("val_source", "")).strip(), str(cfg.data.source).strip()
+    if not v:
+        return
+    kind, _, rest = v.partition(":")
+    if kind not in SOURCE_NAMES or bool(rest) == (kind == "stdlib"):
+        raise ConfigError(f"data.val_source={v!r}: not a source spec; give one of {SOURCE_FORMS}, or '' to hold out "
+                          "data.val_fraction")
+    if v == source:
+        raise ConfigError(f"data.val_source={v!r}: it is data.source, so the model would be evaluated on its training "
+                          "text; name another corpus, or '' to hold out data.val_fraction")
+    if source.startswith("mix:"):
+        raise ConfigError(f"data.val_source={v!r}: data.source is a mixture, whose components hold out their own "
+                          "validation splits (data.val_fraction); set data.val_source='' or train on one source")
 
 
 def get_by_path(cfg: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:

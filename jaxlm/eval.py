@@ -5,8 +5,8 @@
 
 What is evaluated (``--data``; a run's own validation split by default):
 
-``files:GLOB``, ``jsonl:GLOB``, ``tfds:NAME[:SPLIT]``, ``stdlib``
-    every document of a ``data.source`` spec, tokenized and joined by EOS into one stream.
+a ``data.source`` spec (every kind: ``jaxlm.data.sources.KINDS``, ``tokens:`` included)
+    every document of it, tokenized and joined by EOS into one stream.
 ``wikitext:PATH``
     a WikiText-103/WikiText-2 raw file (``wiki.test.raw``), detokenized (``wikitext_detokenize``:
     the Megatron/Mistral rules, listed there) and evaluated as one stream, as Mistral did.
@@ -39,6 +39,7 @@ from absl import flags
 from jaxlm import checkpoint, cli, evalsets, files, hf, paths
 from jaxlm import config as config_lib
 from jaxlm import run as run_lib
+from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.data import tokenizer_export
 from jaxlm.errors import ConfigError
@@ -151,12 +152,12 @@ def define_flags():
     flags.DEFINE_string("workdir", None, "The run directory.")
     flags.DEFINE_string("hf", None, "A Hugging Face GPT-2 directory (weights and tokenizer) instead of a run.")
     flags.DEFINE_string("regime", "fp32", "--hf: the precision regime to evaluate in.")
-    flags.DEFINE_string("tokenizer", None, "--hf: the model's tokenizer, hf:DIR or PATH.model (default: its own).")
+    flags.DEFINE_string("tokenizer", None, "--hf: the model's tokenizer, hf:DIR, PATH.model or char:PATH (default: its own).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_bool("all_steps", False, "Evaluate every saved checkpoint; write eval.csv and eval.png.")
     flags.DEFINE_alias("all-steps", "all_steps")
-    flags.DEFINE_string("data", None, "files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], wikitext:PATH or lambada:PATH "
-                        "(default: the run's validation split).")
+    flags.DEFINE_string("data", None, f"What to evaluate on: every document of a source ({sources_lib.KINDS}), "
+                        "wikitext:PATH or lambada:PATH (default: the run's validation split).")
     flags.DEFINE_integer("context", 0, "Window length in tokens (default: train.seq_len).")
     flags.DEFINE_integer("stride", 0, "Window stride (default: context/2; Mistral: 512).")
     flags.DEFINE_integer("max_docs", 0, "Evaluate on at most this many documents (0 = all).")

@@ -28,6 +28,7 @@ from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
 from jaxlm import checkpoint, data, distributed, evalsets, files, lease, paths, preemption, sharding, telemetry, train
 from jaxlm import config as config_lib
+from jaxlm.data import splits
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
 
 
@@ -98,6 +99,8 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
     if ent is not None:
         say(f"data: {cache.manifest['splits']['train']['tokens']:,} training tokens; unigram entropy {ent:.3f} nats "
             "(a model that ignores context cannot go below it)")
+    if held := splits.describe(cache.manifest):  # a validation split cut from the corpus's tail
+        say(held)
 
     meta = telemetry.jsonable({
         "config": config_lib.to_dict(cfg), "versions": telemetry.package_versions(),
@@ -353,7 +356,11 @@ def _validation_batches(cache, cfg, trainer, say):
     try:
         val = data.eval_loader(cache, cfg, batch_size=trainer.micro)
     except DataError as e:
-        say(f"warning: periodic evaluation is off: {e}")
+        why = str(e)
+        if cache.manifest["splits"]["validation"]["sequences"] < trainer.micro:  # what to change, not just the count
+            why = splits.too_small(cache.manifest, trainer.micro, cfg.train.seq_len, cfg.data.val_fraction,
+                                   cfg.data.get("val_source", ""))
+        say(f"warning: periodic evaluation is off: {why}")
         return None
     n_eval = _eval_batch_count(cfg, val)
     which = f"all {n_eval}" if not cfg.train.eval_batches else f"{n_eval}"

@@ -26,7 +26,10 @@ LAYERS = [
     ["jaxlm.config_rules", "jaxlm.config"],  # config_rules: the range and choice tables, the size checks
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # fast BPE engines; rows read by byte ranges
+     "jaxlm.data.splits",  # which documents (or which tail) a source without a validation split holds out
      "jaxlm.data.sources", "jaxlm.data.tokenizer", "jaxlm.data.tokenizer_train",  # loading, encoding; training
+     "jaxlm.data.chars", "jaxlm.data.token_source",  # nanoGPT's char vocabulary (meta.pkl); tokens: shards and DIRs
+     "jaxlm.data.val_source",  # data.val_source: another source's documents as the validation split
      "jaxlm.data.integrity", "jaxlm.data.cache_lock", "jaxlm.data.cache_shards",
      "jaxlm.data.cache", "jaxlm.data.loader",
      "jaxlm.data.mixture", "jaxlm.data.cache_index",  # cache_index: which runs use which cache entries

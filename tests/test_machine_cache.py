@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_word_corpus
 
 from jaxlm import config, data, paths
 from jaxlm import run as run_lib
 from jaxlm.data import cache_index
+
+from conftest import ROOT, write_word_corpus
 
 
 def test_the_machine_cache_is_jaxlm_cache_else_xdg_else_home(monkeypatch, tmp_path):
@@ -48,6 +49,7 @@ def two_runs(tmp_path, monkeypatch):
     return tmp_path, logs
 
 
+@pytest.mark.slow  # two tiny runs: 16 s
 def test_a_second_workdir_builds_nothing_and_says_where_it_found_the_cache(two_runs):
     tmp_path, logs = two_runs
     built = lambda lines: [s for s in lines if s.startswith(("training a", "tokenizing"))]  # noqa: E731
@@ -59,6 +61,7 @@ def test_a_second_workdir_builds_nothing_and_says_where_it_found_the_cache(two_r
     assert not (tmp_path / "a" / "data").exists()  # nothing of the cache in a workdir any more
 
 
+@pytest.mark.slow  # two tiny runs and the CLI: 20 s
 def test_cache_lists_who_uses_what_and_prune_deletes_only_the_unused(two_runs):
     tmp_path, _ = two_runs
     root = tmp_path / "cache"

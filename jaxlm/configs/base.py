@@ -69,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     # --- data ---------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # stdlib | files:GLOB | jsonl:GLOB | tfds:NAME[:SPLIT] | parquet:GLOB | hf:DIR (a datasets directory) |
-    # tokens:GLOB (token shards) | mix:W*SOURCE,W*SOURCE,... (a weighted mixture); GLOB/DIR local or gs://
+    # tokens:GLOB (token shards) | tokens:DIR (nanoGPT's train.bin + val.bin [+ meta.pkl]) |
+    # mix:W*SOURCE,W*SOURCE,... (a weighted mixture); GLOB/DIR local or gs://
     c.data.source = "stdlib"
     c.data.seed = -1  # data order (shuffle); -1 = train.seed, so a seed sweep sweeps data order too
     c.data.text_field = "text"  # jsonl
@@ -77,7 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.doc_separator = ""  # files: split each file into documents on this string; '' = whole file
     c.data.eos = True  # EOS after every document; False: documents concatenated with nothing between (Mistral)
     c.data.tfds_data_dir = ""  # tfds: where prepared datasets live
-    c.data.val_fraction = 0.0005  # held-out share of documents when the source has no split
+    # held-out share when the source has no validation split (nor data.val_source): of its documents, by
+    # hash; of its text's tail where it has too few documents for that (one file; jaxlm/data/splits.py)
+    c.data.val_fraction = 0.0005
+    # a data.source spec whose documents are the validation split (its own validation split where it has
+    # one), instead of what data.val_fraction holds out; '' = none
+    c.data.val_source = ""
     # PATH.model (SentencePiece) | hf:DIR (Hugging Face: tokenizer.json, or GPT-2's vocab.json + merges.txt);
     # '' = train one on the corpus
     c.data.tokenizer = ""

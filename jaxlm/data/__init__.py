@@ -14,7 +14,9 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxlm import files, paths
-from jaxlm.data import cache_index, mixture, remote
+from jaxlm.data import cache_index, chars, mixture, remote, token_source, val_source  # noqa: F401  (chars,
+
+# token_source and val_source register their tokenizer and source kinds with tokenizer.py and sources.py)
 from jaxlm.data.cache import TokenCache, build, build_share, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache

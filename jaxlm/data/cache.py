@@ -8,7 +8,8 @@ Layout under ``data.cache_dir`` (default: the machine's cache, ``jaxlm.paths.mac
     tokens/<key>/tokenizer.model         the tokenizer the tokens were made with (or hf/: tokenizer.json, ...)
     tokens/<key>/{train,validation}.bin  uint16/uint32 rows of seq_len+1 tokens (random access)
 
-A token directory's key hashes (source fingerprint, tokenizer sha256, seq_len, format version).
+A token directory's key hashes (source fingerprint, tokenizer sha256, seq_len, format version; and
+``val_split: tail`` where the validation split is the corpus's tail, ``jaxlm.data.splits``).
 Documents are concatenated in corpus order, each followed by EOS (none between them with
 ``data.eos=False``, as Mistral's), and cut into rows; the tail
 shorter than a row is dropped (counted in the manifest). Rows are a flat binary that
@@ -46,7 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxlm import files, paths
-from jaxlm.data import cache_lock, cache_shards, integrity, remote, tokenizer_train
+from jaxlm.data import cache_lock, cache_shards, integrity, remote, splits, tokenizer_train
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import DataError
@@ -161,6 +162,8 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
     and cached (None instead of training one when `train` is False)."""
     if data_cfg.tokenizer:
         return tok_lib.load(local_tokenizer_spec(data_cfg.tokenizer))
+    if (own := source.own_tokenizer()) is not None:  # the corpus's own (nanoGPT's meta.pkl)
+        return own
     kind = data_cfg.get("tokenizer_kind", tokenizer_train.DEFAULT_KIND)
     if kind == "none":
         raise DataError("data.tokenizer is not set and data.tokenizer_kind='none' trains none: set "
@@ -172,10 +175,8 @@ def tokenizer_for(data_cfg, source: sources_lib.Source, cache_root: Path, log=pr
               "val_fraction": data_cfg.val_fraction}
     if kind != tokenizer_train.DEFAULT_KIND:  # the default stays out of the key: caches built before it keep theirs
         fields["kind"] = kind
-    key = _key(fields)
-    final = cache_root / "tokenizers" / key
-    if fetch is not None:
-        fetch(final)
+    final = splits.directory(cache_root / "tokenizers", fields, source, tok_lib.stored, fetch, _key)[1]
+    key = final.name
     if spec := tok_lib.stored(final):
         return _load_trained(spec, final)
     if not train:
@@ -261,11 +262,8 @@ def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = 
                    "has_validation": source.has_validation}
     if not data_cfg.get("eos", True):  # (only when off: the caches built before the switch keep their keys)
         fingerprint["eos"] = False
-    key = _key(fingerprint)
-    final = cache_root / "tokens" / key
-    if fetch is not None:
-        fetch(final)
-    return source, tok, fingerprint, key, final
+    fingerprint, final = splits.directory(cache_root / "tokens", fingerprint, source, splits.hashed_cache, fetch, _key)
+    return source, tok, fingerprint, final.name, final
 
 
 def _workers(data_cfg) -> int:
@@ -383,6 +381,8 @@ def _build_into(work: Path, final: Path, source, tok, data_cfg, seq_len: int, fi
         "eos_id": tok.eos_id, "tokenizer_sha256": tok.sha256, "splits": splits, "counters": counters,
         "files": integrity.records(out),  # sizes and chunk checksums: verified when opened (data/integrity.py)
     }
+    if record := source.split_record():  # a tail split: what was held out (splits.describe)
+        manifest["validation_split"] = record
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     cache_lock.publish(out, final)
     shutil.rmtree(work, ignore_errors=True)  # the lock file too: waiters find the manifest first

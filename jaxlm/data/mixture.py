@@ -85,6 +85,12 @@ class MixSource(sources_lib.Source):
     def fingerprint(self):  # the components, not the weights
         return {"mix": [c.fingerprint() for c in self.components]}
 
+    def holds_out(self):  # each component splits itself (jaxlm.data.splits)
+        return any(c.holds_out() for c in self.components)
+
+    def tail_cut(self):  # not None where a component's validation split is its tail: the tokenizer's key says so
+        return next((at for c in self.components if c.holds_out() and (at := c.tail_cut()) is not None), None)
+
     def documents(self, split):
         streams = [c.documents(split) for c in self.components]
         while streams:

@@ -17,32 +17,45 @@
 ``tokens:GLOB``         pre-tokenized shards (nanoGPT's uint16 ``.bin``, llm.c's headered ``.bin``;
                         ``jaxlm.data.shards``) made with ``data.tokenizer``: no tokenization, the
                         ids are checked against its vocabulary; a document ends at each EOS.
+``tokens:DIR``          nanoGPT's prepared directory: ``train.bin`` trains, ``val.bin`` is the
+                        validation split; its ``meta.pkl`` character vocabulary (``shakespeare_char``)
+                        is the tokenizer (``jaxlm.data.chars``), else ``data.tokenizer`` must name the
+                        one the ids were made with (GPT-2's, for ``data/shakespeare``).
 
 Every GLOB / DIR may be local or an object-store URL (``gs://bucket/corpus/*.parquet``).
 
-Sources without a validation split get a deterministic held-out split by document hash
-(``data.val_fraction`` of documents; identical documents land in the same split).
+The validation split: the source's own where it has one; else the documents of ``data.val_source``
+(a source spec, read whole) when it is set; else ``data.val_fraction`` held out (``jaxlm.data.splits``):
+documents by hash (identical documents land in the same split), or, where the corpus has too few
+documents for that (one file), the last ``data.val_fraction`` of its text.
 Non-UTF-8 bytes are decoded with replacement and counted.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import hashlib
+import itertools
 import json
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
-from jaxlm.data import columnar, shards, storage
-from jaxlm.data import tokenizer as tok_lib
+from jaxlm.config_rules import SOURCE_FORMS, SOURCE_NAMES
+from jaxlm.data import columnar, splits, storage
+from jaxlm.data.splits import held_out, held_out_tokens  # noqa: F401  (also reached as sources.held_out)
 from jaxlm.errors import DataError
 
 SPLITS = ("train", "validation")
+KINDS, NAMES = SOURCE_FORMS, SOURCE_NAMES  # every form of a single source (config_rules: validated there)
+# The readers defined in modules that build on this one, registered as they are imported (the package's
+# __init__ imports them): kind -> Source class (token_source: tokens:), and the wrapper of data.val_source.
+OPENERS: dict = {}
+WITH_VALIDATION: list = []
+MIX = "mix:W*SOURCE,W*SOURCE,... (a mixture)"
+_UNDECIDED = object()
 
 
 @dataclasses.dataclass
@@ -61,10 +74,12 @@ class Source:
     spec: str
     has_validation = False
     pretokenized = False  # True: token_chunks() gives ids, raw_documents() has no text
+    unit = "characters"  # what the tail split (jaxlm.data.splits) measures
 
     def __init__(self, spec: str, data_cfg):
         self.spec, self.cfg = spec, data_cfg
         self.counters = Counters()
+        self._tail = _UNDECIDED
 
     def raw_documents(self, split: str) -> Iterator[str]:  # implemented by subclasses
         raise NotImplementedError
@@ -73,24 +88,67 @@ class Source:
         """What identifies the corpus for the cache key (cheap: names, sizes, mtimes)."""
         return {"spec": self.spec}
 
+    def own_tokenizer(self):
+        """The tokenizer the corpus comes with (nanoGPT's meta.pkl), used when data.tokenizer is ''; None."""
+        return None
+
     def documents(self, split: str) -> Iterator[str]:
         """Non-empty documents of `split` ('train' or 'validation'), capped by data.max_docs."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         cap = self.cfg.max_docs or None
+        f = self.cfg.val_fraction
+        if self.has_validation or f <= 0:
+            docs = self._nonempty(self.raw_documents(split)) if self.has_validation or split == "train" else iter(())
+        elif (at := self.tail_cut()) is None:
+            docs = (d for d in self._nonempty(self.raw_documents("train")) if held_out(d, f) == (split == "validation"))
+        else:
+            docs = splits.tail(itertools.islice(self._nonempty(self.raw_documents("train")), cap), at, split)
         n = 0
-        native = split if self.has_validation else "train"
-        for doc in self.raw_documents(native):
-            if not doc.strip():
-                self.counters.empty_documents += 1
-                continue
-            if not self.has_validation and held_out(doc, self.cfg.val_fraction) != (split == "validation"):
+        for doc in docs:
+            if not doc.strip():  # (the piece of a document cut by the tail split)
                 continue
             self.counters.documents += 1
             yield doc
             n += 1
             if cap and n >= cap:
                 return
+
+    def _nonempty(self, docs: Iterator[str]) -> Iterator[str]:
+        for doc in docs:
+            if doc.strip():
+                yield doc
+            else:
+                self.counters.empty_documents += 1
+
+    def holds_out(self) -> bool:
+        """Whether data.val_fraction makes the validation split (no split of the source's own)."""
+        return not self.has_validation and self.cfg.val_fraction > 0
+
+    def tail_cut(self) -> tuple[int, int] | None:
+        """Where the tail split starts validation (``splits.cut``), or None where documents are held out by
+        hash; decided once, by a pass over the documents that counts nothing."""
+        if self._tail is _UNDECIDED:
+            saved, self.counters = self.counters, Counters()
+            try:
+                lengths = self._tail_lengths()
+            finally:
+                self.counters = saved
+            self._tail = None if lengths is None else splits.cut(lengths, self.cfg.val_fraction)
+            self._n_docs = 0 if lengths is None else len(lengths)
+        return self._tail
+
+    def _tail_lengths(self) -> list[int] | None:
+        """``splits.decide`` over this corpus's documents."""
+        f = self.cfg.val_fraction
+        return splits.decide(self._nonempty(self.raw_documents("train")), lambda d: held_out(d, f), self.cfg.max_docs)
+
+    def split_record(self) -> dict | None:
+        """What the cache manifest records of a tail split (``splits.describe`` reads it); None otherwise."""
+        if not self.holds_out() or self.tail_cut() is None:
+            return None
+        return {"rule": splits.TAIL, "fraction": self.cfg.val_fraction, "unit": self.unit,
+                "documents": self._n_docs, "at_boundary": self._tail[1] == 0}
 
     def _text(self, value, where: str) -> str | None:
         """A column's value as text; None for a missing one when data.on_missing_field=skip."""
@@ -113,14 +171,6 @@ class Source:
 
 
 BINARY_PROBE = 8192  # bytes of a files: file looked at for NUL bytes (text never has them)
-
-
-def held_out(text: str, fraction: float) -> bool:
-    """Deterministic: the document goes to validation iff its hash falls below `fraction`."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big")
-    return h < fraction * 2**64
 
 
 def _glob(pattern: str, field: str) -> list[str]:
@@ -298,69 +348,23 @@ class ArrowSource(Source):
                     yield text
 
 
-def held_out_tokens(tokens: np.ndarray, fraction: float) -> bool:
-    """`held_out` for a pre-tokenized document: by the hash of its ids."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.blake2b(np.ascontiguousarray(tokens, "<u4").tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
-
-
-class TokensSource(Source):
-    """``tokens:GLOB``: shards of token ids in corpus order; a document ends at each EOS."""
-
-    pretokenized = True
-
-    def __init__(self, spec, data_cfg, pattern):
-        super().__init__(spec, data_cfg)
-        if not data_cfg.tokenizer:
-            raise DataError(f"data.source={spec}: token shards need data.tokenizer, the tokenizer they were made "
-                            "with (GPT-2's: hf:DIR holding its vocab.json + merges.txt); none can be trained on ids")
-        self.paths = _glob(pattern, "tokens")
-        self.format = data_cfg.get("token_format", "auto")
-
-    def fingerprint(self):
-        return {"spec": self.spec, "files": _file_fingerprint(self.paths), "format": self.format}
-
-    def raw_documents(self, split):
-        raise DataError(f"data.source={self.spec}: holds token ids, not text; use it to train (the cache), not "
-                        "where text is needed")
-
-    def documents(self, split):
-        """The documents of `split` as text, decoded with data.tokenizer (what jaxlm.eval reads): the
-        same split as the cache's, by the hash of each document's ids."""
-        tok = tok_lib.load(self.cfg.tokenizer)
-        for _, flat in self.token_chunks(split, tok.vocab_size, tok.eos_id, np.int64):
-            for doc in shards.documents(flat, tok.eos_id):
-                text = tok.decode(doc[:-1] if doc[-1] == tok.eos_id else doc)
-                if text.strip():
-                    yield text
-
-    def token_chunks(self, split: str, vocab_size: int, eos_id: int, dtype) -> Iterator[tuple[int, np.ndarray]]:
-        """(documents, ids) per shard of `split`, in corpus order, checked against the vocabulary."""
-        fraction = self.cfg.val_fraction
-        carry = None  # a document cut at the end of a shard continues in the next one (llm.c's shards)
-        for i, p in enumerate(self.paths):
-            ids = shards.read_shard(p, self.format)
-            shards.check_ids(ids, vocab_size, p, self.cfg.tokenizer)
-            if carry is not None and carry.size:
-                ids = np.concatenate([carry, ids])
-            if i < len(self.paths) - 1:
-                ends = np.flatnonzero(ids == eos_id)
-                cut = int(ends[-1]) + 1 if ends.size else 0
-                ids, carry = ids[:cut], ids[cut:]
-            docs = shards.documents(ids, eos_id)
-            if fraction <= 0:
-                keep, flat = (docs, ids) if split == "train" else ([], ids[:0])
-            else:
-                keep = [d for d in docs if held_out_tokens(d, fraction) == (split == "validation")]
-                flat = np.concatenate(keep) if keep else ids[:0]
-            self.counters.documents += len(keep)
-            yield len(keep), flat.astype(dtype)
-
-
 def open_source(data_cfg) -> Source:
-    """The Source named by ``data_cfg.source``; fails with the accepted forms on a bad spec."""
+    """The Source named by ``data_cfg.source`` (with ``data_cfg.val_source`` as its validation split when
+    set); fails with the accepted forms on a bad spec."""
+    if data_cfg.get("val_source", ""):
+        main, val = copy.deepcopy(data_cfg), copy.deepcopy(data_cfg)
+        for c in (main, val):
+            c.val_source, c.val_fraction = "", 0.0  # each read whole
+        val.source = data_cfg.val_source
+        try:
+            val_src = _open(val)
+        except DataError as e:
+            raise DataError(f"data.val_source: {str(e).removeprefix('data.source=')}") from None
+        return WITH_VALIDATION[0](_open(main), val_src, data_cfg)
+    return _open(data_cfg)
+
+
+def _open(data_cfg) -> Source:
     spec = data_cfg.source
     kind, _, rest = spec.partition(":")
     if kind == "stdlib" and not rest:
@@ -376,12 +380,9 @@ def open_source(data_cfg) -> Source:
         return ParquetSource(spec, data_cfg, rest)
     if kind == "hf" and rest:
         return ArrowSource(spec, data_cfg, rest)
-    if kind == "tokens" and rest:
-        return TokensSource(spec, data_cfg, rest)
+    if kind in OPENERS and rest:
+        return OPENERS[kind](spec, data_cfg, rest)
     if kind == "mix":
         raise DataError(f"data.source={spec!r}: a mixture is read only to train (its components' caches); "
                         "where documents are needed, give one of its components")
-    raise DataError(
-        f"data.source={spec!r}: not understood; use one of stdlib, files:GLOB, jsonl:GLOB, tfds:NAME[:SPLIT], "
-        "parquet:GLOB, hf:DIR (a datasets directory), tokens:GLOB, mix:W*SOURCE,W*SOURCE,..."
-    )
+    raise DataError(f"data.source={spec!r}: not understood; use one of {KINDS}, {MIX}")

@@ -1,9 +1,11 @@
-"""Tokenizers: SentencePiece (``PATH.model``) or Hugging Face byte-level BPE (``hf:DIR``), one interface.
+"""Tokenizers: SentencePiece (``PATH.model``), Hugging Face byte-level BPE (``hf:DIR``) or a character
+vocabulary (``char:PATH``: nanoGPT's meta.pkl, ``jaxlm.data.chars``), one interface.
 
     tok = tokenizer.load(spec)        # "PATH.model" | "hf:DIR" (tokenizer.json, or GPT-2's vocab.json + merges.txt)
+                                      # | "char:PATH" (meta.pkl, or the tokenizer.chars.json jaxlm writes)
     tok.encode(texts) -> list[list[int]]  (a batch, in parallel over cores; no EOS added)
     tok.decode(ids) -> str;  tok.eos_id, tok.vocab_size, tok.sha256 (content hash: cache keys), tok.dtype(),
-    tok.kind ("sentencepiece" | "hf"), tok.save(dir) -> the spec of the files written into dir
+    tok.kind ("sentencepiece" | "hf" | "char"), tok.save(dir) -> the spec of the files written into dir
 
 A tokenizer is trained on the corpus when none is given (:mod:`jaxlm.data.tokenizer_train`):
 SentencePiece BPE with byte fallback, or GPT-2's byte-level BPE. As in transformers,
@@ -30,6 +32,7 @@ from jaxlm.data import fastbpe
 from jaxlm.errors import DataError
 
 HF_PREFIX = "hf:"
+CHAR_PREFIX, CHAR_FILE = "char:", "tokenizer.chars.json"  # a character vocabulary (jaxlm.data.chars)
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's end of text, the EOS of byte_bpe and of GPT-2 files
 SPOT_CHECK = 512  # every how many texts the fast engine's ids are checked against tokenizers' (HFTokenizer)
 HF_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -230,24 +233,33 @@ class HFTokenizer:
 
 
 AnyTokenizer = Tokenizer | HFTokenizer  # what load() returns: the interface in the module docstring
+# Loaders of the tokenizers defined in modules that build on this one, registered as they are imported
+# (the package's __init__ imports them): spec prefix -> loader (chars: nanoGPT's meta.pkl vocabulary).
+LOADERS: dict = {}
 
 def load(spec: str | os.PathLike) -> AnyTokenizer:
     """The tokenizer of `spec`: ``hf:DIR`` (Hugging Face files) or a SentencePiece ``.model`` path."""
     s = str(spec)
     if s.startswith(HF_PREFIX):
         return HFTokenizer.load(s[len(HF_PREFIX):])
+    if s.startswith(CHAR_PREFIX):
+        return LOADERS[CHAR_PREFIX](s[len(CHAR_PREFIX):])
     return Tokenizer.load(s)
 
 
 def spec_path(spec: str) -> Path:
-    """The file (SentencePiece) or directory (``hf:DIR``) a spec names."""
+    """The file (SentencePiece, ``char:PATH``) or directory (``hf:DIR``) a spec names."""
     s = str(spec)
-    return Path(s[len(HF_PREFIX):] if s.startswith(HF_PREFIX) else s)
+    for prefix in (HF_PREFIX, CHAR_PREFIX):
+        if s.startswith(prefix):
+            return Path(s[len(prefix):])
+    return Path(s)
 
 
 def store(tok: AnyTokenizer, directory: str | os.PathLike) -> str:
-    """Saves `tok` in a cache directory: ``tokenizer.model``, or the HF files under ``hf/``; returns its spec."""
-    return tok.save(directory if tok.kind == "sentencepiece" else Path(directory) / "hf")
+    """Saves `tok` in a cache directory: ``tokenizer.model``, ``tokenizer.chars.json``, or the HF files under
+    ``hf/``; returns its spec."""
+    return tok.save(Path(directory) / "hf" if tok.kind == "hf" else directory)
 
 
 def stored(directory: str | os.PathLike) -> str | None:
@@ -257,6 +269,8 @@ def stored(directory: str | os.PathLike) -> str | None:
         return HF_PREFIX + str(d / "hf")
     if (d / "tokenizer.model").is_file():
         return str(d / "tokenizer.model")
+    if (d / CHAR_FILE).is_file():
+        return CHAR_PREFIX + str(d / CHAR_FILE)
     return None
 
 

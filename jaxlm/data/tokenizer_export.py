@@ -21,6 +21,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, normalizers
 
+from jaxlm.data import chars
 from jaxlm.data.tokenizer import HF_PREFIX, AnyTokenizer, HFTokenizer
 from jaxlm.errors import DataError
 
@@ -71,19 +72,24 @@ def sentencepiece_to_hf(model_bytes: bytes) -> "HFTokenizer":
 
 def save_for_hf(tok: AnyTokenizer, directory: str | os.PathLike) -> None:
     """Writes `tok` beside an exported model: the Hugging Face files (tokenizer.json, ...), which
-    ``transformers.AutoTokenizer`` reproduces exactly, and for SentencePiece also ``tokenizer.model``
-    (the run's own file, which jaxlm prefers when it loads the directory: :func:`for_model_dir`)."""
+    ``transformers.AutoTokenizer`` reproduces exactly, and for SentencePiece also ``tokenizer.model``,
+    for a character vocabulary ``tokenizer.chars.json`` (the run's own file, which jaxlm prefers when it
+    loads the directory: :func:`for_model_dir`)."""
     tok.save(directory)
     if tok.kind == "sentencepiece":
         sentencepiece_to_hf(tok.proto).save(directory)
+    elif tok.kind == "char":
+        chars.to_hf(tok).save(directory)
 
 
 def for_model_dir(directory: str | os.PathLike) -> str:
     """The spec of the tokenizer saved in a model directory (an export, or a Hugging Face model):
-    its ``tokenizer.model`` if it has one, else its Hugging Face files."""
+    its ``tokenizer.model`` or ``tokenizer.chars.json`` if it has one, else its Hugging Face files."""
     d = Path(directory)
     if (d / "tokenizer.model").is_file():
         return str(d / "tokenizer.model")
+    if (d / chars.FILE).is_file():
+        return chars.PREFIX + str(d / chars.FILE)
     if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
         return HF_PREFIX + str(d)
     raise DataError(f"{d}: no tokenizer (tokenizer.model, tokenizer.json, or vocab.json + merges.txt); give the "
