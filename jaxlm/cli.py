@@ -243,12 +243,15 @@ def _flag_error(text: str) -> str:
     return f"{arg}={value}: not {'a whole number' if kind == 'int' else 'a number'}; give one, e.g. {arg}={example}"
 
 
+_NONE = object()
+
+
 def _override_arg(argv: list[str], error: BaseException) -> str:
     """The ``--config.*`` argument an ml_collections error is about (best effort)."""
-    text = str(error)
-    for a in argv:
+    schema = config_lib.schema()
+    for a in argv:  # the first override whose key the schema lacks
         key = a.lstrip("-").split("=", 1)[0]
-        if key.startswith("config.") and any(part in text for part in key.split(".")[1:]):
+        if key.startswith("config.") and config_lib.get_by_path(schema, key[len("config."):], _NONE) is _NONE:
             return a
     return "a --config override"
 

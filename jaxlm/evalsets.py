@@ -103,6 +103,8 @@ def documents(data_spec: str, data_cfg, split: str = "train", max_docs: int = 0,
         return [wikitext_detokenize(_read(path, where or f"--data={data_spec}"))]
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.source, data_cfg.max_docs = data_spec, max_docs or data_cfg.max_docs
+    if "val_source" in data_cfg:
+        data_cfg.val_source = ""  # the text named here is read, not the run's validation corpus
     if split == "train":
         data_cfg.val_fraction = 0.0  # every document
     try:

@@ -116,8 +116,9 @@ def _check_connection(bucket: str, what: str, p) -> None:
 def machine_cache() -> Path:
     """This machine's jaxlm cache: ``$JAXLM_CACHE``, else ``$XDG_CACHE_HOME/jaxlm``, else ``~/.cache/jaxlm``
     (as HF's ``HF_HOME`` and ``~/.cache/huggingface``): one per machine, so one per host on a pod."""
-    if os.environ.get("JAXLM_CACHE"):
-        return Path(os.environ["JAXLM_CACHE"]).expanduser()
+    for name in ("JAXLM_CACHE", "JAXLM_LOCAL_CACHE"):  # (JAXLM_LOCAL_CACHE: its name before it held the data caches)
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxlm"
 

@@ -70,6 +70,12 @@ def test_every_config_error_has_one_shape(tmp_path, override, rest):
     _assert_one_error(res, f"error: --config.{override}: {rest}")
 
 
+def test_the_error_names_the_override_at_fault_among_several(tmp_path):
+    res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                "--config.data.source=files:x", "--config.dat.val=1"])
+    _assert_one_error(res, "error: --config.dat.val=1: unknown config key 'dat'")
+
+
 def test_main_finds_packaged_configs_from_another_directory(tmp_path):
     res = _cli(["jaxlm.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", "--config.train.stepz=1"],
                cwd=tmp_path)

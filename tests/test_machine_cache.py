@@ -74,6 +74,10 @@ def test_cache_lists_who_uses_what_and_prune_deletes_only_the_unused(two_runs):
     aside = root / "tokens" / (tokens[0]["path"].name + ".corrupt-20261207-000000")
     shutil.copytree(tokens[0]["path"], aside)
     shutil.rmtree(tmp_path / "a")
+    young = cache_index.prune(root)  # everything was made or used within the grace period: kept
+    assert young == [] and {e["name"] for e in cache_index.entries(root)} >= set(listing)
+    for e in cache_index.entries(root):  # an hour and a minute later
+        os.utime(e["path"], (e["path"].stat().st_atime, e["path"].stat().st_mtime - cache_index.GRACE_S - 60))
     res = subprocess.run([sys.executable, "-m", "jaxlm.data", "--prune"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "JAXLM_CACHE": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]

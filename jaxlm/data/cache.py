@@ -262,6 +262,8 @@ def _target(data_cfg, seq_len: int, cache_root: Path, log, fetch, train: bool = 
                    "has_validation": source.has_validation}
     if not data_cfg.get("eos", True):  # (only when off: the caches built before the switch keep their keys)
         fingerprint["eos"] = False
+    if hasattr(source, "use_tokenizer"):  # tokens: reads its ids with it before the cache exists
+        source.use_tokenizer(tok)
     fingerprint, final = splits.directory(cache_root / "tokens", fingerprint, source, splits.hashed_cache, fetch, _key)
     return source, tok, fingerprint, final.name, final
 

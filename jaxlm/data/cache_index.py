@@ -7,7 +7,9 @@ directories it read (``tokens/<key>``). ``prune`` keeps a token directory while 
 still exists names it, and a trained tokenizer (``tokenizers/<key>``) while a kept token directory
 was made with it (the same sha256) -- a token cache found again needs its tokenizer to find its key.
 Builds in progress (``.build-*``), set-aside damaged caches (``*.corrupt-*``) and URL mirrors are
-listed; only the set-aside caches are pruned with the unused ones.
+listed; only the set-aside caches are pruned with the unused ones. An entry made or used in the last
+``GRACE_S`` is kept (a run starting now records its use only once it has opened the cache), and a run
+recorded by another host counts as alive (its directory may be on that host's disk).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from jaxlm import files, paths
 from jaxlm.data import tokenizer as tok_lib
 
 RUNS = "runs"
+GRACE_S = 3600.0
 
 
 def _entry(root: Path, directory) -> str | None:
@@ -42,11 +47,16 @@ def record(root, workdir, directories) -> None:
     where = str(workdir) if paths.is_remote(workdir) else str(Path(workdir).resolve())
     root = Path(root)
     uses = {e for d in directories if (e := _entry(root, d))}
+    for e in uses:  # used now: --prune leaves it for GRACE_S whatever the records say
+        try:
+            os.utime(root / e)
+        except OSError:
+            pass
     f = root / RUNS / (hashlib.sha256(where.encode()).hexdigest()[:16] + ".json")
     try:
         old = json.loads(f.read_text()) if f.exists() else {}
         uses |= set(old.get("uses", ()))
-        files.atomic_write_json(f, {"workdir": where, "uses": sorted(uses)}, indent=1)
+        files.atomic_write_json(f, {"workdir": where, "host": socket.gethostname(), "uses": sorted(uses)}, indent=1)
     except (OSError, ValueError):
         pass
 
@@ -72,7 +82,8 @@ def _runs(root: Path) -> list[dict]:
         except (OSError, ValueError):
             continue
         d["file"] = f
-        d["alive"] = paths.is_remote(d["workdir"]) or Path(d["workdir"]).is_dir()
+        here = d.get("host", socket.gethostname()) == socket.gethostname()
+        d["alive"] = paths.is_remote(d["workdir"]) or not here or Path(d["workdir"]).is_dir()
         out.append(d)
     return out
 
@@ -133,7 +144,7 @@ def prune(root, log=print) -> list[str]:
     for e in entries(root):
         drop = (e["kind"] == "token" and not e["runs"]) or (e["kind"] == "tokenizer" and not e.get("needed")) \
             or e["kind"] == "set aside"
-        if drop:
+        if drop and time.time() - e["path"].stat().st_mtime > GRACE_S:
             shutil.rmtree(e["path"], ignore_errors=True)
             gone.append(e["name"])
             log(f"deleted {e['name']} ({_human(e['bytes'])})")

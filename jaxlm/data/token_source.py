@@ -67,6 +67,11 @@ class TokensSource(Source):
     def own_tokenizer(self):
         return self._tok
 
+    def use_tokenizer(self, tok) -> None:
+        """The run's tokenizer, loaded by the cache (from its local copy where data.tokenizer is a URL), for
+        what reads the ids before the cache exists (the split's decision, ``documents``)."""
+        self._tok = self._tok or tok
+
     def _tokenizer_name(self) -> str:
         return self.cfg.tokenizer or f"{chars.PREFIX}{self.meta}"
 
