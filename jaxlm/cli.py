@@ -16,7 +16,9 @@ library too. ``run`` then gives each tool the same behaviour:
   as one ``error: <message>`` line on stderr and exit status 1 (2 for flags), never a traceback; the
   line comes last (a single process leaves at once, before the libraries' threads can add to it);
 * library INFO logs (absl, Orbax, JAX) stay off the console, and Orbax's and gcsfs's errors too (jaxlm
-  reports what fails); ``--verbose`` shows them all.
+  reports what fails); ``--verbose`` shows them all;
+* XLA's compiled programs are kept in the machine's cache (``compile_cache``), so a second run of the
+  same model and shapes loads its step instead of compiling it.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import sys
 import threading
 from typing import Callable, NoReturn
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxlm import config as config_lib
-from jaxlm import distributed
+from jaxlm import distributed, paths
 from jaxlm.errors import ConfigError, JaxlmError
 
 FLAGS = flags.FLAGS
@@ -48,6 +51,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         flags.DEFINE_bool("verbose", False, "Library logs (Orbax's and gcsfs's errors among them) on the console.")
 
     def guarded(argv):
+        compile_cache()
         if not FLAGS.verbose:
             quiet_library_logs()
             sys.stderr = LibraryTracebacks(sys.stderr)
@@ -70,6 +74,21 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
             raise
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+# Programs that compile faster than this are compiled again rather than read back (the read costs about
+# as much); measured on the tiny config, PERFORMANCE.md "The seconds before the first step".
+MIN_COMPILE_S = 0.5
+
+
+def compile_cache() -> None:
+    """JAX's persistent compilation cache in ``paths.machine_cache()/xla``: keyed by the program, the
+    devices, the flags and the jax/jaxlib versions, so a hit is the same executable. JAX's own
+    ``JAX_COMPILATION_CACHE_DIR`` wins; ``JAXLM_XLA_CACHE=0`` turns it off."""
+    if os.environ.get("JAXLM_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(paths.machine_cache() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
 
 
 CONFIG_HELP = ("Every key, with its default and meaning: jaxlm/configs/base.py; override one with "
