@@ -18,7 +18,7 @@ checkpoint and stops with one error line.
 
 A checkpoint of parameters alone (``jaxlm.hf_import``: a model trained elsewhere, one checkpoint per
 step) holds ``{"params": ...}`` as its ``state``, with the same fingerprints and ``meta[PARAMS_ONLY]``
-set: ``run.load_run`` and ``restore_params`` read it; a full restore (resuming training) refuses it
+set: ``saved_run.load_run`` and ``restore_params`` read it; a full restore (resuming training) refuses it
 with one error (:func:`params_only_error`).
 
 When to save (``checkpoint.stages``, Mistral's by default): at step 0, at the final step, and

@@ -36,9 +36,8 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxlm import checkpoint, cli, evalsets, files, hf, paths
+from jaxlm import checkpoint, cli, evalsets, files, hf, paths, saved_run
 from jaxlm import config as config_lib
-from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.data import tokenizer_export
@@ -73,14 +72,14 @@ def evaluate_run(workdir, *, step: int | None = None, all_steps: bool = False, d
                  context: int = 0, stride: int = 0, max_docs: int = 0, log=print) -> list[dict]:
     """Evaluates checkpoint `step` (the newest by default) or every checkpoint of a run."""
     workdir = paths.path(workdir)
-    cfg, trainer, state, meta, last = run_lib.load_run(workdir, step, params_only=True)
-    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
+    cfg, trainer, state, meta, last = saved_run.load_run(workdir, step, params_only=True)
+    tok = tok_lib.load(saved_run.tokenizer_spec(meta, workdir))
     ev = evalsets.evaluator(data_spec, cfg.data, tok, trainer.model_cfg.n_positions, context, stride, max_docs,
                     min(cfg.train.seq_len, trainer.model_cfg.n_positions), log)
     steps = checkpoint.saved_steps(workdir) if all_steps else [last]
     rows = []
     for s in steps:
-        params = state.params if s == last else run_lib.load_params(workdir, s, trainer)
+        params = state.params if s == last else saved_run.load_params(workdir, s, trainer)
         r = {"step": s, **ev(trainer.graphdef, params)}
         log(f"step {s:>8}: {_say(r)}")
         rows.append(r)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxlm import cli, data, hf, paths
-from jaxlm import run as run_lib
+from jaxlm import cli, data, hf, paths, saved_run
 from jaxlm.data import integrity, tokenizer_export
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import CheckpointError
@@ -25,7 +24,7 @@ from jaxlm.errors import CheckpointError
 
 def export(workdir, out, step: int | None = None) -> Path:
     """Writes checkpoint `step` (default: the newest) of run `workdir` as an HF GPT-2 directory `out`."""
-    cfg, trainer, state, meta, step = run_lib.load_run(workdir, step)
+    cfg, trainer, state, meta, step = saved_run.load_run(workdir, step)
     _tokenizer(workdir, meta)  # (before anything is written)
     url = out if paths.is_remote(out) else None
     if url is not None:  # HF writes local files: a local directory, uploaded with its commit object last
@@ -44,7 +43,7 @@ def export(workdir, out, step: int | None = None) -> Path:
 def _tokenizer(workdir, meta) -> str:
     """The run's tokenizer spec, checked: its file must exist and match its token cache's manifest (an
     export never goes without the tokenizer that gives the model's ids)."""
-    spec = run_lib.tokenizer_spec(meta)
+    spec = saved_run.tokenizer_spec(meta, workdir)
     cache = Path(meta["data"]["cache"])
     rebuild = (f"rebuild the run's token cache (python -m jaxlm.data --config=<the run's config> --workdir={workdir}, "
                "or rerun its training command) and export again")

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from jaxlm import cli
+from jaxlm import cli, saved_run
 from jaxlm import model as model_lib
-from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import ConfigError
 
@@ -120,8 +119,8 @@ def main(argv):
     F = cli.FLAGS
     cli.require(workdir=F.workdir, prompt=F.prompt)
     check_sampling(F.temperature, F.top_k, F.top_p)  # before the checkpoint is read
-    _, trainer, state, meta, step = run_lib.load_run(F.workdir, F.step)
-    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
+    _, trainer, state, meta, step = saved_run.load_run(F.workdir, F.step)
+    tok = tok_lib.load(saved_run.tokenizer_spec(meta, F.workdir))
     ids = generate(trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, tok.encode([F.prompt])[0],
                    F.max_new_tokens, temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
                    seed=F.seed, eos_id=tok.eos_id)

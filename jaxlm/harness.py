@@ -9,7 +9,7 @@ From Python, importing this module registers the model with the harness:
     import jaxlm.harness, lm_eval
     lm_eval.simple_evaluate(model="jaxlm", model_args="workdir=runs/tiny,step=300", tasks=["wikitext"])
 
-``model_args``: ``workdir=RUN[,step=N]`` (a checkpoint, through ``jaxlm.run.load_run``, with the run's
+``model_args``: ``workdir=RUN[,step=N]`` (a checkpoint, through ``jaxlm.saved_run.load_run``, with the run's
 own tokenizer) or ``hf=DIR`` (a Hugging Face GPT-2 directory, what ``jaxlm.eval --hf`` loads);
 ``batch_size`` (default 16), ``max_gen_toks`` (256), ``regime`` (``hf=`` only; fp32).
 
@@ -56,10 +56,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
-from jaxlm import cli, files, paths, precision
+from jaxlm import cli, files, paths, precision, saved_run
 from jaxlm import hf as hf_lib
 from jaxlm import model as model_lib
-from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 from jaxlm.errors import ConfigError, DataError
 
@@ -86,8 +85,8 @@ def load_model(workdir=None, step=None, hf=None, regime: str = "fp32"):
     if hf is not None:
         cfg, policy, graphdef, params = hf_lib.load_pretrained(hf, regime=regime)
         return cfg, policy, graphdef, params, _hf_dir_tokenizer(hf), f"hf:{hf}"
-    _, trainer, state, meta, step = run_lib.load_run(workdir, None if step is None else int(step))
-    spec = run_lib.tokenizer_spec(meta)
+    _, trainer, state, meta, step = saved_run.load_run(workdir, None if step is None else int(step))
+    spec = saved_run.tokenizer_spec(meta, workdir)
     if not tok_lib.spec_path(spec).exists():
         raise DataError(f"{workdir}: the run's tokenizer {spec!r} is gone (its token cache was deleted); the "
                         "harness needs the run's own tokenizer: rebuild the cache (python -m jaxlm.data with the "

@@ -128,7 +128,7 @@ def run_config(base: ml_collections.ConfigDict, hf_cfg: dict, attn: dict[str, bo
         cfg.precision.regime = precision.upcast_regime(cfg.precision.regime)
     cfg.data.update(tokenizer=tokenizer, tokenizer_kind="none", vocab_size=model["vocab_size"])
     cfg.train.seq_len = min(cfg.train.seq_len, model["n_positions"])
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)  # (a reader builds its own mesh: run.load_run)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)  # (a reader builds its own mesh: saved_run.load_run)
     cfg.checkpoint.async_save = False
     config_lib.validate(cfg, backend=jax.default_backend())
     config_lib.check_corpus(cfg)

@@ -1,14 +1,11 @@
-"""A whole run, and a finished run read back: the one place that wires data, trainer, checkpoints
-and telemetry together.
+"""A whole run: the one place that wires data, trainer, checkpoints and telemetry together.
 
     result = run.run(cfg, workdir)                                  # train (or resume) to train.steps
-    cfg, trainer, state, meta, step = run.load_run(workdir, step)   # a checkpoint, read-only
 
 ``run`` validates the config, builds the mesh, prepares the token cache, builds the
 :class:`~jaxlm.train.Trainer`, restores the newest checkpoint or initialises and saves step 0, then
-runs :func:`jaxlm.train.loop` with checkpointing and preemption on every step. ``load_run``
-restores any saved step of a run directory onto this machine's devices, whatever mesh or process
-count wrote it (eval, generate and export use it).
+runs :func:`jaxlm.train.loop` with checkpointing and preemption on every step. A finished run is
+read back by ``jaxlm.saved_run``.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxlm import attention as attn_lib
 from jaxlm import budget as budget_lib
-from jaxlm import checkpoint, data, distributed, evalsets, files, lease, paths, preemption, sharding, telemetry, train
+from jaxlm import checkpoint, data, distributed, evalsets, files, lease, paths, preemption, saved_run, sharding, telemetry, train
 from jaxlm import config as config_lib
 from jaxlm.data import splits
 from jaxlm.errors import CheckpointError, ConfigError, DataError, JaxlmError
@@ -112,6 +109,8 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
                  "eos_id": cache.manifest["eos_id"], "tokenizer_sha256": cache.manifest["tokenizer_sha256"],
                  "splits": cache.manifest["splits"]},
     })
+    if jax.process_index() == 0:  # the run's own copy: it decodes wherever its directory goes
+        saved_run.keep_tokenizer(workdir, cache.tokenizer_spec)
     replay = replay_fractions(cfg.train.budget_replay) if cfg.train.budget_replay else None
     ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), meta=meta,
                                    signals=signals, last_step=last_step(cfg, trainer.budget, replay))
@@ -245,18 +244,6 @@ def _cache_url(cfg, workdir, cache) -> str | None:
     return str(root / cache.path.relative_to(paths.mirror(root)).as_posix())
 
 
-def tokenizer_spec(meta: dict) -> str:
-    """The tokenizer a run was trained with, as ``tokenizer.load`` takes it: on this machine, or
-    fetched from the run's object-store cache into the local mirror."""
-    spec, url = meta["data"]["tokenizer"], meta["data"].get("cache_url")
-    if data.tokenizer.spec_path(spec).exists() or not url:
-        return spec
-    root, key = url.rsplit("/tokens/", 1)
-    local = paths.mirror(root) / "tokens" / key
-    paths.pull(url, local)
-    return spec.replace(meta["data"]["cache"], str(local), 1)
-
-
 def replay_fractions(run_dir) -> list[float]:
     """Every step's budget fraction of a finished budgeted run (its metrics.jsonl), for train.budget_replay."""
     path = paths.path(run_dir) / "metrics.jsonl"
@@ -388,63 +375,3 @@ def _component_validation_batches(cache, cfg, trainer):
 def _chain(head, tail):
     yield from head
     yield from tail
-
-
-def load_run(workdir, step: int | None = None, mesh=None, *, params_only: bool = False):
-    """Restores a run's checkpoint (the newest if `step` is None) onto `mesh` (default: all local
-    devices, one data-parallel axis), whatever mesh or process count wrote it.
-
-    Returns (cfg, trainer, state, meta, step): the config is the one saved with the checkpoint.
-    With `params_only` the state holds the parameters only (its other fields None): for evaluation,
-    a third of the bytes read and held under AdamW. A checkpoint of parameters alone (an imported run,
-    ``jaxlm.hf_import``) gives such a state whatever `params_only` says.
-    """
-    steps = checkpoint.saved_steps(workdir)
-    directory = paths.path(workdir) / "checkpoints"
-    if not steps:
-        raise CheckpointError(f"{directory}: no complete checkpoint; train the run first (python -m jaxlm.main)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
-    meta = checkpoint.read_meta(workdir, step)
-    cfg = config_lib.from_dict(meta["config"])
-    cfg.checkpoint.async_save = False
-    if mesh is None:
-        cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})
-        mesh = sharding.make_mesh(cfg.mesh)
-    trainer = train.Trainer(cfg, mesh, vocab_size=int(meta["data"]["vocab_size"]))
-    ckpt = checkpoint.Checkpointer(workdir, cfg, abstract_state=train.abstract_state(trainer), read_only=True)
-    try:
-        alone = bool(meta.get(checkpoint.PARAMS_ONLY))  # the checkpoint holds parameters only
-        signature = checkpoint.state_signature(checkpoint.params_tree(ckpt.abstract_state.params)) if alone else ckpt.signature
-        if meta.get("state_signature") not in (None, signature):
-            raise CheckpointError(checkpoint.other_layout(directory / str(step), meta, []))
-        if params_only or alone:
-            state = train.TrainState(step=None, params=_params_or_fail(ckpt, step), opt_state=None, rng=None,
-                                     loss_scale=None, nonfinite=None)
-        else:
-            state, _, meta, step = ckpt.restore_or_fail(step)
-    finally:
-        ckpt.manager.close()
-    return cfg, trainer, state, meta, step
-
-
-def load_params(workdir, step: int, trainer: train.Trainer):
-    """The parameters of one more checkpoint of the run `trainer` was built for (``load_run``'s), onto
-    its mesh: no new trainer, no optimizer state (``eval --all-steps``)."""
-    ckpt = checkpoint.Checkpointer(workdir, trainer.cfg, abstract_state=train.abstract_state(trainer), read_only=True)
-    try:
-        return _params_or_fail(ckpt, step)
-    finally:
-        ckpt.manager.close()
-
-
-def _params_or_fail(ckpt: checkpoint.Checkpointer, step: int):
-    try:
-        return ckpt.restore_params(step)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt.directory / str(step)}: its parameters cannot be read "
-                              f"({checkpoint.describe(e)}); choose another --step (saved: {ckpt.steps()})") from None

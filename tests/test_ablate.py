@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import eval as eval_lib
-from jaxlm import generate, model, telemetry
+from jaxlm import generate, model, saved_run, telemetry
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 
@@ -118,7 +118,7 @@ def test_report_from_two_machines(grid, tmp_path):
 def test_eval_perplexity_equals_exp_mean_token_loss(grid):
     out, _ = grid
     run = out / "cells" / "fp16_upcast-lson-s21"
-    cfg, trainer, state, meta, step = run_lib.load_run(run)
+    cfg, trainer, state, meta, step = saved_run.load_run(run)
     text = eval_lib.encode_stream(tok_lib.load(meta["data"]["tokenizer"]),
                                   eval_lib.documents(cfg.data.source, cfg.data, "validation", 3), "validation")
     # independently: non-overlapping windows, log-softmax in numpy
@@ -170,7 +170,7 @@ def test_eval_cli_all_steps_writes_csv_and_plot(grid):
 @pytest.mark.slow
 def test_generation_with_kv_cache_equals_without(grid):
     out, _ = grid
-    _, trainer, state, meta, _ = run_lib.load_run(out / "cells" / "fp16_upcast-lson-s21")
+    _, trainer, state, meta, _ = saved_run.load_run(out / "cells" / "fp16_upcast-lson-s21")
     tok = tok_lib.load(meta["data"]["tokenizer"])
     prompt = tok.encode(["def __init__(self"])[0]
     args = (trainer.graphdef, state.params, trainer.model_cfg, trainer.policy, prompt, 24)

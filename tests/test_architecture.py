@@ -38,6 +38,7 @@ LAYERS = [
      "jaxlm.optim", "jaxlm.telemetry"],
     ["jaxlm.train", "jaxlm.evalsets"],  # evalsets: evaluation texts and scorers (the CLI's and a run's eval sets)
     ["jaxlm.checkpoint"],
+    ["jaxlm.saved_run"],  # a finished run read back: a checkpoint and its tokenizer
     ["jaxlm.run"],
     ["jaxlm.cli"],
     ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.throughput", "jaxlm.ablate",

@@ -55,7 +55,7 @@ def test_bench_writes_a_table_and_json(tmp_path):
 def test_bench_rejects_an_unknown_regime_before_timing_anything():
     res = subprocess.run([sys.executable, "-m", "jaxlm.bench", "--config=configs/tiny.py", "--regimes=bf16,fp4"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert res.returncode == 1 and "error: precision.regime: unknown regime 'fp4'" in res.stderr
+    assert res.returncode == 1 and "error: --config.precision.regime=fp4: unknown regime 'fp4'" in res.stderr
     assert "Traceback" not in res.stderr and "bf16:" not in res.stdout
 
 

@@ -67,7 +67,7 @@ def test_cli_refuses_a_bad_budget_in_one_line(tmp_path):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode != 0
     lines = [x for x in out.stderr.splitlines() if x.strip()]
-    assert lines[-1].startswith("error: train.budget='2 parsecs': not a budget"), out.stderr[-1000:]
+    assert lines[-1].startswith("error: --config.train.budget=2 parsecs: not a budget"), out.stderr[-1000:]
     assert not (tmp_path / "w").exists()
 
 

@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, config, telemetry
-from jaxlm import run as run_lib
+from jaxlm import checkpoint, config, saved_run, telemetry
 from jaxlm.errors import CheckpointError
 
 from conftest import ROOT, write_word_corpus
@@ -71,7 +70,7 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _final_params(workdir, step=STEPS):
-    _, _, state, _, _ = run_lib.load_run(workdir, step)
+    _, _, state, _, _ = saved_run.load_run(workdir, step)
     return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
@@ -216,7 +215,7 @@ def test_checkpoint_of_another_parameter_layout_names_the_jaxlm_that_wrote_it(re
         meta.update(state_signature="0" * 16, jaxlm_commit="1234abc")
         meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"written by jaxlm 1234abc.*python -m jaxlm\.export"):
-        run_lib.load_run(work)
+        saved_run.load_run(work)
     out = _run(_args(work, corpus, ref_dir.parent / "cache", **{"train.steps": 2 * STEPS,
                                                                  "checkpoint.allow_config_change": True}))
     assert out.returncode != 0
@@ -234,7 +233,7 @@ def test_export_to_hugging_face(reference, tmp_path):
     out = export.export(ref_dir, tmp_path / "hf")
     assert (out / "tokenizer.model").exists()
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
-    _, trainer, state, _, _ = run_lib.load_run(ref_dir)
+    _, trainer, state, _, _ = saved_run.load_run(ref_dir)
     tokens = np.random.RandomState(0).randint(0, 300, (2, 16))
     ours = np.asarray(model.logits(trainer.graphdef, state.params, tokens))
     with torch.no_grad():

@@ -227,10 +227,10 @@ def test_run_json_records_the_jaxlm_version(run_dir):
 def test_load_run_logs_no_warnings(run_dir, caplog):
     import logging
 
-    from jaxlm import run as run_lib
+    from jaxlm import saved_run
 
     with caplog.at_level(logging.INFO):
-        step = run_lib.load_run(run_dir)[-1]
+        step = saved_run.load_run(run_dir)[-1]
     assert step == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 

@@ -162,11 +162,11 @@ def test_eval_sets_are_logged_and_equal_the_cli_on_the_final_checkpoint(trained)
 
 @pytest.mark.slow  # (the run above)
 def test_eval_batches_zero_evaluates_the_whole_validation_split(trained):
-    from jaxlm import data, train
+    from jaxlm import data, saved_run, train
     from jaxlm import run as run_lib
 
     run, _, said = trained
-    cfg, trainer, state, _, step = run_lib.load_run(run)
+    cfg, trainer, state, _, step = saved_run.load_run(run)
     assert step == 2 and cfg.train.eval_batches == 0
     cache = data.prepare(cfg, run, log=quiet)
     lines = []

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, config, export, generate, hf, hf_import
+from jaxlm import checkpoint, config, export, generate, hf, hf_import, saved_run
 from jaxlm import eval as eval_lib
 from jaxlm import run as run_lib
 from jaxlm.ablate import seeds
@@ -169,11 +169,11 @@ def test_generate_harness_and_export_read_an_imported_run_and_training_does_not(
     from jaxlm import harness
 
     run, series = original
-    _, tr0, st0, meta0, _ = run_lib.load_run(run, 7)
-    _, tr, st, meta, step = run_lib.load_run(imported, 7)  # a whole-state load: the parameters (all there is)
+    _, tr0, st0, meta0, _ = saved_run.load_run(run, 7)
+    _, tr, st, meta, step = saved_run.load_run(imported, 7)  # a whole-state load: the parameters (all there is)
     assert step == 7 and st.opt_state is None
-    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
-    assert tok.sha256 == tok_lib.load(run_lib.tokenizer_spec(meta0)).sha256
+    tok = tok_lib.load(saved_run.tokenizer_spec(meta))
+    assert tok.sha256 == tok_lib.load(saved_run.tokenizer_spec(meta0)).sha256
     ids = tok.encode(["ab cd ef"])[0]
     kw = dict(temperature=0.8, top_k=20, seed=3)
     assert (generate.generate(tr.graphdef, st.params, tr.model_cfg, tr.policy, ids, 12, **kw)
@@ -267,10 +267,10 @@ def test_a_killed_import_resumes_complete_and_identical(original, imported, tmp_
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"imported {STEPS - len(done)} step(s)" in res.stderr and f"skipped {len(done)} already there" in res.stderr
     assert _committed(out) == list(range(STEPS)) and not list((out / "checkpoints").glob("*tmp*"))
-    _, trainer, _, _, _ = run_lib.load_run(imported, params_only=True)
+    _, trainer, _, _, _ = saved_run.load_run(imported, params_only=True)
     for s in range(STEPS):  # as the uninterrupted import: fingerprints and parameters
         assert checkpoint.read_meta(out, s)["fingerprints"] == checkpoint.read_meta(imported, s)["fingerprints"]
-        a, b = run_lib.load_params(out, s, trainer), run_lib.load_params(imported, s, trainer)
+        a, b = saved_run.load_params(out, s, trainer), saved_run.load_params(imported, s, trainer)
         assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"imported 0 step(s) into {out / 'checkpoints'}; skipped {STEPS}" in again.stderr

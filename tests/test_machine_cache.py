@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from jaxlm import config, data, paths
+from jaxlm import config, data, paths, saved_run
 from jaxlm import run as run_lib
 from jaxlm.data import cache_index
+from jaxlm.data import tokenizer as tok_lib
 
 from conftest import ROOT, write_word_corpus
 
@@ -103,3 +104,15 @@ def test_a_damaged_shared_cache_is_set_aside_and_rebuilt_not_used(tmp_path, monk
     again = data.prepare(_cfg(corpus), tmp_path / "b", log=logs.append)
     assert any("set aside" in s for s in logs) and any(s.startswith("tokenizing") for s in logs), logs
     assert again.path == first.path and (again.path / "train.bin").stat().st_size == size
+
+
+@pytest.mark.slow  # two tiny runs: 16 s
+def test_a_run_keeps_its_tokenizer_so_it_decodes_without_the_cache(two_runs):
+    """The run directory's own copy (WORKDIR/tokenizer): with the machine's cache gone (pruned, another
+    machine), the run's tokenizer is still found, the very one it trained with."""
+    tmp_path, _ = two_runs
+    meta = json.loads((tmp_path / "b" / "run.json").read_text())
+    shutil.rmtree(tmp_path / "cache")
+    spec = saved_run.tokenizer_spec(meta, tmp_path / "b")
+    assert spec.startswith(str(tmp_path / "b" / "tokenizer"))
+    assert tok_lib.load(spec).sha256 == meta["data"]["tokenizer_sha256"]

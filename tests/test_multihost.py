@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import run as run_lib
-from jaxlm import telemetry
+from jaxlm import saved_run, telemetry
 
 from conftest import ROOT, write_word_corpus
 
@@ -107,8 +106,8 @@ def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus
     from jaxlm import sharding as sharding_lib
 
     mesh = sharding_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), devices=one_dev)
-    _, _, s2, _, step = run_lib.load_run(root / "p2", mesh=mesh)
-    _, _, s1, _, _ = run_lib.load_run(root / "p1", mesh=mesh)
+    _, _, s2, _, step = saved_run.load_run(root / "p2", mesh=mesh)
+    _, _, s1, _, _ = saved_run.load_run(root / "p1", mesh=mesh)
     assert step == STEPS
     for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -7,8 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlm import checkpoint, train
-from jaxlm import run as run_lib
+from jaxlm import checkpoint, saved_run, train
 from jaxlm.errors import CheckpointError
 
 from conftest import train_tiny_run
@@ -22,7 +21,7 @@ def run_dir(tmp_path_factory):
 
 
 def _checkpointer(run_dir):
-    cfg, trainer, _, meta, _ = run_lib.load_run(run_dir, params_only=True)
+    cfg, trainer, _, meta, _ = saved_run.load_run(run_dir, params_only=True)
     return checkpoint.Checkpointer(run_dir, cfg, abstract_state=train.abstract_state(trainer), meta=meta), meta
 
 
@@ -70,14 +69,14 @@ def test_damage_is_still_set_aside(tmp_path, run_dir, monkeypatch):
 
 
 def test_params_only_restore_reads_the_same_parameters(run_dir):
-    _, trainer, full, _, step = run_lib.load_run(run_dir)
-    _, _, only, _, step2 = run_lib.load_run(run_dir, params_only=True)
+    _, trainer, full, _, step = saved_run.load_run(run_dir)
+    _, _, only, _, step2 = saved_run.load_run(run_dir, params_only=True)
     assert step == step2 == 2 and only.opt_state is None
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(only.params), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    p1 = run_lib.load_params(run_dir, 1, trainer)
-    _, _, s1, _, _ = run_lib.load_run(run_dir, 1)
+    p1 = saved_run.load_params(run_dir, 1, trainer)
+    _, _, s1, _, _ = saved_run.load_run(run_dir, 1)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(p1), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CheckpointError, match="choose another --step"):
-        run_lib.load_params(run_dir, 7, trainer)
+        saved_run.load_params(run_dir, 7, trainer)

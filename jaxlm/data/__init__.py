@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxlm import files, paths
@@ -20,6 +21,7 @@ from jaxlm.data import cache_index, chars, mixture, remote, token_source, val_so
 from jaxlm.data.cache import TokenCache, build, build_share, complete_directories
 from jaxlm.data.loader import Loader, device_prefetch, to_global
 from jaxlm.data.mixture import MixtureCache
+from jaxlm.errors import DataError
 
 
 def data_seed(cfg) -> int:
@@ -50,8 +52,11 @@ def cache_root(cfg, workdir=None):
 def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     """The tokenizer and token cache for this config (built if missing; atomic).
 
-    On a multi-process run every host first tokenizes its share of the cache's shards
-    (``cache.build_share``: shard i on host i mod P); once all have, process 0 builds the cache from the
+    On a multi-process run without data.cache_dir (and a local workdir), each host has its own machine
+    cache: each finds or builds the cache there by itself, and the hosts then check that they hold the
+    same one (the same key). With a data.cache_dir (or a run in a bucket), every host first tokenizes
+    its share of the cache's shards (``cache.build_share``: shard i on host i mod P); once all have,
+    process 0 builds the cache from the
     finished shards (tokenizing any that are missing) while the others wait at a barrier, and they
     find it (a shared data.cache_dir) or, where each host has its own directory, build their own
     copy. The shards reach process 0 through the shared directory or, for a cache root on an object
@@ -89,6 +94,8 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
 
     if jax.process_count() == 1:
         return _recorded(find_or_build(), root, workdir)
+    if not cfg.data.cache_dir and not paths.is_remote(root):  # each host's own machine cache: each builds its own
+        return _same_on_every_host(_recorded(find_or_build(), root, workdir))
     shards = _tokenize_share(cfg, root, local, fetch, log)  # every host: its share of the shards
     multihost_utils.sync_global_devices("jaxlm.data.prepare.shares")  # all shares finished (and uploaded)
     cache, error = None, None
@@ -103,6 +110,19 @@ def prepare(cfg, workdir, log=print) -> TokenCache | MixtureCache:
     if error is not None:
         raise error
     return _recorded(cache or find_or_build(), root, workdir)
+
+
+def _same_on_every_host(cache):
+    """`cache`, once every host has found or built one of the same key (the same corpus, tokenizer and
+    settings): a host whose tokenizer training came out otherwise would train on other ids."""
+    key = np.frombuffer(cache.path.name.encode().ljust(64)[:64], dtype=np.uint8)
+    keys = np.asarray(multihost_utils.process_allgather(key))
+    if (keys != keys[0]).any():
+        names = sorted({bytes(k).decode().strip() for k in keys})
+        raise DataError(f"the hosts built different token caches ({', '.join(names)}) in their own machine caches: "
+                        "their corpora or trained tokenizers differ; set data.cache_dir to a directory every host "
+                        "shares (or a gs:// URL), so that one host builds it for all")
+    return cache
 
 
 def _recorded(cache, root, workdir):

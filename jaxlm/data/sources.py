@@ -24,8 +24,9 @@
 
 Every GLOB / DIR may be local or an object-store URL (``gs://bucket/corpus/*.parquet``).
 
-The validation split: the source's own where it has one; else the documents of ``data.val_source``
-(a source spec, read whole) when it is set; else ``data.val_fraction`` held out (``jaxlm.data.splits``):
+The validation split: the documents of ``data.val_source`` (a source spec) when it is set, instead of
+the source's own (then unused); else the source's own where it has one; else ``data.val_fraction``
+held out (``jaxlm.data.splits``):
 documents by hash (identical documents land in the same split), or, where the corpus has too few
 documents for that (one file), the last ``data.val_fraction`` of its text.
 Non-UTF-8 bytes are decoded with replacement and counted.

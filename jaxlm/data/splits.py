@@ -13,8 +13,9 @@ when its validation split is too small to evaluate on.
 Which rule a corpus gets is decided by one pass over its documents (``decide``), which stops at the
 first document of each split: a large corpus is read only until then, and only where no cache of it
 is found. The key of a tail-split tokenizer or token cache carries ``"val_split": "tail"``
-(``directory``), so no cache built under the hashed rule is taken for one; a corpus split by hash
-keeps the key it always had.
+(``directory``), so no token cache built under the hashed rule is taken for one; a corpus split by
+hash keeps the key it always had. (A tokenizer trained for such a corpus before the tail split existed,
+under the hashed key, is still found and used: it cannot be told from one trained since.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``data.val_source``: a named validation corpus for any source, read whole (``sources.open_source``
 wraps data.source in ``WithValidation`` when it is set). Its documents are the validation split instead
-of what data.val_fraction would hold out; every document of data.source trains. A token cache's key
-carries the validation source's fingerprint, so a cache made with another validation split is never
-taken for this one.
+of what data.val_fraction would hold out; every document of data.source's training split trains (a
+validation split of its own goes unused). A token cache's key carries the validation source's
+fingerprint, so a cache made with another validation split is never taken for this one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from jaxlm.errors import DataError
 
 
 class WithValidation(sources.Source):
-    """``data.val_source``: every document of data.source trains; the validation source's own validation
+    """``data.val_source``: data.source's training split trains; the validation source's own validation
     split, or all its documents where it has none, is the validation split."""
 
     has_validation = True

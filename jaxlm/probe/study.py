@@ -2,7 +2,7 @@
 
     rows = study.probe_run("runs/tiny", steps=None, all_steps=True, tasks=["position", "bm25"])
 
-For each checkpoint: restore it (the whole train state through ``jaxlm.run.load_run``, of which only
+For each checkpoint: restore it (the whole train state through ``jaxlm.saved_run.load_run``, of which only
 the parameters are used), run the model once over the fixed probe windows keeping every layer's
 residual stream (``model.apply(..., collect_residuals=True)``: the embedding output and each
 block's output), gather the examples' features (float32, in memory only; freed when the checkpoint
@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import checkpoint, precision
+from jaxlm import checkpoint, precision, saved_run
 from jaxlm import eval as eval_lib
 from jaxlm import model as model_lib
-from jaxlm import run as run_lib
 from jaxlm.configs import base as base_config
 from jaxlm.data import cache as cache_lib
 from jaxlm.data import sources as sources_lib
@@ -71,9 +70,9 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
     workdir = Path(workdir)
     steps = resolve_steps(checkpoint.saved_steps(workdir), step, steps, all_steps, str(workdir / "checkpoints"))
     meta = checkpoint.read_meta(workdir, steps[-1])
-    tok = tok_lib.load(run_lib.tokenizer_spec(meta))
+    tok = tok_lib.load(saved_run.tokenizer_spec(meta, workdir))
     cache_path = Path(meta["data"]["cache"])
-    if not (cache_path / "manifest.json").exists():  # the run directory was moved: look inside it
+    if not (cache_path / "manifest.json").exists():  # a run from before the machine cache, moved: look inside it
         cache_path = workdir / "data" / "tokens" / cache_path.name
     if not (cache_path / "manifest.json").exists():
         raise DataError(f"{meta['data']['cache']}: the run's token cache is gone; rebuild it with "
@@ -83,7 +82,7 @@ def run_source(workdir, *, step=None, steps=None, all_steps=False, out=None) -> 
     graphdef_holder = {}
 
     def load(s):
-        _, trainer, state, _, _ = run_lib.load_run(workdir, s)
+        _, trainer, state, _, _ = saved_run.load_run(workdir, s)
         graphdef_holder.setdefault("g", trainer.graphdef)  # one graphdef for all steps: one compilation
         return graphdef_holder["g"], state.params
 
@@ -231,7 +230,7 @@ def probe_source(src: Source, task_names, *, settings: tasks_lib.TaskSettings = 
             "tasks": dataclasses.asdict(settings), "probe": dataclasses.asdict(hp),
             "portion_ends": list(mdl.portion_ends(int(order[_group(n)][0].size), hp.min_first)),
             "representations": "residual stream; layer 0 = embedding output, layer i = output of block i",
-            "restore": "whole train state through jaxlm.run.load_run; only the parameters are used"})
+            "restore": "whole train state through jaxlm.saved_run.load_run; only the parameters are used"})
     log(f"wrote {', '.join(f'{n}.json/.csv/.png' for n in names)} to {src.out}")
     return results
 
