@@ -84,11 +84,13 @@ MIN_COMPILE_S = 0.5
 def compile_cache() -> None:
     """JAX's persistent compilation cache in ``paths.machine_cache()/xla``: keyed by the program, the
     devices, the flags and the jax/jaxlib versions, so a hit is the same executable. JAX's own
-    ``JAX_COMPILATION_CACHE_DIR`` wins; ``JAXLM_XLA_CACHE=0`` turns it off."""
+    ``JAX_COMPILATION_CACHE_DIR`` and ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` win;
+    ``JAXLM_XLA_CACHE=0`` turns it off."""
     if os.environ.get("JAXLM_XLA_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(paths.machine_cache() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
 
 
 CONFIG_HELP = ("Every key, with its default and meaning: jaxlm/configs/base.py; override one with "

@@ -48,8 +48,13 @@ def _tokenizer(workdir, meta) -> str:
     rebuild = (f"rebuild the run's token cache (python -m jaxlm.data --config=<the run's config> --workdir={workdir}, "
                "or rerun its training command) and export again")
     if not tok_lib.spec_path(spec).exists():
-        raise CheckpointError(f"the run's tokenizer {tok_lib.spec_path(spec)} is gone (its token cache was deleted?); "
-                              f"an export needs it: {rebuild}")
+        raise CheckpointError(f"the run's tokenizer {tok_lib.spec_path(spec)} is gone (its token cache was deleted?, "
+                              f"and the run's own copy in {saved_run.KEPT}/); an export needs it: {rebuild}")
+    if spec != meta["data"]["tokenizer"]:  # the run's own copy (the cache's is gone): it must be the one trained with
+        if tok_lib.load(spec).sha256 != meta["data"]["tokenizer_sha256"]:
+            raise CheckpointError(f"{tok_lib.spec_path(spec)}: not the tokenizer the run trained with (its sha256 "
+                                  f"differs from run.json's); {rebuild}")
+        return spec
     if (cache / "manifest.json").exists():
         try:
             data.TokenCache.open(cache)

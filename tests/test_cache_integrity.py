@@ -4,6 +4,7 @@ run that resumes on it continues bit for bit; an export never goes without its t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,7 +133,9 @@ def test_export_refuses_without_the_runs_tokenizer_in_one_line(corpus, tmp_path)
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match="does not match|bytes, the manifest recorded"):
         export.export(run, tmp_path / "hf")
-    victim.unlink()
+    victim.unlink()  # the cache's tokenizer gone: the run's own copy (WORKDIR/tokenizer) is exported
+    assert (export.export(run, tmp_path / "hf1") / "tokenizer.json").is_file()
+    shutil.rmtree(run / "tokenizer")  # and the copy gone too: refused
     res = subprocess.run([sys.executable, "-m", "jaxlm.export", f"--workdir={run}", f"--to_hf={tmp_path / 'hf2'}"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     lines = [x for x in res.stderr.splitlines() if x.strip()]

@@ -18,7 +18,10 @@ def _train(workdir, corpus, cache, **env):
             "--config.train.eval_every=3", "--config.train.eval_batches=1", "--config.data.val_fraction=0.2",
             "--config.log.every=1", "--config.log.wandb_mode=disabled", "--config.checkpoint.stages=((3, 10),)"]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": str(cache), **env})
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_CACHE": str(cache),
+                              # every program kept, whatever it took to compile on a loaded machine (the 0.5 s
+                              # threshold would make which ones are kept depend on the load)
+                              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **env})
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [(r["step"], r.get("train/loss"), r.get("eval/loss")) for r in map(json.loads, lines)]

@@ -211,11 +211,15 @@ def test_the_command_writes_results_and_says_one_error_line(exported, tmp_path):
     meta = json.loads((run / "run.json").read_text())
     spec = harness_lib.tok_lib.spec_path(meta["data"]["tokenizer"])
     spec.rename(run / "cache_moved" / spec.name)
+    kept = run / "tokenizer" / spec.name  # the run's own copy, used once the cache's is gone ...
+    assert harness_lib.tok_lib.spec_path(harness_lib.saved_run.tokenizer_spec(meta, run)) == kept
+    kept.rename(run / "cache_moved" / "kept")  # ... and gone too
     try:
         with pytest.raises(DataError, match="the run's tokenizer .* is gone"):
             harness_lib.JaxlmLM(workdir=run)
     finally:
         (run / "cache_moved" / spec.name).rename(spec)
+        (run / "cache_moved" / "kept").rename(kept)
 
 
 @pytest.mark.slow  # (shares the exported fixture's run)
