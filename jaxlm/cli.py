@@ -122,11 +122,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(_flag_error(config_lib.one_line(e)), status=2)
     except (AttributeError, KeyError) as e:  # a --config override of a key the schema does not have
-        arg = _override_arg(argv, e)
+        arg = _override_arg(argv)
         key = arg.lstrip("-").split("=", 1)[0].removeprefix("config.")
         fail(f"{arg}: {config_lib.unknown_key(key) if arg.startswith('-') else config_lib.one_line(e)}", status=2)
     except (TypeError, ValueError) as e:  # a --config override ml_collections refused
-        fail(f"{_override_arg(argv, e)}: {config_lib.one_line(e)}", status=2)
+        fail(f"{_override_arg(argv)}: {config_lib.one_line(e)}", status=2)
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -264,15 +264,13 @@ def _flag_error(text: str) -> str:
     return f"{arg}={value}: not {'a whole number' if kind == 'int' else 'a number'}; give one, e.g. {arg}={example}"
 
 
-_NONE = object()
-
-
-def _override_arg(argv: list[str], error: BaseException) -> str:
+def _override_arg(argv: list[str]) -> str:
     """The ``--config.*`` argument an ml_collections error is about (best effort)."""
     schema = config_lib.schema()
     for a in argv:  # the first override whose key the schema lacks
         key = a.lstrip("-").split("=", 1)[0]
-        if key.startswith("config.") and config_lib.get_by_path(schema, key[len("config."):], _NONE) is _NONE:
+        missing = config_lib.MISSING
+        if key.startswith("config.") and config_lib.get_by_path(schema, key[len("config."):], missing) is missing:
             return a
     return "a --config override"
 

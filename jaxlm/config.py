@@ -225,15 +225,15 @@ def validate(cfg: ml_collections.ConfigDict, *, backend: str | None = None, voca
         raise ConfigError(as_override(cfg, one_line(e))) from None
 
 
-_MISSING = object()
+MISSING = object()  # get_by_path's default where a key must be told from a None value
 
 
 def as_override(cfg, text: str) -> str:
     """A message that begins ``KEY: `` or ``KEY=VALUE: `` (KEY a field of `cfg`, VALUE its value) begun
     as the override that sets it, ``--config.KEY=VALUE: ``; any other message as it is."""
     m = re.match(r"(?:config\.)?([a-z_]+(?:\.[a-z_0-9]+)+)[=:]", text)
-    value = get_by_path(cfg, m.group(1), _MISSING) if m else _MISSING
-    if value is _MISSING or isinstance(value, ml_collections.ConfigDict):
+    value = get_by_path(cfg, m.group(1), MISSING) if m else MISSING
+    if value is MISSING or isinstance(value, ml_collections.ConfigDict):
         return text
     key, shown = m.group(1), value if isinstance(value, str) else repr(value)
     for head in (f"{key}={value!r}: ", f"{key}={value}: ", f"{key}: "):

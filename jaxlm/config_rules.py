@@ -51,7 +51,6 @@ RANGES: dict[str, str] = {
     "log.peak_tflops": ">= 0",
 }
 # Where a config names no corpus or tokenizer: what to set (one error line, before anything runs).
-SOURCE_KINDS = "jsonl:GLOB, files:GLOB, parquet:GLOB, hf:DIR, tfds:NAME, tokens:GLOB or stdlib"
 GPT2_TOKENIZER = "hf:DIR, a directory with GPT-2's vocab.json and merges.txt (or its tokenizer.json)"
 REPRODUCE = "the README's \"Reproduce Mistral's numbers\" shows the commands"
 
@@ -89,7 +88,7 @@ def check_corpus(cfg) -> None:
     'none': the gpt2_* configs, whose tokenizer is GPT-2's) is one error line saying what to set."""
     d, missing = cfg.data, []
     if not str(d.source).strip():
-        missing.append(f"--config.data.source=SPEC (your corpus: {SOURCE_KINDS})")
+        missing.append(f"--config.data.source=SPEC (your corpus: {SOURCE_FORMS})")
     if not d.tokenizer and d.tokenizer_kind == "none":
         missing.append(f"--config.data.tokenizer={GPT2_TOKENIZER}")
     if missing:
