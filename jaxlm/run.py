@@ -201,7 +201,7 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
 
 
 # How long a run that is failing waits for its sinks and checkpointer to close: after a full disk a
-# library's writer thread (Orbax's, tensorboardX's) may never finish, and the error must still be said.
+# library's writer thread (Orbax's, TensorBoard's) may never finish, and the error must still be said.
 CLOSE_ON_ERROR_S = 60.0
 
 

@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import time
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from jaxlm import budget as budget_lib
 from jaxlm import config as config_lib
-from jaxlm import files, metrics_file, paths, precision, tensorboard_sink
+from jaxlm import files, metrics_file, paths, precision, tensorboard_sink, wandb_sink
 from jaxlm.metrics_file import read_metrics, trim_metrics  # noqa: F401 (the reader, as reports and tests name it)
 
 # --- metric names -------------------------------------------------------------------------
@@ -278,7 +277,10 @@ class Telemetry:
         if run_metadata is not None and (changed := write_run_json(self.workdir / "run.json", jsonable(run_metadata))):
             self.message(f"warning: {self.workdir / 'run.json'} {changed}; rewritten with this run's config")
         if cfg.log.wandb_mode != "disabled":
-            self._wandb = _start_wandb(self.workdir, cfg, run_metadata)
+            config = dict(jsonable(run_metadata or {}).get("config") or {})
+            for key in cfg.log.wandb_keys:  # top-level, for W&B's grouping and parallel coordinates
+                config[key.rsplit(".", 1)[-1]] = jsonable(config_lib.get_by_path(cfg, key))
+            self._wandb = wandb_sink.WandB(self.workdir, cfg, config)  # starts on a thread
         if cfg.log.tensorboard:
             self._tb = tensorboard_sink.TensorBoard(self.tensorboard_dir, start_step, PER_STEP_METRICS, hparam_metrics=(
                 LOSS, EVAL_LOSS), run_metadata=None if run_metadata is None else jsonable(run_metadata))
@@ -301,15 +303,7 @@ class Telemetry:
         self._jsonl.flush()
         self.sync()
         if self._wandb is not None:
-            flat = {}
-            for k, v in rec.items():
-                if k in (STEP, "time", STEP_LOSSES):
-                    continue
-                if isinstance(v, list):
-                    flat.update({f"{k}/{i}": float(x) for i, x in enumerate(v) if not isinstance(x, str)})
-                elif isinstance(v, (int, float)):
-                    flat[k] = v
-            self._wandb.log(flat, step=int(step))
+            self._wandb.log(int(step), {k: v for k, v in rec.items() if k not in (STEP, "time", STEP_LOSSES)})
         if self._tb is not None:
             self._tb.log(int(step), {k: v for k, v in rec.items() if k not in (STEP, "time")})
         if self._bar is not None and self._bar.disable and LOSS in rec:  # no terminal: one line per record
@@ -405,33 +399,3 @@ def budget_progress(b: budget_lib.Budget, rec: dict) -> str:
     left = rec[BUDGET_LEFT]
     left = f"{left:,.0f} s left" if b.kind == "time" else f"{left:.3g} FLOPs left"
     return f"f {rec[RUN_FRACTION]:.2f} · {left}"
-
-
-def wandb_grouping(cfg) -> tuple[str | None, str | None]:
-    """(group, job_type) of a run's W&B run: log.wandb_group / log.wandb_job_type where set (jaxlm.ablate
-    sets them per cell); a budgeted run without them is grouped by its budget, 'budget-90s', of job
-    type its regime, so the runs of one budget (seeds, regimes, learning rates) compare in one group."""
-    group, job = cfg.log.wandb_group or None, cfg.log.wandb_job_type or None
-    if budget_lib.parse(cfg.train.budget) is not None:
-        group = group or f"budget-{str(cfg.train.budget).strip().replace(' ', '')}"
-        job = job or cfg.precision.regime
-    return group, job
-
-
-def _start_wandb(workdir: Path, cfg, meta):
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb  # heavy (starts a service); only when a run logs to it
-
-    run_id_file = workdir / "wandb_id"
-    local = paths.mirror(workdir) if paths.is_remote(workdir) else workdir  # wandb writes local files
-    run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:8]
-    files.atomic_write(run_id_file, run_id)
-    local.mkdir(parents=True, exist_ok=True)
-    config = dict(jsonable(meta or {}).get("config") or {})
-    for key in cfg.log.wandb_keys:  # top-level, for W&B's grouping and parallel coordinates
-        config[key.rsplit(".", 1)[-1]] = jsonable(config_lib.get_by_path(cfg, key))
-    return wandb.init(project=cfg.log.wandb_project, dir=str(local), mode=cfg.log.wandb_mode, id=run_id,
-                      resume="allow", name=workdir.name, config=config, group=wandb_grouping(cfg)[0],
-                      job_type=wandb_grouping(cfg)[1],
-                      settings=wandb.Settings(console="off", x_disable_stats=True))
-

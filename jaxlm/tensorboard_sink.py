@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -54,35 +55,39 @@ class TensorBoard:
     ``flush`` runs before every checkpoint save, so the events up to a checkpoint are on disk when it is.
     Telemetry gives an object-store workdir's local mirror as `directory` (a TensorBoard reads that).
 
-    Scalars are written as Summary protos directly: tensorboardX's add_scalar logs a warning line for
-    every non-finite value (an fp16 run that overflows would print dozens); the sink counts them in
-    `nonfinite` instead (the steps themselves are in metrics.jsonl: train/nonfinite_steps, skipped_steps).
+    Non-finite values are written as they are (TensorBoard shows NaN/Inf) and counted in `nonfinite`
+    for one closing line, not warned about one by one (an fp16 run that overflows would print dozens;
+    the steps themselves are in metrics.jsonl: train/nonfinite_steps, skipped_steps).
     """
 
     def __init__(self, directory, start_step: int, per_step: Iterable[str], *, hparam_metrics: Iterable[str] = (),
                  run_metadata: dict | None = None):
-        try:
-            from tensorboardX import SummaryWriter  # protobuf machinery: only when a run logs to TensorBoard
-            from tensorboardX.proto.summary_pb2 import Summary
+        try:  # TensorBoard's event writer and protos (no TensorFlow): imported only when a run logs to it
+            from tensorboard.compat.proto import event_pb2, summary_pb2  # (see the line above)
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter  # (see above)
         except ImportError as e:
-            raise ConfigError(f"log.tensorboard=True needs tensorboardX ({e}): pip install 'tensorboardX>=2.6.5', "
+            raise ConfigError(f"log.tensorboard=True needs tensorboard ({e}): pip install 'tensorboard>=2.21.0', "
                               "or --config.log.tensorboard=False") from e
 
         self.directory = Path(directory)
         self.per_step, self.hparam_metrics = tuple(per_step), tuple(hparam_metrics)
         self.nonfinite = 0  # non-finite scalar values written (NaN/Inf, as TensorBoard shows them)
-        self._summary = Summary
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         # a new file per start, named to sort after the earlier ones (the name has the time in seconds only)
         n = len(list(self.directory.glob(EVENTS))) if self.directory.exists() else 0
-        self.writer = SummaryWriter(str(self.directory), purge_step=start_step + 1 if start_step else None,
-                                    flush_secs=30, filename_suffix=f".{n:04d}")
-        if not start_step and run_metadata is not None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writer = EventFileWriter(str(self.directory), flush_secs=30, filename_suffix=f".{n:04d}")
+        if start_step:  # TensorBoard drops the steps after a SessionLog.START event's step, in this directory
+            self.writer.add_event(self._event(step=start_step + 1, wall_time=time.time(),
+                                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        elif run_metadata is not None:
             self._write_config(run_metadata)
 
     def _write_config(self, meta: dict) -> None:
-        from tensorboardX.summary import hparams  # (see __init__)
+        from tensorboard.plugins.hparams import summary_v2 as hp  # (see __init__)
+        from tensorboard.plugins.text import summary_v2 as text  # (see __init__)
 
-        self.writer.add_text("config", "```\n" + json.dumps(meta, indent=2, sort_keys=True) + "\n```", 0)
+        self._add(text.text_pb("config", "```\n" + json.dumps(meta, indent=2, sort_keys=True) + "\n```"), 0)
         flat = {}
 
         def walk(prefix, node):
@@ -91,10 +96,13 @@ class TensorBoard:
                     walk(f"{prefix}{k}.", v)
                 else:
                     ok = isinstance(v, (int, float, str, bool)) and (not isinstance(v, float) or math.isfinite(v))
-                    flat[prefix + k] = v if ok else json.dumps(v)  # (a non-finite float would be warned about)
+                    flat[prefix + k] = v if ok else json.dumps(v)  # (the hparams plugin takes scalars and strings)
         walk("", meta.get("config", {}))
-        for summary in hparams(flat, {m: float("nan") for m in self.hparam_metrics}):
-            self.writer.file_writer.add_summary(summary)
+        self._add(hp.hparams_config_pb([hp.HParam(k) for k in flat], [hp.Metric(m) for m in self.hparam_metrics]), 0)
+        self._add(hp.hparams_pb(flat), 0)
+
+    def _add(self, summary, step: int) -> None:
+        self.writer.add_event(self._event(summary=summary, step=step, wall_time=time.time()))
 
     def log(self, step: int, rec: dict[str, Any]) -> None:
         """float() also reads jsonable's "inf"/"nan" strings back, and a bool as 0/1."""
@@ -109,9 +117,9 @@ class TensorBoard:
                 self._scalar(k, float(v), step)
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
-        """What add_scalar writes (a simple_value), without its NaN/Inf warning line."""
+        """A simple_value scalar (what TensorBoard's scalar dashboard reads)."""
         self.nonfinite += not math.isfinite(value)
-        self.writer.file_writer.add_summary(self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]), step)
+        self._add(self._summary(value=[self._summary.Value(tag=tag, simple_value=value)]), step)
 
     def flush(self) -> None:
         self.writer.flush()

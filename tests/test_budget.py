@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import budget, config, sharding, telemetry, train
+from jaxlm import budget, config, sharding, telemetry, train, wandb_sink
 from jaxlm import run as run_lib
 from jaxlm.errors import ConfigError
 
@@ -230,10 +230,10 @@ def test_an_explicit_train_steps_caps_only_a_budgeted_run_and_step_based_runs_re
 
 
 def test_a_budgeted_run_gets_a_wandb_group_by_its_budget_unless_one_is_set():
-    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "90s", "precision.regime": "bf16"})) == ("budget-90s", "bf16")
-    assert telemetry.wandb_grouping(_tiny(**{"log.wandb_group": "study", "log.wandb_job_type": "fp32"})) == \
+    assert wandb_sink.grouping(_tiny(**{"train.budget": "90s", "precision.regime": "bf16"})) == ("budget-90s", "bf16")
+    assert wandb_sink.grouping(_tiny(**{"log.wandb_group": "study", "log.wandb_job_type": "fp32"})) == \
         ("study", "fp32")  # (jaxlm.ablate's cells set both)
-    assert telemetry.wandb_grouping(_tiny(**{"train.budget": "none"})) == (None, None)  # a step-based run: none
+    assert wandb_sink.grouping(_tiny(**{"train.budget": "none"})) == (None, None)  # a step-based run: none
 
 
 def test_the_eta_under_a_flop_budget_is_by_wall_clock_not_by_dispatch_seconds():

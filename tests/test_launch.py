@@ -317,11 +317,10 @@ def test_offline_wheels_cover_every_runtime_dependency():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in deps}
     host = {"jax", "flax", "optax", "orbax-checkpoint", "numpy"}  # the GPU host's Python has these
-    # imported inside functions or by modules the check never loads (tensorboardX: a run's TensorBoard sink, which
+    # imported inside functions or by modules the check never loads (tensorboard: a run's TensorBoard sink, which
     # bench.py and tests/test_gpu.py never create; markdown: the ablation report; pyarrow, fastokens, tiktoken, fsspec: the
-    # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them;
-    # tensorboard: the dashboard program, never imported by jaxlm
-    lazy = {"tensorflow-datasets", "wandb", "matplotlib", "tensorboardx", "markdown", "pyarrow", "fastokens", "tiktoken",
+    # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them
+    lazy = {"tensorflow-datasets", "wandb", "matplotlib", "markdown", "pyarrow", "fastokens", "tiktoken",
             "fsspec", "tensorboard"}
     assert names - host - lazy <= set(_offline_wheel_names()), names - host - lazy - set(_offline_wheel_names())
     assert {"pytest", "pluggy", "iniconfig", "pygments"} <= set(_offline_wheel_names())  # the check's tests step
@@ -349,7 +348,7 @@ import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in {"tensorflow_datasets", "tensorflow", "wandb", "grain", "matplotlib",
-                                   "tensorboardX", "markdown", "pyarrow", "fastokens", "tiktoken", "fsspec"}:
+                                   "tensorboard", "markdown", "pyarrow", "fastokens", "tiktoken", "fsspec"}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import jaxlm.bench, jaxlm.throughput
@@ -363,11 +362,12 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
-def test_a_run_without_tensorboardx_is_told_how_to_log_or_not(monkeypatch, tmp_path):
-    """tensorboardX is not on the air-gapped host: a run that asks for TensorBoard gets one error line."""
+def test_a_run_without_tensorboard_is_told_how_to_log_or_not(monkeypatch, tmp_path):
+    """tensorboard is not on the air-gapped host: a run that asks for TensorBoard gets one error line."""
     from jaxlm import tensorboard_sink
     from jaxlm.errors import ConfigError
 
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` raises ImportError
-    with pytest.raises(ConfigError, match=r"log.tensorboard=True needs tensorboardX.*log.tensorboard=False"):
+    for name in ("tensorboard", "tensorboard.compat.proto", "tensorboard.summary.writer.event_file_writer"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConfigError, match=r"log.tensorboard=True needs tensorboard .*log.tensorboard=False"):
         tensorboard_sink.TensorBoard(tmp_path, 0, ())

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, write_word_corpus
 
 # what a third-party warning looks like on the console: Python's warnings (UserWarning, ...), logging's
-# and absl's (W1207 12:00:00.0 ...) warning lines, tensorboardX's line for every non-finite scalar
+# and absl's (W1207 12:00:00.0 ...) warning lines, a writer's line for every non-finite scalar
 THIRD_PARTY = re.compile(r"warn|^W\d{4} |NaN or Inf found", re.I)
 OURS = re.compile(r"^(\[\d+/\d+\] )?(\S+: )?warning: ")  # a jaxlm line, maybe a grid cell's
 

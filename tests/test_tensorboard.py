@@ -89,7 +89,7 @@ def assert_same(tb, want):
 def test_a_resumed_sink_purges_the_steps_it_writes_again(tmp_path, caplog, capsys):
     """Records at steps 2, 4, 6, then a resume from step 2 writing 4, 6, 8 with other values: TensorBoard
     shows each step once, the resumed values after step 2; the old file still holds the purged events.
-    The infinite gradient norm is written as such, counted in one line, not warned about by tensorboardX."""
+    The infinite gradient norm is written as such, counted in one line, not warned about."""
     from jaxlm import config, telemetry
 
     cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {"log.wandb_mode": "disabled"})
@@ -107,6 +107,7 @@ def test_a_resumed_sink_purges_the_steps_it_writes_again(tmp_path, caplog, capsy
     for step in (4, 6, 8):
         tele.log(step, record(step, 10))
     tele.close()
+    assert not [r for r in caplog.records if r.levelno >= 30], caplog.records  # (reading below warns of the purge)
 
     tb = read_scalars(tmp_path / "tensorboard")
     records, _ = telemetry.read_metrics(tmp_path / "metrics.jsonl")
@@ -118,7 +119,6 @@ def test_a_resumed_sink_purges_the_steps_it_writes_again(tmp_path, caplog, capsy
     assert sorted(raw_steps(tmp_path / "tensorboard", telemetry.LOSS)) == [2, 4, 4, 6, 6, 8]  # purged, not erased
     assert [p.name for p in (tmp_path / "tensorboard").iterdir()] == [tmp_path.name]  # named after the workdir
     assert math.isinf(read_raw(tmp_path / "tensorboard", telemetry.GRAD_NORM)[6][0])
-    assert not [r for r in caplog.records if r.name.startswith("tensorboardX")], caplog.records
     assert capsys.readouterr().err.count("tensorboard: 1 non-finite value logged (shown as NaN/Inf)") == 1
 
 
@@ -157,7 +157,7 @@ def test_the_config_is_written_as_text_and_hparams(tmp_path):
     tele.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard" / tmp_path.name))  # the run's own directory
     acc.Reload()
-    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = acc.Tensors("config")[0].tensor_proto.string_val[0].decode()
     assert '"n_layer": 2' in text
     plugins = acc.PluginTagToContent("hparams")
     assert "_hparams_/experiment" in plugins and b"model.n_layer" in plugins["_hparams_/session_start_info"]

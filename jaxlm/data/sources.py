@@ -39,6 +39,7 @@ import dataclasses
 import difflib
 import itertools
 import json
+import os
 import sys
 import sysconfig
 from pathlib import Path
@@ -209,15 +210,21 @@ class StdlibSource(FilesSource):
     def __init__(self, spec, data_cfg):
         Source.__init__(self, spec, data_cfg)
         root = Path(sysconfig.get_paths()["stdlib"])
-        self.paths = sorted(
-            p for p in root.rglob("*.py")
-            if "site-packages" not in p.parts and "dist-packages" not in p.parts and "__pycache__" not in p.parts
-        )
+        self.paths = sorted(_stdlib_files(root))
         if not self.paths:
             raise DataError(f"data.source=stdlib: no .py files under {root}; is this Python's stdlib installed?")
 
     def fingerprint(self):
         return {"spec": self.spec, "python": sys.version.split()[0], "files": _file_fingerprint(self.paths)}
+
+
+def _stdlib_files(root: Path):
+    """The *.py files under `root`, not under site-packages, dist-packages or __pycache__ (which are not
+    entered: site-packages alone can hold tens of thousands of files), symlinked directories not followed."""
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if x not in skip]
+        yield from (Path(d) / n for n in names if n.endswith(".py"))
 
 
 class JsonlSource(Source):
