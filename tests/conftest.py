@@ -30,6 +30,28 @@ def train_tiny_run(root: Path, **overrides) -> Path:
     return root / "run"
 
 
+def once_per_session(tmp_path_factory, name: str, build):
+    """`build(directory)`'s value, built once per test session: the suite runs on pytest-xdist workers
+    (-n 2), and a module fixture runs once on every worker that runs one of its module's tests, so an
+    expensive one built this way is built by the first worker to need it while the other waits, then
+    read back (pickled). The directory and the value are read-only to the tests that use them."""
+    import pickle
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, above the workers'
+    directory, value = base / f"once-{name}", base / f"once-{name}.pickle"
+    with FileLock(f"{directory}.lock"):
+        if value.exists():
+            return pickle.loads(value.read_bytes())
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        result = build(directory)
+        value.write_bytes(pickle.dumps(result))
+        return result
+
+
 def write_word_corpus(d: Path, n_docs: int, words_per_doc: int = 400, seed: int = 0) -> Path:
     """Text files of random made-up words: a small corpus a tokenizer can learn quickly."""
     import numpy as np

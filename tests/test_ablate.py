@@ -16,7 +16,7 @@ from jaxlm import generate, model, saved_run, telemetry
 from jaxlm import run as run_lib
 from jaxlm.data import tokenizer as tok_lib
 
-from conftest import ROOT
+from conftest import ROOT, once_per_session
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -24,13 +24,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     """The stress preset, shortened: naive fp16 vs fp16_upcast, layer scaling on, one seed."""
-    out = tmp_path_factory.mktemp("grid")
-    cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16,fp16_upcast",
-           "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=offline"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, res
+    def build(out):
+        cmd = [sys.executable, "-m", "jaxlm.ablate", "--config=configs/stress_fp16.py", "--regimes=fp16,fp16_upcast",
+               "--layer-scaling=on", "--seeds=21", "--steps=40", f"--out={out}", "--config.log.wandb_mode=offline"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return out, res
+
+    return once_per_session(tmp_path_factory, "stress-grid", build)
 
 
 def _records(run_dir):

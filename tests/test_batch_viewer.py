@@ -15,7 +15,7 @@ from jaxlm import train
 from jaxlm.data import viewer
 from jaxlm.errors import ConfigError
 
-from conftest import ROOT, train_tiny_run, write_word_corpus
+from conftest import ROOT, once_per_session, train_tiny_run, write_word_corpus
 from helpers import pods, record_batches
 
 STEPS = 6
@@ -26,12 +26,15 @@ OVERRIDES = {"train.steps": STEPS, "train.batch_size": 4, "train.seq_len": 32, "
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A six-step tiny run trained in this process, with every batch its train step consumed."""
-    seen: dict[int, np.ndarray] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.Trainer, "__init__", record_batches.recording_init(lambda s, b: seen.setdefault(s, b)))
-        run = train_tiny_run(tmp_path_factory.mktemp("viewer"), **OVERRIDES)
-    assert sorted(seen) == list(range(1, STEPS + 1))
-    return run, np.stack([seen[s] for s in range(1, STEPS + 1)])
+    def build(root):
+        seen: dict[int, np.ndarray] = {}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train.Trainer, "__init__", record_batches.recording_init(lambda s, b: seen.setdefault(s, b)))
+            run = train_tiny_run(root, **OVERRIDES)
+        assert sorted(seen) == list(range(1, STEPS + 1))
+        return run, np.stack([seen[s] for s in range(1, STEPS + 1)])
+
+    return once_per_session(tmp_path_factory, "viewer-tiny", build)
 
 
 def _cli(*args, timeout=300):

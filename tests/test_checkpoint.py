@@ -16,7 +16,7 @@ import pytest
 from jaxlm import checkpoint, config, saved_run, telemetry
 from jaxlm.errors import CheckpointError
 
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, once_per_session, write_word_corpus
 
 STEPS = 40
 HELPERS = ROOT / "tests" / "helpers"
@@ -36,7 +36,7 @@ def test_mistral_schedule():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("ckcorpus"), 40)
+    return once_per_session(tmp_path_factory, "ck-corpus", lambda d: write_word_corpus(d, 40))
 
 
 def _args(workdir, corpus, cache, **over):
@@ -77,14 +77,16 @@ def _final_params(workdir, step=STEPS):
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """One uninterrupted run, and a second identical one: per-step losses must be bit-identical."""
-    root = tmp_path_factory.mktemp("ref")
-    runs = []
-    for name in ("a", "b"):
-        out = _run(_args(root / name, corpus, root / "cache"))
-        assert out.returncode == 0, out.stderr[-3000:]
-        runs.append(_losses(root / name))
-    assert sorted(runs[0]) == list(range(1, STEPS + 1))
-    return root / "a", runs
+    def build(root):
+        runs = []
+        for name in ("a", "b"):
+            out = _run(_args(root / name, corpus, root / "cache"))
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs.append(_losses(root / name))
+        assert sorted(runs[0]) == list(range(1, STEPS + 1))
+        return root / "a", runs
+
+    return once_per_session(tmp_path_factory, "ck-reference", build)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from jaxlm import config, data, files, telemetry
 from jaxlm import run as run_lib
 from jaxlm.ablate import grid, plots
 
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, once_per_session, write_word_corpus
 
 
 def _cfg(corpus, cache, **over):
@@ -34,17 +34,19 @@ def _records(workdir):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("faultcorpus"), 30)
+    return once_per_session(tmp_path_factory, "fault-corpus", lambda d: write_word_corpus(d, 30))
 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """12 uninterrupted steps (a constant schedule, so a run extended from 9 to 12 steps is the same run)."""
-    root = tmp_path_factory.mktemp("faultref")
-    run_lib.run(_cfg(corpus, root / "cache"), root / "ref", log=lambda s: None)
-    recs = _records(root / "ref")
-    assert [r["step"] for r in recs] == list(range(1, 13))
-    return root, recs
+    def build(root):
+        run_lib.run(_cfg(corpus, root / "cache"), root / "ref", log=lambda s: None)
+        recs = _records(root / "ref")
+        assert [r["step"] for r in recs] == list(range(1, 13))
+        return root, recs
+
+    return once_per_session(tmp_path_factory, "fault-reference", build)
 
 
 # --- metrics.jsonl --------------------------------------------------------------------------------

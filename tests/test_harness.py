@@ -14,7 +14,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from conftest import ROOT, write_word_corpus  # noqa: E402
+from conftest import ROOT, once_per_session, write_word_corpus  # noqa: E402
 
 MC, ROLLING = "jaxlm_test_mc", "jaxlm_test_rolling"
 
@@ -70,16 +70,18 @@ def exported(tmp_path_factory):
     from jaxlm import config, export
     from jaxlm import run as run_lib
 
-    root = tmp_path_factory.mktemp("harness")
-    corpus = write_word_corpus(root / "corpus", 30)
-    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
-        "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
-        "train.steps": 3, "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0,
-        "log.wandb_mode": "disabled", "log.stats_every": 0,
-        "checkpoint.stages": ((3, 10),)})
-    run_lib.run(cfg, root / "run", log=lambda s: None)
-    out = export.export(root / "run", root / "hf")
-    return root / "run", out, write_tasks(root / "tasks", corpus)
+    def build(root):
+        corpus = write_word_corpus(root / "corpus", 30)
+        cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", {
+            "data.source": f"files:{corpus}/*.txt", "data.tokenizer_kind": "byte_bpe", "data.vocab_size": 400,
+            "train.steps": 3, "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0,
+            "log.wandb_mode": "disabled", "log.stats_every": 0,
+            "checkpoint.stages": ((3, 10),)})
+        run_lib.run(cfg, root / "run", log=lambda s: None)
+        out = export.export(root / "run", root / "hf")
+        return root / "run", out, write_tasks(root / "tasks", corpus)
+
+    return once_per_session(tmp_path_factory, "harness-export", build)
 
 
 @pytest.mark.slow  # imports lm-eval, loads the task's dataset

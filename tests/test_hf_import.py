@@ -27,7 +27,7 @@ from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.probe import mdl, study
 from jaxlm.probe import tasks as tasks_lib
 
-from conftest import ROOT, train_tiny_run
+from conftest import ROOT, once_per_session, train_tiny_run
 
 STEPS = 20  # checkpoints 0..19
 SMALL = {"train.seq_len": 32, "train.batch_size": 4}  # small steps: the point is the checkpoints
@@ -64,19 +64,23 @@ def original(tmp_path_factory):
     """A tiny run with layer-index scaling, 20 checkpoints, and their export. Its weights start 10x larger than
     GPT-2's (initializer_range 0.2), so its attention scores are too and their scale changes the loss by 2e-3 or
     more; at 0.02 the tiny model's scores stay so small that the flag moves its loss by 1e-7."""
-    root = tmp_path_factory.mktemp("hf_import")
-    run = train_tiny_run(root, **{"model.scale_attn_by_inverse_layer_idx": True, "model.initializer_range": 0.2,
-                                  "train.steps": STEPS - 1, **SMALL})
-    return run, export_series(run, root / "series", range(STEPS))
+    def build(root):
+        run = train_tiny_run(root, **{"model.scale_attn_by_inverse_layer_idx": True, "model.initializer_range": 0.2,
+                                      "train.steps": STEPS - 1, **SMALL})
+        return run, export_series(run, root / "series", range(STEPS))
+
+    return once_per_session(tmp_path_factory, "hf-import-original", build)
 
 
 @pytest.fixture(scope="module")
 def imported(original, tmp_path_factory):
-    run, series = original
-    out = tmp_path_factory.mktemp("imported") / "run"
-    result = hf_import.import_hf(str(series), out, base_config(run), log=quiet, progress=False)
-    assert result == {"imported": list(range(STEPS)), "skipped": []}
-    return out
+    def build(root):
+        run, series = original
+        result = hf_import.import_hf(str(series), root / "run", base_config(run), log=quiet, progress=False)
+        assert result == {"imported": list(range(STEPS)), "skipped": []}
+        return root / "run"
+
+    return once_per_session(tmp_path_factory, "hf-import-imported", build)
 
 
 def _losses(rows):
@@ -280,7 +284,8 @@ def test_a_killed_import_resumes_complete_and_identical(original, imported, tmp_
 
 @pytest.mark.slow
 def test_the_seed_band_report_over_two_runs_and_an_import(original, imported, tmp_path):
-    run, _ = original
+    # copies: evaluating and probing write into a run, and the fixture's runs are the session's
+    run, imported = (Path(shutil.copytree(r, tmp_path / name)) for r, name in ((original[0], "run"), (imported, "imp")))
     other = train_tiny_run(tmp_path / "s49", **{"model.scale_attn_by_inverse_layer_idx": True, "train.seed": 49,
                                                 "model.initializer_range": 0.2, **SMALL})  # steps 0, 1, 2
     runs = [run, other, imported]

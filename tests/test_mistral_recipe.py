@@ -30,7 +30,7 @@ from jaxlm import run as run_lib
 from jaxlm.data import sources as sources_lib
 from jaxlm.data import tokenizer_train, viewer
 
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, once_per_session, write_word_corpus
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,10 +44,12 @@ TOLERANCE = 1e-5  # relative, per step
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """(corpus glob, GPT-2-style tokenizer spec hf:DIR): a byte-level BPE trained here, in GPT-2's files."""
-    root = tmp_path_factory.mktemp("mistral")
-    docs = write_word_corpus(root / "corpus", 40, words_per_doc=0, seed=3)
-    tok = tokenizer_train.train_byte_bpe([p.read_text() for p in sorted(docs.glob("*.txt"))], 400)
-    return f"files:{docs}/*.txt", tok.save(root / "gpt2_tokenizer")
+    def build(root):
+        docs = write_word_corpus(root / "corpus", 40, words_per_doc=0, seed=3)
+        tok = tokenizer_train.train_byte_bpe([p.read_text() for p in sorted(docs.glob("*.txt"))], 400)
+        return f"files:{docs}/*.txt", tok.save(root / "gpt2_tokenizer")
+
+    return once_per_session(tmp_path_factory, "mistral-corpus", build)
 
 
 def mistral_cfg(corpus, **flips):
@@ -123,12 +125,14 @@ def reference_losses(hf_dir, batches: np.ndarray, cfg) -> np.ndarray:
 @pytest.fixture(scope="module")
 def mistral(corpus, tmp_path_factory):
     """jaxlm's Mistral-recipe losses, the batches it trained on, and the reference's losses."""
-    root = tmp_path_factory.mktemp("mistral_run")
-    cfg = mistral_cfg(corpus)
-    losses = jaxlm_losses(cfg, root / "run")
-    batches = viewer.batches(cfg, root / "run", 1, STEPS, log=lambda s: None)
-    hf_dir = export.export(root / "run", root / "hf0", step=0)
-    return {"losses": losses, "batches": batches, "reference": reference_losses(hf_dir, batches, cfg), "root": root}
+    def build(root):
+        cfg = mistral_cfg(corpus)
+        losses = jaxlm_losses(cfg, root / "run")
+        batches = viewer.batches(cfg, root / "run", 1, STEPS, log=lambda s: None)
+        hf_dir = export.export(root / "run", root / "hf0", step=0)
+        return {"losses": losses, "batches": batches, "reference": reference_losses(hf_dir, batches, cfg), "root": root}
+
+    return once_per_session(tmp_path_factory, "mistral-run", build)
 
 
 def test_jaxlm_trains_as_mistral_did_step_for_step(mistral):

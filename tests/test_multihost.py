@@ -3,6 +3,7 @@ train the same global batches as one process; their checkpoints restore in one p
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from jaxlm import saved_run, telemetry
 
-from conftest import ROOT, write_word_corpus
+from conftest import ROOT, once_per_session, write_word_corpus
 
 STEPS = 6
 GLOBAL_DEVICES = 4
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow  # every test trains in jaxlm.main subprocesses (t
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return write_word_corpus(tmp_path_factory.mktemp("mhcorpus"), 30)
+    return once_per_session(tmp_path_factory, "mh-corpus", lambda d: write_word_corpus(d, 30))
 
 
 def _free_port() -> int:
@@ -70,11 +71,13 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mh")
-    cache = root / "cache"
-    _train(root / "p1", corpus, cache, 1)  # builds the shared cache first
-    _train(root / "p2", corpus, cache, 2)
-    return root, cache
+    def build(root):
+        cache = root / "cache"
+        _train(root / "p1", corpus, cache, 1)  # builds the shared cache first
+        _train(root / "p2", corpus, cache, 2)
+        return root, cache
+
+    return once_per_session(tmp_path_factory, "mh-runs", build)
 
 
 def test_two_processes_train_like_one(runs):
@@ -90,15 +93,15 @@ def test_two_processes_train_like_one(runs):
     assert "process 1 of 2 (explicit)" in (root / "p2" / "logs" / "process-1.log").read_text()
 
 
-def test_four_processes_train_like_one(runs, corpus):
+def test_four_processes_train_like_one(runs, corpus, tmp_path):
     root, cache = runs
-    _train(root / "p4", corpus, cache, 4)
-    one, four = _losses(root / "p1"), _losses(root / "p4")
+    _train(tmp_path / "p4", corpus, cache, 4)
+    one, four = _losses(root / "p1"), _losses(tmp_path / "p4")
     for s in one:
         assert abs(one[s] - four[s]) <= 1e-5 * abs(one[s]), (s, one[s], four[s])
 
 
-def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus):
+def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus, tmp_path):
     root, cache = runs
     one_dev = jax.devices()[:1]
     import ml_collections
@@ -111,10 +114,11 @@ def test_two_process_checkpoint_restores_and_resumes_in_one_process(runs, corpus
     assert step == STEPS
     for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    (out, err), = _train(root / "p2", corpus, cache, 1, steps=STEPS + 3,
+    shutil.copytree(root / "p2", tmp_path / "p2")  # (the shared run stays as it is)
+    (out, err), = _train(tmp_path / "p2", corpus, cache, 1, steps=STEPS + 3,
                          extra=["--config.checkpoint.allow_config_change=True"])
     assert f"resumed from the checkpoint at step {STEPS}" in out + err
-    assert sorted(_losses(root / "p2"))[-1] == STEPS + 3
+    assert sorted(_losses(tmp_path / "p2"))[-1] == STEPS + 3
 
 
 def test_a_single_process_prints_every_failure_of_repeated_runs():
