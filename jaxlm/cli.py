@@ -188,31 +188,45 @@ class LibraryTracebacks:
     def __init__(self, stream):
         self.stream, self.block, self.pending = stream, None, ""
         self.lock = threading.Lock()
+        self._routing = threading.local()  # set while this thread hands a traceback to the log
 
     def write(self, text: str) -> int:
+        if getattr(self._routing, "on", False):
+            # logging's report that the log could not take a traceback (a full disk): dropped, or its
+            # own traceback would reach the console; the run's error line says what failed
+            return len(text)
+        routed = []
         with self.lock:
             if self.block is None and not self.pending and self.START not in text:
                 return self.stream.write(text)
             self.pending += text
             while "\n" in self.pending:
                 line, self.pending = self.pending.split("\n", 1)
-                self._line(line + "\n")
-            return len(text)
+                if (block := self._line(line + "\n")) is not None:
+                    routed.append(block)
+        for block in routed:  # to the log outside the lock: its handlers may write to stderr again
+            self._routing.on = True
+            try:
+                logging.getLogger("jaxlm").info("a library thread's traceback (--verbose shows them):\n%s", block)
+            finally:
+                self._routing.on = False
+        return len(text)
 
-    def _line(self, line: str) -> None:
+    def _line(self, line: str) -> str | None:
+        """Passes `line` on, or holds it as part of a traceback; returns a finished library traceback."""
         if self.block is None:
             if line.startswith(self.START):
                 self.block = [line]
             else:
                 self.stream.write(line)
-            return
+            return None
         self.block.append(line)
         if not line.startswith((" ", "\t")) and not line.startswith(self.START):  # the exception's own line
             block, self.block = "".join(self.block), None
-            if "/jaxlm/" in block:
-                self.stream.write(block)
-            else:
-                logging.getLogger("jaxlm").info("a library thread's traceback (--verbose shows them):\n%s", block)
+            if "/jaxlm/" not in block:
+                return block
+            self.stream.write(block)
+        return None
 
     def flush(self) -> None:
         with self.lock:

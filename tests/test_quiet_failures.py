@@ -115,6 +115,39 @@ def test_a_full_disk_is_one_error_line_last_and_the_run_resumes_from_what_was_sa
     assert [r[telemetry.STEP_LOSSES] for r in got] == [r[telemetry.STEP_LOSSES] for r in ref]
 
 
+def test_a_library_traceback_whose_log_is_full_neither_hangs_nor_reaches_the_console(monkeypatch):
+    """A full disk: the log file's handler fails as a library thread's traceback is routed to it, and
+    logging reports that failure on stderr, which is the filter itself. It used to wait there for its
+    own lock, so Orbax's thread never ended and the run hung in its save."""
+    import errno
+    import io
+    import logging
+    import threading
+
+    from jaxlm import cli
+
+    class FullDisk(logging.Handler):
+        def emit(self, record):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                self.handleError(record)  # what a FileHandler does: "--- Logging error ---" and a traceback
+
+    out = io.StringIO()
+    f = cli.LibraryTracebacks(out)
+    monkeypatch.setattr(sys, "stderr", f)
+    log = logging.getLogger("jaxlm")
+    monkeypatch.setattr(log, "handlers", [FullDisk()])
+    monkeypatch.setattr(log, "level", logging.INFO)
+    writer = threading.Thread(target=f.write, daemon=True, args=(
+        "Traceback (most recent call last):\n  File \"/x/orbax/future.py\", line 1\nOSError: disk full\n",))
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive(), "the filter waited on itself"
+    f.write("step 9\n")
+    assert out.getvalue() == "step 9\n"
+
+
 def test_library_tracebacks_leave_the_console_and_jaxlms_stay():
     import io
 
