@@ -276,10 +276,15 @@ def load_pretrained(path: str | os.PathLike, regime: str = "fp32", **policy_over
 
 def unexportable(cfg: model_lib.GPT2Config) -> list[str]:
     """Why `cfg`'s function is not a Hugging Face GPT2LMHeadModel's (empty: it is). model.use_bias=False
-    is exported, as zero biases: the same function; model.z_loss only changes training and
-    query_key_layer_scaling only the arithmetic: both export."""
+    is exported, as zero biases: the same function; model.z_loss only changes training,
+    query_key_layer_scaling only the arithmetic and model.zero_init_proj (or optim.muon) only the
+    initialisation (the training): they export."""
     why = [f"model.{f}={getattr(cfg, f)!r} (GPT2LMHeadModel has no such option)"
-           for f in ("qk_norm", "attn_logit_softcap") if getattr(cfg, f)]
+           for f in ("qk_norm", "attn_logit_softcap", "logit_softcap") if getattr(cfg, f)]
+    if cfg.rope:
+        why.append("model.rope=True (HF GPT-2 adds learned positions, wpe; it has no rotary embeddings)")
+    if not cfg.tie_word_embeddings:
+        why.append("model.tie_word_embeddings=False (HF GPT-2's head is the token table)")
     if cfg.mlp_kind != "gelu":
         why.append(f"model.mlp_kind={cfg.mlp_kind!r} (HF GPT-2's MLP is gelu_new without a gate)")
     if cfg.ln_embed:

@@ -3,8 +3,9 @@
 Linear layers, LayerNorms and embeddings are Flax NNX's, made with the precision policy's dtypes and
 their parameters' logical axes as Flax ``out_sharding`` metadata (``axes``); each large activation
 declares its axes by kind (``ACTIVATIONS``, applied by ``constrain``). ``jaxlm.sharding`` maps both to
-the mesh in a train step; outside one they mean nothing. Also here: dropout, the variable types the
-blocks sow telemetry into, and the chunked cross-entropy of the head.
+the mesh in a train step; outside one they mean nothing. Also here: dropout, the MLP's activations,
+rotary position embeddings, the logit soft-cap, the variable types the blocks sow telemetry into,
+and the chunked cross-entropy of the head.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def axes(*names: str) -> dict:
 
 
 def linear(d_in, d_out, std, policy, rngs, kernel_axes, bias_axes, use_bias=True):
-    """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape. Its
-    matmul is the policy's ``dot_general`` (float8 operands in the fp8 regime, else lax's).
-    `use_bias=False` (model.use_bias): no bias parameter at all."""
+    """A dense layer, kernel (d_in, *d_out); initialised as HF does whatever the output's shape (normal
+    with standard deviation `std`; `std=0`: zeros, model.zero_init_proj). Its matmul is the policy's
+    ``dot_general`` (float8 operands in the fp8 regime, else lax's). `use_bias=False` (model.use_bias):
+    no bias parameter at all."""
+    kernel_init = nnx.initializers.normal(std) if std else nnx.initializers.zeros_init()
     return nnx.LinearGeneral(
         d_in, d_out, use_bias=use_bias, dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
-        kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros_init(),
+        kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(),
         precision=policy.matmul_precision, dot_general=policy.dot_general, rngs=rngs,
         kernel_metadata=axes(*kernel_axes), bias_metadata=axes(*bias_axes),
     )
@@ -63,6 +66,16 @@ def layernorm(cfg, policy, rngs, features=None, axis_name="act_embed"):
     return nnx.LayerNorm(features or cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
                          param_dtype=policy.param_dtype, rngs=rngs, use_fast_variance=False,
                          scale_metadata=axes(axis_name), bias_metadata=axes(axis_name))
+
+
+def qk_norm(cfg, policy, rngs):
+    """The norm model.qk_norm puts on each head's queries and keys (over head_dim, one gain shared by the
+    heads): a LayerNorm, or an RMSNorm (model.qk_norm_kind='rms', modded-nanogpt's; gain 1 at init)."""
+    if cfg.qk_norm_kind == "layernorm":
+        return layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
+    # Flax computes the mean square in at least float32 whatever `dtype` is, as it does LayerNorm's statistics
+    return nnx.RMSNorm(cfg.head_dim, epsilon=cfg.layer_norm_epsilon, dtype=policy.compute_dtype,
+                       param_dtype=policy.param_dtype, rngs=rngs, scale_metadata=axes("head_dim"))
 
 
 def zero_padded(init, rows: int):
@@ -84,6 +97,48 @@ def dropout(x, rate: float, key: jax.Array | None):
 
 
 
+def activation(kind: str, h_BTF):
+    """The MLP's nonlinearity (model.mlp_kind) of c_fc's output: ``gelu`` (HF's "gelu_new", tanh
+    approximation); ``gated_gelu`` GELU(a)·b of its two halves (Cramming's GLU, half the width out);
+    ``relu2`` ReLU(h)² (So et al. 2021, *Primer*; modded-nanogpt's): sparse, and cheaper than GELU."""
+    if kind == "gated_gelu":
+        a_BTF, b_BTF = jnp.split(h_BTF, 2, axis=-1)
+        return jax.nn.gelu(a_BTF, approximate=True) * b_BTF
+    if kind == "relu2":
+        return jnp.square(jax.nn.relu(h_BTF))
+    return jax.nn.gelu(h_BTF, approximate=True)
+
+
+# --- rotary position embeddings (model.rope) ----------------------------------------------------
+# RoPE (Su et al. 2021, *RoFormer*): each head's query and key are read as head_dim/2 planes (dims j and
+# j + head_dim/2, GPT-NeoX's and modded-nanogpt's pairing), and plane j of the vector at position p is
+# rotated by p·θ_j, θ_j = base^(-2j/head_dim). Rotations keep lengths, and a query rotated by p·θ dotted
+# with a key rotated by s·θ is their product rotated by (p - s)·θ: the scores depend on positions only
+# through their difference, so there is no learned position table (wpe). Angles and rotation run in
+# float32 (p·θ_0 up to n_positions needs its mantissa); q and k come back in their own dtype (the
+# policy's compute dtype).
+
+def rope_tables(positions_BT, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of the rotation angles at `positions_BT`, float32 (B, T, head_dim/2)."""
+    inv_freq_J = base ** (-jnp.arange(0, head_dim, 2, dtype=precision.FP32) / head_dim)
+    angle_BTJ = jnp.asarray(positions_BT).astype(precision.FP32)[..., None] * inv_freq_J
+    return jnp.cos(angle_BTJ), jnp.sin(angle_BTJ)
+
+
+def rope(x_BTHK, tables) -> jax.Array:
+    """`x_BTHK` (queries or keys) with each head's planes rotated by the angles of ``rope_tables``."""
+    cos_BTJ, sin_BTJ = (t[:, :, None, :] for t in tables)  # every head the same angles
+    x1, x2 = jnp.split(x_BTHK.astype(precision.FP32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BTJ - x2 * sin_BTJ, x1 * sin_BTJ + x2 * cos_BTJ], axis=-1)
+    return out.astype(x_BTHK.dtype)
+
+
+def softcap(logits, cap: float):
+    """cap·tanh(logits/cap): every logit inside (-cap, cap), the identity near 0 (model.logit_softcap;
+    Gemma 2, modded-nanogpt). 0 = off."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 class Stats(nnx.Intermediate):
     """Per-layer telemetry the modules sow when ``collect_stats`` is set (see ``apply``)."""
 
@@ -103,6 +158,23 @@ def sow_fp8(module: nnx.Module, x_in) -> None:
 def rms(x):
     x = x.astype(precision.FP32)
     return jnp.sqrt(jnp.mean(x * x))
+
+
+def collected_stats(sown: dict, logits_BTV, vocab_size: int, fp8: bool) -> dict:
+    """``model.apply(collect_stats=True)``'s statistics from what the model sowed (a plain dict) and its
+    float32 logits: per layer resid_rms, attn_max, attn_min, nonfinite (and the fp8 ones), and the
+    scalars logit_mean and log_z."""
+    blocks = sown["layers"][0]  # every value (n_layer,), in a tuple of the times it was sown
+    rms_L = blocks["resid_rms"][0]
+    stats = {"resid_rms": rms_L, "attn_max": blocks["attn"]["attn_max"][0], "attn_min": blocks["attn"]["attn_min"][0],
+             "nonfinite": blocks["attn"]["nonfinite"][0] | ~jnp.isfinite(rms_L)}
+    if fp8:
+        for k in ("fp8_amax", "fp8_saturated", "fp8_underflow"):
+            stats[k] = jnp.max(jnp.stack([*blocks["attn"][k], *blocks["mlp"][k]]), axis=0)
+    real_V = jnp.arange(logits_BTV.shape[-1]) < vocab_size
+    stats["logit_mean"] = jnp.sum(jnp.where(real_V, logits_BTV, 0.0)) / (logits_BTV[..., 0].size * vocab_size)
+    stats["log_z"] = jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1))
+    return stats
 
 
 def chunked_cross_entropy(head, x_BTD, targets_BT, chunk: int):

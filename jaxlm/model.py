@@ -3,6 +3,9 @@
     tokens ─ wte + wpe ─ dropout ─┬─ n_layer × Block ─ ln_f ─ tied head (wteᵀ) ─> logits (fp32)
     Block:  x + drop(attn(ln_1(x)))  then  x + drop(mlp(ln_2(x)))      (pre-LN, eps 1e-5)
 
+Switches, off by default (GPT2Config): Wortsman et al.'s qk_norm and softcaps; Cramming's (configs/crammed.py);
+the speedrun's (configs/speedrun.py): RoPE instead of wpe, ReLU², zero-init c_proj, an untied head lm_head.
+
 Parameter names follow Hugging Face (wte, wpe, h[i].ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and Linear kernels are (in, out) like HF's Conv1D, so weights move
 both ways without transposes (see ``jaxlm.hf``); c_attn's output axis is kept as (3, n_head,
@@ -22,7 +25,6 @@ then ``apply(graphdef, params, tokens)`` inside ``jax.jit``.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +51,16 @@ class Attention(nnx.Module):
         self.c_attn = layers.linear(d, (3, cfg.n_head, cfg.head_dim), cfg.initializer_range, policy, rngs,
                               ("embed", "qkv", "heads", "head_dim"), ("qkv", "heads", "head_dim"), cfg.use_bias)
         # its input is the heads side by side (H·K), split over devices as c_attn's output is
-        self.c_proj = layers.linear(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
-                              ("heads", "embed"), ("act_embed",), cfg.use_bias)
+        self.c_proj = layers.linear(d, d, cfg.proj_std, policy, rngs, ("heads", "embed"), ("act_embed",),
+                                    cfg.use_bias)
         if cfg.qk_norm:  # only then: with it off the parameters (and checkpoints) are GPT-2's
-            self.q_norm = layers.layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
-            self.k_norm = layers.layernorm(cfg, policy, rngs, cfg.head_dim, "head_dim")
+            self.q_norm = layers.qk_norm(cfg, policy, rngs)
+            self.k_norm = layers.qk_norm(cfg, policy, rngs)
 
-    def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None, layer_idx=None):
+    def __call__(self, x_BTD, keys=(None, None), cache: attn_lib.KVCache | None = None, layer_idx=None, rope=None):
         """(output, cache with this call's keys and values appended); `keys`: probabilities' and output's
-        dropout; `layer_idx`: this layer's index, a traced int32 in the layer scan (default: the block's)."""
+        dropout; `layer_idx`: this layer's index, a traced int32 in the layer scan (default: the block's);
+        `rope`: the rotary tables of these positions (``layers.rope_tables``) with model.rope."""
         cfg = self.cfg
         B, T, D = x_BTD.shape
         probs_key, out_key = keys
@@ -67,6 +70,8 @@ class Attention(nnx.Module):
         q_BTHK, k_BSHK, v_BSHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
         if cfg.qk_norm:
             q_BTHK, k_BSHK = self.q_norm(q_BTHK), self.k_norm(k_BSHK)
+        if rope is not None:  # rotated before the cache: cached keys keep their positions' rotation
+            q_BTHK, k_BSHK = layers.rope(q_BTHK, rope), layers.rope(k_BSHK, rope)
         mask_TS = None  # causal over the T positions
         if cache is not None:  # decoding: the queries also see every position written before
             mask_TS = cache.mask_TS(T)
@@ -111,11 +116,11 @@ class MLP(nnx.Module):
         d = cfg.n_embd
         # gated_gelu (Cramming's GLU): c_fc's 4d outputs are two halves, GELU(a) * b, so the hidden width is 2d
         # and c_proj is (2d, d): fewer parameters than GPT-2's MLP, as in Cramming (which keeps the width).
-        self.gated = cfg.mlp_kind == "gated_gelu"
-        hidden = 2 * d if self.gated else 4 * d
+        self.kind = cfg.mlp_kind
+        hidden = 2 * d if self.kind == "gated_gelu" else 4 * d
         self.c_fc = layers.linear(d, 4 * d, cfg.initializer_range, policy, rngs, ("embed", "mlp"), ("mlp",), cfg.use_bias)
-        self.c_proj = layers.linear(hidden, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), policy, rngs,
-                              ("mlp", "embed"), ("act_embed",), cfg.use_bias)
+        self.c_proj = layers.linear(hidden, d, cfg.proj_std, policy, rngs, ("mlp", "embed"), ("act_embed",),
+                                    cfg.use_bias)
         self.resid_pdrop = cfg.resid_pdrop
         self.fp8_stats = policy.fp8_matmuls
         self.collect_stats = False
@@ -124,11 +129,7 @@ class MLP(nnx.Module):
         h_BTF = constrain(self.c_fc(x_BTD), "mlp")
         if self.collect_stats and self.fp8_stats:
             layers.sow_fp8(self, x_BTD)
-        if self.gated:
-            a_BTF, b_BTF = jnp.split(h_BTF, 2, axis=-1)
-            h_BTF = jax.nn.gelu(a_BTF, approximate=True) * b_BTF
-        else:
-            h_BTF = jax.nn.gelu(h_BTF, approximate=True)  # HF "gelu_new"
+        h_BTF = layers.activation(self.kind, h_BTF)  # gelu: HF's "gelu_new"
         if self.collect_stats and self.fp8_stats:
             layers.sow_fp8(self, h_BTF)
         return layers.dropout(self.c_proj(h_BTF), self.resid_pdrop, key)
@@ -144,12 +145,12 @@ class Block(nnx.Module):
         self.collect_stats = False
         self.collect_residuals = False
 
-    def __call__(self, x_BTD, key=None, cache: attn_lib.KVCache | None = None, layer_idx=None):
-        """(x + attn(ln_1(x)), then + mlp(ln_2(x)); this layer's updated cache). `layer_idx`: see Attention."""
+    def __call__(self, x_BTD, key=None, cache: attn_lib.KVCache | None = None, layer_idx=None, rope=None):
+        """(x + attn(ln_1(x)), then + mlp(ln_2(x)); this layer's updated cache). `layer_idx`, `rope`: see Attention."""
         *attn_keys, mlp_key = layers.split(key, 3)
         # named scopes ("attn", "attn/core", "mlp", ...) label the compiled ops: jaxlm.profiling sums by them
         with jax.named_scope("attn"):
-            a_BTD, cache = self.attn(self.ln_1(x_BTD), attn_keys, cache, layer_idx)
+            a_BTD, cache = self.attn(self.ln_1(x_BTD), attn_keys, cache, layer_idx, rope)
             x_BTD = constrain(x_BTD + a_BTD, "residual")
         with jax.named_scope("mlp"):
             x_BTD = constrain(x_BTD + self.mlp(self.ln_2(x_BTD), mlp_key), "residual")
@@ -175,14 +176,17 @@ class GPT2(nnx.Module):
         emb = dict(dtype=policy.compute_dtype, param_dtype=policy.param_dtype, rngs=rngs)
         self.wte = nnx.Embed(cfg.padded_vocab_size, cfg.n_embd, embedding_init=layers.zero_padded(init, cfg.vocab_size),
                              embedding_metadata=layers.axes("vocab", "embed"), **emb)
-        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
-                             embedding_metadata=layers.axes("positions", "embed"), **emb)
+        self.wpe = None if cfg.rope else nnx.Embed(  # model.rope: positions rotate q and k instead
+            cfg.n_positions, cfg.n_embd, embedding_init=init, embedding_metadata=layers.axes("positions", "embed"), **emb)
         impls = model_config.attention_implementations(cfg, policy)
         blocks = [Block(cfg, policy, i, impls, rngs=rngs) for i in range(cfg.n_layer)]
         # model.scan_layers: one block of the same parameters stacked, run by a scan (jaxlm.scan)
         self.h = scan_lib.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.ln_f = layers.layernorm(cfg, policy, rngs) if cfg.ln_final else None  # model.ln_final
         self.ln_embed = layers.layernorm(cfg, policy, rngs) if cfg.ln_embed else None  # model.ln_embed (Cramming)
+        # model.tie_word_embeddings=False: an own head, (D, V) as HF's lm_head.weight transposed (Conv1D's layout)
+        self.lm_head = None if cfg.tie_word_embeddings else layers.linear(
+            cfg.n_embd, cfg.padded_vocab_size, cfg.initializer_range, policy, rngs, ("embed", "vocab"), (), False)
 
     def __call__(
         self,
@@ -197,59 +201,65 @@ class GPT2(nnx.Module):
         `dropout_key=None` means evaluation (no dropout). Positions default to 0.. (after the
         cache's filled positions). Per-layer statistics: ``apply(..., collect_stats=True)``.
         """
-        x_BTD, wte_VD, new_cache = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key,
-                                              cache=cache)
+        x_BTD, head_VD, new_cache = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key,
+                                               cache=cache)
         with jax.named_scope("head"):
-            logits_BTV = self._head(x_BTD, wte_VD)
+            logits_BTV = self._head(x_BTD, head_VD)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def token_losses(self, tokens_BT, targets_BT, *, positions_BT=None, dropout_key=None):
         """Per-token cross-entropy of `targets_BT` and log Z (the log-sum-exp of the logits), both
         float32 (B, T); the head runs ``cfg.loss_chunk`` positions at a time (see GPT2Config)."""
-        x_BTD, wte_VD, _ = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key)
+        x_BTD, head_VD, _ = self.trunk(tokens_BT, positions_BT=positions_BT, dropout_key=dropout_key)
         def head(x_BcD):  # named as the unchunked head is: jaxlm.profiling sums the parts by scope
             with jax.named_scope("head"):
-                return self._head(x_BcD, wte_VD)
+                return self._head(x_BcD, head_VD)
 
         with jax.named_scope("loss"):
             return layers.chunked_cross_entropy(head, x_BTD, targets_BT, self.cfg.loss_chunk)
 
     def trunk(self, tokens_BT, *, positions_BT=None, dropout_key=None, cache=None):
-        """Everything before the head: (ln_f's output (B, T, D), the token table as the head uses it,
+        """Everything before the head: (ln_f's output (B, T, D), the head's (V, D) table as it uses it,
         the updated cache or None)."""
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = _positions(cfg, tokens_BT.shape[-1], cache)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer + 1)  # blocks', embedding's
-        # The token embedding is also the head: lay it out once for both uses.
+        # The token embedding is also the head (unless untied): lay it out once for both uses.
         wte_VD = constrain(self.wte.embedding[...], "vocab_table")
+        head_VD = wte_VD if self.lm_head is None else constrain(self.lm_head.kernel[...].T, "vocab_table")
         with jax.named_scope("embed"):
-            x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0) + self.wpe(positions_BT)
+            x_BTD = jnp.take(wte_VD.astype(self.policy.compute_dtype), tokens_BT, axis=0)
+            if self.wpe is not None:
+                x_BTD = x_BTD + self.wpe(positions_BT)
             if self.ln_embed is not None:
                 x_BTD = self.ln_embed(x_BTD)
             x_BTD = layers.dropout(constrain(x_BTD, "residual"), cfg.embd_pdrop, None if keys is None else keys[-1])
         if self.collect_residuals:
             self.sow(layers.Residual, "residual", x_BTD)
         capture = layers.Stats if self.collect_stats else layers.Residual if self.collect_residuals else None
+        rope = layers.rope_tables(positions_BT, cfg.head_dim, cfg.rope_base) if cfg.rope else None
         x_BTD, new_cache, sown = scan_lib.run(self.h, x_BTD, keys=None if keys is None else keys[:-1], cache=cache,
-                                              remat=self._block_fn(cache), capture=capture)
+                                              remat=self._block_fn(cache, rope), capture=capture)
         if capture is not None:  # what the blocks sowed, stacked (n_layer, ...): see apply
             self.sow(capture, "layers", sown)
-        return x_BTD if self.ln_f is None else self.ln_f(x_BTD), wte_VD, new_cache
+        return x_BTD if self.ln_f is None else self.ln_f(x_BTD), head_VD, new_cache
 
-    def _block_fn(self, cache):
-        """Block.__call__, rematerialised per model.remat when that can pay off (a differentiated pass)."""
+    def _block_fn(self, cache, rope):
+        """Block.__call__ (given the rotary tables), rematerialised per model.remat when that can pay off."""
+        call = Block.__call__ if rope is None else functools.partial(Block.__call__, rope=rope)
         policy = REMAT_POLICIES[self.cfg.remat]
         if policy is None or cache is not None or self.collect_stats or self.collect_residuals:
-            return Block.__call__
-        return nnx.remat(Block.__call__, policy=policy)
+            return call
+        return nnx.remat(call, policy=policy)
 
-    def _head(self, x_BTD, wte_VD):
-        """Float32 logits against the tied token table; the table's padding rows masked."""
+    def _head(self, x_BTD, head_VD):
+        """Float32 logits against the head's table (the token table, tied; or lm_head's), soft-capped with
+        model.logit_softcap; the table's padding rows masked."""
         cfg, compute = self.cfg, self.policy.compute_dtype
-        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), wte_VD.astype(compute),
+        logits_BTV = precision.einsum("btd,vd->btv", x_BTD.astype(compute), head_VD.astype(compute),
                                       out_dtype=precision.FP32, precision=self.policy.matmul_precision)
-        logits_BTV = constrain(logits_BTV, "logits")
+        logits_BTV = layers.softcap(constrain(logits_BTV, "logits"), cfg.logit_softcap)
         if cfg.padded_vocab_size != cfg.vocab_size:  # masked, not sliced: a slice would reshard the vocab dim
             real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits_BTV = jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
@@ -326,17 +336,8 @@ def apply(graphdef, params, tokens_BT, *, collect_stats: bool = False, collect_r
         return model(tokens_BT, **kwargs)
     model.set_attributes(collect_stats=True)
     out, sown = nnx.capture(model, layers.Stats)(tokens_BT, **kwargs)
-    blocks = nnx.to_pure_dict(sown)["layers"][0]  # every value (n_layer,), in a tuple of the times it was sown
-    rms = blocks["resid_rms"][0]
-    stats = {"resid_rms": rms, "attn_max": blocks["attn"]["attn_max"][0], "attn_min": blocks["attn"]["attn_min"][0],
-             "nonfinite": blocks["attn"]["nonfinite"][0] | ~jnp.isfinite(rms)}
-    if model.policy.fp8_matmuls:
-        for k in ("fp8_amax", "fp8_saturated", "fp8_underflow"):
-            stats[k] = jnp.max(jnp.stack([*blocks["attn"][k], *blocks["mlp"][k]]), axis=0)
     logits_BTV = out[0] if isinstance(out, tuple) else out
-    real_V = jnp.arange(logits_BTV.shape[-1]) < model.cfg.vocab_size
-    stats["logit_mean"] = jnp.sum(jnp.where(real_V, logits_BTV, 0.0)) / (logits_BTV[..., 0].size * model.cfg.vocab_size)
-    stats["log_z"] = jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1))
+    stats = layers.collected_stats(nnx.to_pure_dict(sown), logits_BTV, model.cfg.vocab_size, model.policy.fp8_matmuls)
     return out, stats
 
 
@@ -375,7 +376,7 @@ def _declared_axes() -> dict[str, tuple[str, ...]]:
     """{'h.attn.c_attn.kernel': axes, ...}: layer numbers left out, as the axes are the same in every
     layer and every size (read off a small abstract model with every optional parameter present)."""
     probe = GPT2Config(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=2, attention_impl="reference",
-                       qk_norm=True, ln_embed=True)
+                       qk_norm=True, ln_embed=True, tie_word_embeddings=False)
     _, state = nnx.split(nnx.eval_shape(lambda: GPT2(probe, precision.policy(), rngs=nnx.Rngs(0))))
     variables = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     return {".".join(p for p in naming.param_name(path).split(".") if not p.isdigit()): v.get_metadata()["out_sharding"]

@@ -4,6 +4,7 @@ rematerialisation policies: what a config's ``model`` section holds (configs/bas
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -54,6 +55,13 @@ class GPT2Config:
     mlp_kind: str = "gelu"  # gelu | gated_gelu: GELU(x W_a) * (x W_b), c_fc's 4d outputs split in two halves
     ln_embed: bool = False  # a LayerNorm on the embedding's output (not in GPT-2, not HF-exportable)
     ln_final: bool = True  # ln_f before the head (False: none, not HF-exportable)
+    # --- the speedrun's switches (modded-nanogpt; configs/speedrun.py); the defaults are GPT-2's ------
+    qk_norm_kind: str = "layernorm"  # model.qk_norm's norm: layernorm | rms (RMSNorm with a gain, modded-nanogpt's)
+    rope: bool = False  # rotary position embeddings on q and k (jaxlm.layers.rope), no wpe; not HF-exportable
+    rope_base: float = 10000.0  # RoPE's θ_j = rope_base^(-2j/head_dim)
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj kernels start at zero: each block starts as the identity
+    tie_word_embeddings: bool = True  # False: an own head lm_head (D, V), not the token table's transpose; not HF-exportable
+    logit_softcap: float = 0.0  # c·tanh(logit/c) on the output logits (Gemma 2, modded-nanogpt); 0 = off
 
     def __post_init__(self):
         for f in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "vocab_multiple"):
@@ -77,22 +85,36 @@ class GPT2Config:
             )
         if self.mlp_kind not in MLP_KINDS:
             raise ConfigError(f"model.mlp_kind: unknown {self.mlp_kind!r}; allowed: {', '.join(MLP_KINDS)}")
+        if self.qk_norm_kind not in QK_NORM_KINDS:
+            raise ConfigError(f"model.qk_norm_kind: unknown {self.qk_norm_kind!r}; allowed: {', '.join(QK_NORM_KINDS)}")
+        if self.rope and self.head_dim % 2:
+            raise ConfigError(f"model.rope rotates pairs of dims, but the head size n_embd/n_head={self.head_dim} is "
+                              "odd; choose n_head so that n_embd/n_head is even, or model.rope=False")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat: unknown {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
         if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk: sequence positions per loss chunk, >= 0 (0 = no chunking); "
                               f"got {self.loss_chunk!r}")
-        for f in ("z_loss", "attn_logit_softcap"):
+        if isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float)) or not self.rope_base > 1:
+            raise ConfigError(f"model.rope_base: RoPE's base, a number > 1 (e.g. 10000), got {self.rope_base!r}")
+        for f in ("z_loss", "attn_logit_softcap", "logit_softcap"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ConfigError(f"model.{f}: a number >= 0 (0 = off), got {v!r}")
-        for f in ("qk_norm", "scan_layers"):
+        for f in ("qk_norm", "scan_layers", "rope", "zero_init_proj", "tie_word_embeddings"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"model.{f}: True or False, got {getattr(self, f)!r}")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def proj_std(self) -> float:
+        """The output projections' (attn and mlp c_proj) init: GPT-2's initializer_range/sqrt(2·n_layer), so the
+        residual stream's variance does not grow with depth; 0 (zeros) with model.zero_init_proj, so each block
+        starts as the identity and the residual stream as the embedding (modded-nanogpt)."""
+        return 0.0 if self.zero_init_proj else self.initializer_range / math.sqrt(2 * self.n_layer)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -113,7 +135,8 @@ REMAT_POLICIES: dict[str, Any] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
 }
 
-MLP_KINDS = ("gelu", "gated_gelu")
+MLP_KINDS = ("gelu", "gated_gelu", "relu2")  # jaxlm.layers.activation
+QK_NORM_KINDS = ("layernorm", "rms")
 
 # Sizes of the released GPT-2 family (vocab 50257, 1024 positions).
 SIZES: dict[str, dict[str, int]] = {

@@ -22,8 +22,8 @@ LAYERS = [
     ["jaxlm.scan"],
     ["jaxlm.model"],
     ["jaxlm.sharding", "jaxlm.hf", "jaxlm.configs", "jaxlm.configs.base", "jaxlm.configs._gpt2", "jaxlm.configs.tiny",
-     "jaxlm.configs.stress_fp16", "jaxlm.configs.stress_fp16_deep", "jaxlm.configs.crammed", "jaxlm.configs.gpt2_small",
-     "jaxlm.configs.gpt2_medium", "jaxlm.configs.gpt2_large", "jaxlm.configs.gpt2_xl"],
+     "jaxlm.configs.stress_fp16", "jaxlm.configs.stress_fp16_deep", "jaxlm.configs.crammed", "jaxlm.configs.speedrun",
+     "jaxlm.configs.gpt2_small", "jaxlm.configs.gpt2_medium", "jaxlm.configs.gpt2_large", "jaxlm.configs.gpt2_xl"],
     ["jaxlm.config_rules", "jaxlm.config"],  # config_rules: the range and choice tables, the size checks
     ["jaxlm.data.storage", "jaxlm.data.columnar", "jaxlm.data.shards",  # corpus files, Parquet/Arrow, token shards
      "jaxlm.data.fastbpe", "jaxlm.data.remote",  # fast BPE engines; rows read by byte ranges

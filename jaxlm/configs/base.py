@@ -123,6 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
     # --- budget schedules (under train.budget every schedule reads f; these two only exist there)
     c.optim.budget_peak = 0.5  # triangle: f where the lr peaks
     c.optim.budget_decay = 0.2  # wsd: the final share of the budget that decays to the floor
+    # --- Muon (configs/speedrun.py): the hidden weight matrices (jaxlm.optim.MUON) trained by Muon, the rest by AdamW
+    c.optim.muon = False
+    c.optim.muon_lr = 0.02  # Muon's peak lr (optim.lr stays AdamW's); the schedule scales both alike
+    c.optim.muon_momentum = 0.95  # Muon's Nesterov momentum
 
     # --- mesh: device axes; -1 = the rest of the devices ------------------------------------
     c.mesh = ml_collections.ConfigDict()
