@@ -146,6 +146,9 @@ def validate(cfg) -> None:
         raise ConfigError("train.budget_replay replays a budgeted run; set train.budget to that run's budget")
 
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # train.budget_clock
+
+
 class Meter:
     """What a run has spent: training-step seconds and FLOPs (both kept; the budget's kind is charged),
     and the steps taken, against the budget and the step cap ``max_steps`` (train.max_steps; 0 = none).

@@ -23,6 +23,7 @@ SOURCE_NAMES = tuple(dict.fromkeys(k.split(":")[0].split()[0] for k in SOURCE_FO
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.warmup": ("linear", "log"),
     "optim.decay_mask": ("matrices", "all"),
+    "train.budget_clock": ("wall", "process"),
 }
 # Every numeric field's range, checked in one place before anything else (NaN and infinities never pass):
 # "> x", ">= x", or an interval "[a, b)", "(a, b]", "[a, b]". tests/test_config_ranges.py checks that every

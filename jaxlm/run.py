@@ -128,8 +128,9 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
                 cache.describe(epoch_len, whole_run=False))
 
         max_steps = int(cfg.train.max_steps)
-        meter = (budget_lib.Meter(trainer.budget, max_steps=max_steps) if trainer.budget is not None and replay is None
-                 else None)
+        clock = budget_lib.CLOCKS[cfg.train.get("budget_clock", "wall")]
+        meter = (budget_lib.Meter(trainer.budget, clock=clock, max_steps=max_steps)
+                 if trainer.budget is not None and replay is None else None)
         say(_epochs(trainer, epoch_len, len(replay) if replay is not None else max_steps if meter else cfg.train.steps))
 
         def data_state(step):
@@ -141,7 +142,8 @@ def _run(cfg, workdir, say, signals: preemption.Signals) -> train.LoopResult:
             if int(saved_data["next_index"]) != start:
                 raise CheckpointError(f"checkpoint {start}: loader state {saved_data} does not match the step")
             if meter is not None:
-                meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}), max_steps=max_steps, step=start)
+                meter = budget_lib.Meter(trainer.budget, **saved_data.get("budget", {}), clock=clock, max_steps=max_steps,
+                                         step=start)
             say(f"resumed from the checkpoint at step {start} in {ckpt.directory}"
                 + (f" (budget spent: {trainer.budget.describe(meter.spent)})" if meter is not None else "")
                 + _mesh_change(saved_meta.get("environment") or {}, mesh))

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -511,3 +512,33 @@ def test_the_readme_budget_examples_do_what_they_say(corpus, tmp_path):
     md = (runs / "by-time" / "report" / "report.md").read_text()
     assert "At equal time" in md and "Time to validation loss 5" in md and "loss_vs_time.png" in md
     assert f"report: wrote {(runs / 'by-time' / 'report' / 'report.md').resolve()}" in outs[3].stdout
+
+
+@pytest.mark.slow  # two short budgeted runs in this process
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_a_process_clock_budget_does_not_charge_time_the_cpu_spent_elsewhere(clock, corpus, tmp_path, monkeypatch):
+    """Every step waits 0.3 s off the CPU (as when other jobs hold the cores): a 2 s wall-clock budget
+    ends after a few steps; train.budget_clock=process charges only this process's CPU seconds, so
+    the same budget runs to the 15-step cap."""
+    init = train.Trainer.__init__
+
+    def slowed(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        step = self.train_step
+
+        class Waiting:  # the jitted step, then a wait; `lower` stays the step's own
+            lower = staticmethod(step.lower)
+
+            def __call__(self, *a):
+                out = jax.block_until_ready(step(*a))
+                time.sleep(0.3)
+                return out
+
+        self.train_step = Waiting()
+
+    monkeypatch.setattr(train.Trainer, "__init__", slowed)
+    cfg = config.load(ROOT / "jaxlm" / "configs" / "tiny.py", _run_over(
+        corpus, tmp_path / "cache", **{"train.budget": "2s", "train.budget_clock": clock, "train.max_steps": 15,
+                                       "train.eval_every": 0}))
+    res = run_lib.run(cfg, tmp_path / "run", log=lambda s: None)
+    assert (res.step < 10) if clock == "wall" else (res.step == 15), res.step

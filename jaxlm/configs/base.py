@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.deterministic = True
     # --- budgeted training (jaxlm/budget.py): the schedule and the batch ramp read the budget fraction f
     c.train.budget = "none"  # none (step-based) | wall-clock '15m', '2h', '90s' | FLOPs '1e18flops'
+    # what a wall-clock budget counts: wall (the steps' seconds) | process (this process's CPU seconds in
+    # them, every thread: on a shared machine the other jobs' load then does not shorten a run's budget)
+    c.train.budget_clock = "wall"
     c.train.budget_replay = ""  # RUN: replay that finished budgeted run's per-step f exactly (step-based)
     # Under a budget train.steps is not read: the budget ends the run, or this step cap if it comes first
     # (0 = none). An explicit train.steps (--config.train.steps=N, an overrides dict) sets it as well; a
