@@ -55,6 +55,7 @@ def run(main: Callable[[list[str]], int | None], define_flags: Callable[[], None
         if not FLAGS.verbose:
             quiet_library_logs()
             sys.stderr = LibraryTracebacks(sys.stderr)
+            threading.excepthook = _library_thread_exception
         _state["working"] = True
         try:
             return main(argv)
@@ -237,6 +238,18 @@ class LibraryTracebacks:
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's
         return getattr(self.stream, name)
+
+
+def _library_thread_exception(args) -> None:
+    """An exception that ended a library's thread (TensorBoard's event writer on a full disk, say) goes to
+    the log, not the console: the main thread meets the same failure and says it in one line. The
+    traceback may show jaxlm's frames (the main thread re-raised the thread's exception object), so the
+    stderr filter would let it through; jaxlm's own threads (named jaxlm-*) keep Python's hook."""
+    if args.thread is not None and args.thread.name.startswith("jaxlm"):
+        return threading.__excepthook__(args)
+    logging.getLogger("jaxlm").info("an exception ended the thread %s (--verbose shows them)",
+                                    getattr(args.thread, "name", "?"),
+                                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _not_orbax(record: logging.LogRecord) -> bool:

@@ -292,6 +292,15 @@ class Watchdog(threading.Thread):
         _leave()
 
 
+class _ProcessLog(logging.FileHandler):
+    """A process's log file. A record it cannot write (the disk is full) is dropped, not reported on
+    stderr with logging's stack dump (hundreds of lines for one failed save): the run's error line
+    says what failed and where."""
+
+    def handleError(self, record):
+        pass
+
+
 def process_log(workdir) -> Path:
     """Every process appends its own log file, WORKDIR/logs/process-<i>.log (absl and Python logging).
     For a workdir on an object store (no appends there) the file is local to each host:
@@ -300,7 +309,7 @@ def process_log(workdir) -> Path:
     path = base / "logs" / f"process-{jax.process_index()}.log"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
+        handler = _ProcessLog(path)
     except OSError as e:
         raise ConfigError(f"--workdir={workdir}: cannot write {path} ({e.strerror}); give a writable directory") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

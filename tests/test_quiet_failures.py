@@ -86,9 +86,6 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow  # trains in a subprocess
-@pytest.mark.skipif(not os.environ.get("JAXLM_TEST_FULL_DISK"), reason=(
-    "a full disk hangs the run intermittently (2 of 6 first runs in fresh clones: issue 38 stays open); "
-    "JAXLM_TEST_FULL_DISK=1 runs it, with the hung child's stacks in the failure"))
 def test_a_full_disk_is_one_error_line_last_and_the_run_resumes_from_what_was_saved(corpus, reference, small_disk,
                                                                                     tmp_path):
     root, ref = reference
@@ -146,6 +143,53 @@ def test_a_library_traceback_whose_log_is_full_neither_hangs_nor_reaches_the_con
     assert not writer.is_alive(), "the filter waited on itself"
     f.write("step 9\n")
     assert out.getvalue() == "step 9\n"
+
+
+def test_a_log_file_on_a_full_disk_drops_records_without_a_word_on_the_console(tmp_path, capsys):
+    import errno
+    import logging
+
+    from jaxlm import distributed
+
+    path = distributed.process_log(tmp_path)
+    root = logging.getLogger()
+    (handler,) = [h for h in root.handlers if getattr(h, "baseFilename", None) == str(path.resolve())]
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    try:
+        handler.stream = Full()
+        logging.getLogger("jaxlm").warning("a record the disk has no room for")
+    finally:
+        root.removeHandler(handler)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_exception_that_ends_a_library_thread_goes_to_the_log_and_jaxlms_own_to_the_console(monkeypatch, capsys,
+                                                                                               caplog):
+    import logging
+    import threading
+
+    from jaxlm import cli
+
+    monkeypatch.setattr(threading, "excepthook", cli._library_thread_exception)
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    with caplog.at_level(logging.INFO, logger="jaxlm"):
+        for name in ("EventFileWriter", "jaxlm-lease"):
+            t = threading.Thread(target=fail, name=name)
+            t.start()
+            t.join()
+    err = capsys.readouterr().err
+    assert "EventFileWriter" not in err and "in thread jaxlm-lease" in err and "No space left" in err
+    assert [r.getMessage() for r in caplog.records] == ["an exception ended the thread EventFileWriter (--verbose shows them)"]
 
 
 def test_library_tracebacks_leave_the_console_and_jaxlms_stay():
