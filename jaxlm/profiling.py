@@ -118,6 +118,41 @@ def summarize(trace_dir, hlo_text: str, steps: int) -> dict:
             "ops": sorted(ops, key=lambda o: -o["ms"])}
 
 
+CATEGORIES = ("GEMM", "attention core", "softmax/loss", "optimizer", "other")
+
+
+def category(op: dict) -> str:
+    """The op's share in the coarse split (CATEGORIES): the weight matmuls (QKV, projections, MLP,
+    head; forward and backward) are GEMM; the attention core (QK^T, mask, softmax, PV, its matmuls
+    included) is attention; the loss and the head's non-matmul ops (log-sum-exp, the target's
+    logit, their gradients) are softmax/loss; the optimizer and clipping; the rest (LayerNorms,
+    GELU, residuals, embedding gathers, copies, metrics) is other."""
+    part, name, kind = op["part"], op["op_name"], op["kind"].lower()
+    if part == "optimizer":
+        return "optimizer"
+    if part.startswith("attn/core"):
+        return "attention core"
+    if "dot_general" in name or kind in ("dot", "koutput") or "xnn" in kind or "onednn" in kind or "ynn" in kind:
+        return "GEMM"
+    if part.startswith(("head", "loss")):
+        return "softmax/loss"
+    return "other"
+
+
+# Ops whose event on a CPU spans the ops they run (a scan's while loop: the chunked loss), which have
+# events of their own: counted once, through those.
+CONTAINERS = ("while", "conditional", "call")
+
+
+def by_category(summary: dict) -> dict[str, float]:
+    """ms per step in each of CATEGORIES, container ops (CONTAINERS) left out."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for o in summary["ops"]:
+        if o["kind"] not in CONTAINERS:
+            out[category(o)] += o["ms"]
+    return out
+
+
 def profile_step(compiled, state, batch, *, steps: int, trace_dir) -> dict:
     """Traces `steps` calls of a compiled train step (after one untraced call); returns the summary.
     The step donates its input state: `state` is consumed."""
@@ -139,6 +174,10 @@ def report(summary: dict, step_ms: float | None = None, top: int = 15) -> str:
     lines.append(f"  {'part':<16}{'ms/step':>9}{'share':>8}")
     for part, ms in summary["parts"].items():
         lines.append(f"  {part:<16}{ms:>9.3f}{ms / busy if busy else 0:>8.1%}")
+    cats = by_category(summary)
+    ops_ms = sum(cats.values())
+    lines.append(f"  without loops' own spans ({ops_ms:.2f} ms): "
+                 + ", ".join(f"{c} {ms / ops_ms if ops_ms else 0:.0%}" for c, ms in cats.items()))
     lines.append(f"  {'op':<24}{'ms/step':>9}{'share':>8}  {'part':<15}{'kind':<22}op_name")
     for o in summary["ops"][:top]:
         lines.append(f"  {o['op'][:23]:<24}{o['ms']:>9.3f}{o['ms'] / busy if busy else 0:>8.1%}  "

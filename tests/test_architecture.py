@@ -42,13 +42,15 @@ LAYERS = [
     ["jaxlm.saved_run"],  # a finished run read back: a checkpoint and its tokenizer
     ["jaxlm.run"],
     ["jaxlm.cli"],
+    ["jaxlm.bench_torch"],  # jaxlm.bench's PyTorch baselines (torch imported lazily)
     ["jaxlm.main", "jaxlm.eval", "jaxlm.generate", "jaxlm.export", "jaxlm.bench", "jaxlm.throughput", "jaxlm.ablate",
      "jaxlm.ablate.runs", "jaxlm.ablate.analysis", "jaxlm.ablate.plots",  # the report's parts, one way: runs <- plots
      "jaxlm.ablate.grid", "jaxlm.ablate.report", "jaxlm.ablate.__main__", "jaxlm.data.__main__",
      "jaxlm.data.bench", "jaxlm.probe", "jaxlm.probe.tasks", "jaxlm.probe.mdl", "jaxlm.probe.report",
      "jaxlm.probe.study", "jaxlm.probe.__main__", "jaxlm.harness",
      "jaxlm.harness_bench",
-     "jaxlm.hf_import", "jaxlm.ablate.seeds"],  # an HF checkpoint series as a run; runs' metrics as a seed band
+     "jaxlm.hf_import", "jaxlm.ablate.seeds",  # an HF checkpoint series as a run; runs' metrics as a seed band
+     "jaxlm.bench_cpu"],  # XLA:CPU options one by one, on jaxlm.bench's shapes
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
 # Imports allowed inside functions: heavy optional dependencies only, each with its reason in a comment.
@@ -161,7 +163,7 @@ ALLOWED = {
     ("jaxlm/hf.py", "jnp.float32"),
     ("jaxlm/hf.py", "torch.float32"),
     ("jaxlm/hf.py", "'float32'"),  # config.json's torch_dtype
-    ("jaxlm/bench.py", "torch.bfloat16"),  # the PyTorch baseline's own autocast
+    ("jaxlm/bench_torch.py", "torch.bfloat16"),  # the PyTorch baselines' own autocast
     ("jaxlm/telemetry.py", "'bfloat16'"),  # PEAK_TFLOPS is keyed by dtype name
     ("jaxlm/telemetry.py", "'float16'"),
     ("jaxlm/telemetry.py", "'float32'"),
