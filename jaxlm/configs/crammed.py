@@ -13,7 +13,7 @@ Not HF-exportable: the embedding LayerNorm and the gated MLP change GPT-2's func
 (``jaxlm.hf.unexportable``); a model with only ``use_bias=False`` exports (as zero biases).
 """
 
-from jaxlm.configs import _gpt2, tiny
+from jaxlm.configs import tiny
 
 BUDGETS = {"tiny": "10m", "small": "20m"}
 
@@ -61,10 +61,4 @@ def crammed(c, budget: str):
 
 
 def get_config(size: str = "tiny"):
-    if size == "tiny":
-        c = tiny.get_config()
-        c.checkpoint.stages = ((1000, 1_000_000),)
-        c.train.eval_every = 250
-    else:
-        c = _gpt2.recipe(size, lr=1e-3)
-    return crammed(c, BUDGETS.get(size, "1h"))
+    return crammed(tiny.budget_base(size, lr=1e-3), BUDGETS.get(size, "1h"))

@@ -18,7 +18,7 @@ Not HF-exportable: RoPE, the QK-norm, the embedding norm and the untied head cha
 (``jaxlm.hf.unexportable``).
 """
 
-from jaxlm.configs import _gpt2, tiny
+from jaxlm.configs import tiny
 
 BUDGETS = {"tiny": "10m", "small": "20m"}
 
@@ -77,10 +77,4 @@ def speedrun(c, budget: str):
 
 
 def get_config(size: str = "tiny"):
-    if size == "tiny":
-        c = tiny.get_config()
-        c.checkpoint.stages = ((1000, 1_000_000),)
-        c.train.eval_every = 250
-    else:
-        c = _gpt2.recipe(size, lr=8e-3)
-    return speedrun(c, BUDGETS.get(size, "1h"))
+    return speedrun(tiny.budget_base(size, lr=8e-3), BUDGETS.get(size, "1h"))

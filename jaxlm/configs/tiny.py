@@ -3,7 +3,7 @@
     python -m jaxlm.main --config=configs/tiny.py --workdir=runs/tiny
 """
 
-from jaxlm.configs import base
+from jaxlm.configs import _gpt2, base
 from jaxlm.model import SIZES
 
 
@@ -29,4 +29,15 @@ def get_config():
     c.checkpoint.latest_every_minutes = 5.0
     c.log.every = 10
     c.log.stats_every = 50
+    return c
+
+
+def budget_base(size: str, lr: float):
+    """The base of a budget recipe (configs/crammed.py, configs/speedrun.py): this tiny config, saving
+    at 1000-step intervals and evaluating every 250 steps, or GPT-2 `size` with Mistral's recipe at `lr`."""
+    if size != "tiny":
+        return _gpt2.recipe(size, lr=lr)
+    c = get_config()
+    c.checkpoint.stages = ((1000, 1_000_000),)
+    c.train.eval_every = 250
     return c
