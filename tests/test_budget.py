@@ -383,20 +383,7 @@ def test_a_real_runs_startup_line_under_an_explicit_cap_and_under_a_batch_ramp(c
     assert "under train.batch_ramp=0.5 a step is taken to cost its micro-batches' share" in note, note
 
 
-KILL_AT_STEP = """
-import os, signal, sys
-from jaxlm import checkpoint, config, run
-real = checkpoint.Checkpointer.on_step
-def on_step(self, step, state, data_state):
-    out = real(self, step, state, data_state)
-    if step == 45:  # after the checkpoints at steps 20 and 40
-        self.manager.wait_until_finished()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-checkpoint.Checkpointer.on_step = on_step
-cfg = config.load(sys.argv[1], eval(sys.argv[2]))
-run.run(cfg, sys.argv[3], log=lambda s: None)
-"""
+KILL_AT_STEP = str(ROOT / "tests" / "helpers" / "kill_at_step.py")  # at step 45: after the checkpoints at 20, 40
 
 
 @pytest.mark.slow
@@ -404,8 +391,8 @@ def test_kill_9_and_resume_ends_at_the_same_total_budget_with_f_continuing(corpu
     over = _run_over(corpus, tmp_path / "cache", **{"train.budget": "4s", "checkpoint.async_save": False,
                                                              "checkpoint.stages": ((20, 100_000),)})
     work = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(ROOT / "jaxlm" / "configs" / "tiny.py"), repr(over),
-                             str(work)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    killed = subprocess.run([sys.executable, KILL_AT_STEP, str(ROOT / "jaxlm" / "configs" / "tiny.py"), repr(over),
+                             str(work), "45"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (work / "done.json").exists()

@@ -308,20 +308,7 @@ def test_generate_with_the_kv_cache_equals_recomputing_with_rope_and_an_untied_c
 
 # --- kill -9 and resume ----------------------------------------------------------------------------
 
-KILL_AT_STEP = """
-import os, signal, sys
-from jaxlm import checkpoint, config, run
-real = checkpoint.Checkpointer.on_step
-def on_step(self, step, state, data_state):
-    out = real(self, step, state, data_state)
-    if step == 13:  # after the checkpoint at step 10
-        self.manager.wait_until_finished()
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-checkpoint.Checkpointer.on_step = on_step
-cfg = config.load(sys.argv[1], eval(sys.argv[2]))
-run.run(cfg, sys.argv[3], log=lambda s: None)
-"""
+KILL_AT_STEP = str(ROOT / "tests" / "helpers" / "kill_at_step.py")  # at step 13: after the checkpoint at 10
 
 
 def _losses(workdir):
@@ -346,7 +333,7 @@ def test_the_preset_resumes_bit_identically_after_kill_9(tmp_path):
             "checkpoint.stages": ((10, 1000),), "checkpoint.latest_every_minutes": 0.0}
     ref = run_lib.run(config.load(PRESET, over), tmp_path / "ref", log=lambda s: None)
     work = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, str(PRESET), repr(over), str(work)], cwd=ROOT,
+    killed = subprocess.run([sys.executable, KILL_AT_STEP, str(PRESET), repr(over), str(work), "13"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     res = run_lib.run(config.load(PRESET, over), work, log=lambda s: None)
