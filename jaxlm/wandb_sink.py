@@ -1,8 +1,9 @@
 """A Weights & Biases sink (``log.wandb_mode``: offline by default, so nothing needs a network).
 
 ``telemetry.Telemetry`` feeds it every record. Starting a W&B run takes seconds (importing wandb,
-starting its service process), so it starts on a thread while the run compiles its step, and the
-first record waits for it; an error in the start is raised there (and at close).
+starting its service process), so it starts on a thread while the run compiles and trains; records
+wait in order until it has started, and only the end of the run waits for it. An error in the start
+is raised at the first record after it, or at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class WandB:
     def __init__(self, workdir: Path, cfg, config: dict):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wandb-start")
         self._run = self._pool.submit(_start, workdir, cfg, config)
+        self._waiting: list[tuple[int, dict]] = []  # records logged before the run had started
 
     def log(self, step: int, rec: dict[str, Any]) -> None:
         """A record's numbers, a list's as ``name/<index>`` (a per-layer list: one chart per layer)."""
@@ -33,10 +35,19 @@ class WandB:
                 flat.update({f"{k}/{i}": float(x) for i, x in enumerate(v) if not isinstance(x, str)})
             elif isinstance(v, (int, float)):
                 flat[k] = v
-        self._run.result().log(flat, step=int(step))
+        self._waiting.append((int(step), flat))
+        if self._run.done():
+            self._send()
+
+    def _send(self) -> None:
+        run = self._run.result()  # blocks only at the end of the run
+        for step, flat in self._waiting:
+            run.log(flat, step=step)
+        self._waiting.clear()
 
     def finish(self) -> None:
         try:
+            self._send()
             self._run.result().finish()
         finally:
             self._pool.shutdown()

@@ -313,3 +313,49 @@ def test_a_profile_is_read_through_xprof_as_through_the_trace_json(tmp_path):
     ref = profiling.summarize(tmp_path / "json", compiled.as_text(), steps=2)
     assert ours["ops"] and {o["op"]: o["ms"] for o in ours["ops"]} == pytest.approx({o["op"]: o["ms"] for o in ref["ops"]})
     assert ours["parts"] == pytest.approx(ref["parts"]) and "mlp fwd" in ours["parts"]
+
+
+def test_wandb_records_wait_in_order_for_a_slow_start_and_never_block_the_loop(tmp_path, monkeypatch):
+    """W&B starts on a thread (seconds: its import and service). A record logged before it has started is
+    kept, not waited for; at the end every record reaches the run once, in step order; an error in the
+    start is raised at the end."""
+    import threading
+
+    from jaxlm import wandb_sink
+
+    started, sent = threading.Event(), []
+
+    class Run:
+        def log(self, flat, step):
+            sent.append((step, flat))
+
+        def finish(self):
+            sent.append("finished")
+
+    def slow_start(*args):
+        assert started.wait(30)
+        return Run()
+
+    monkeypatch.setattr(wandb_sink, "_start", slow_start)
+    sink = wandb_sink.WandB(tmp_path, None, {})
+    t0 = time.monotonic()
+    for step in (1, 2, 3):
+        sink.log(step, {"train/loss": 4.0 - step, "eval/per_layer": [0.5, 0.25], "note": "text"})
+    assert time.monotonic() - t0 < 5 and sent == []  # nothing waited for the start
+    started.set()
+    sink.finish()
+    assert sent == [(s, {"train/loss": 4.0 - s, "eval/per_layer/0": 0.5, "eval/per_layer/1": 0.25}) for s in (1, 2, 3)
+                    ] + ["finished"]
+
+    started.clear()
+
+    def failing_start(*args):
+        assert started.wait(30)
+        raise RuntimeError("wandb: network unreachable")
+
+    monkeypatch.setattr(wandb_sink, "_start", failing_start)
+    sink = wandb_sink.WandB(tmp_path, None, {})
+    sink.log(1, {"train/loss": 1.0})
+    started.set()
+    with pytest.raises(RuntimeError, match="network unreachable"):
+        sink.finish()
