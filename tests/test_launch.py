@@ -316,7 +316,7 @@ def test_offline_wheels_cover_every_runtime_dependency():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in deps}
-    host = {"jax", "flax", "optax", "orbax-checkpoint", "numpy"}  # the GPU host's Python has these
+    host = {"jax", "flax", "optax", "orbax-checkpoint", "numpy", "ml-dtypes"}  # the GPU host's Python has these
     # imported inside functions or by modules the check never loads (tensorboard: a run's TensorBoard sink, which
     # bench.py and tests/test_gpu.py never create; markdown: the ablation report; pyarrow, fastokens, tiktoken, fsspec: the
     # corpus readers and the token-cache build of jaxlm.data, which the check never loads); the test below blocks them
