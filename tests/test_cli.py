@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, train_tiny_run
+from conftest import ROOT, once_per_session, train_tiny_run
 
 pytestmark = pytest.mark.slow  # each case starts a python process
 
@@ -33,8 +33,9 @@ def _assert_one_error(res, *fragments):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A two-step tiny run with a checkpoint at step 2."""
-    return train_tiny_run(tmp_path_factory.mktemp("cli"))
+    """A two-step tiny run with a checkpoint at step 2, trained once per session: read-only here (a test
+    that damages a run damages a copy)."""
+    return once_per_session(tmp_path_factory, "cli-run", train_tiny_run)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -148,14 +149,12 @@ def test_export_unknown_step(run_dir, tmp_path):
     _assert_one_error(res, "no checkpoint for step 7")
 
 
-def test_generate_bad_tokenizer_file(run_dir, tmp_path):
-    tok = Path(json.loads((run_dir / "run.json").read_text())["data"]["tokenizer"])
-    saved = tok.read_bytes()
-    try:
-        tok.write_bytes(b"not a sentencepiece model")
-        res = _cli(["jaxlm.generate", f"--workdir={run_dir}", "--prompt=abc", "--max_new_tokens=2"])
-    finally:
-        tok.write_bytes(saved)
+def test_generate_bad_tokenizer_file(tmp_path, monkeypatch):
+    """A run whose tokenizer file is damaged: its own run and machine cache (the session's is shared)."""
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
+    run = train_tiny_run(tmp_path)
+    Path(json.loads((run / "run.json").read_text())["data"]["tokenizer"]).write_bytes(b"not a sentencepiece model")
+    res = _cli(["jaxlm.generate", f"--workdir={run}", "--prompt=abc", "--max_new_tokens=2"])
     _assert_one_error(res, "not a SentencePiece model")
 
 

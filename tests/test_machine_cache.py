@@ -50,8 +50,10 @@ def two_runs(tmp_path, monkeypatch):
     return tmp_path, logs
 
 
-@pytest.mark.slow  # two tiny runs: 16 s
-def test_a_second_workdir_builds_nothing_and_says_where_it_found_the_cache(two_runs):
+@pytest.mark.slow  # two tiny runs and the CLI: 20 s
+def test_a_second_workdir_builds_nothing_and_prune_deletes_only_what_no_run_uses(two_runs):
+    """The second run finds the first's cache and says where; `--cache` lists who uses what; `--prune`
+    deletes only what no run directory uses (and nothing young); what it keeps is still found."""
     tmp_path, logs = two_runs
     built = lambda lines: [s for s in lines if s.startswith(("training a", "tokenizing"))]  # noqa: E731
     assert len(built(logs["a"])) == 2 and built(logs["b"]) == [], (logs["a"], logs["b"])
@@ -60,11 +62,6 @@ def test_a_second_workdir_builds_nothing_and_says_where_it_found_the_cache(two_r
     meta = [json.loads((tmp_path / n / "run.json").read_text())["data"] for n in "ab"]
     assert meta[0]["cache"] == meta[1]["cache"] and meta[0]["cache"].startswith(str(tmp_path / "cache"))
     assert not (tmp_path / "a" / "data").exists()  # nothing of the cache in a workdir any more
-
-
-@pytest.mark.slow  # two tiny runs and the CLI: 20 s
-def test_cache_lists_who_uses_what_and_prune_deletes_only_the_unused(two_runs):
-    tmp_path, _ = two_runs
     root = tmp_path / "cache"
     listing = {e["name"]: e for e in cache_index.entries(root)}
     tokens = [e for e in listing.values() if e["kind"] == "token"]
@@ -106,11 +103,12 @@ def test_a_damaged_shared_cache_is_set_aside_and_rebuilt_not_used(tmp_path, monk
     assert again.path == first.path and (again.path / "train.bin").stat().st_size == size
 
 
-@pytest.mark.slow  # two tiny runs: 16 s
-def test_a_run_keeps_its_tokenizer_so_it_decodes_without_the_cache(two_runs):
+@pytest.mark.slow  # a tiny run: 8 s
+def test_a_run_keeps_its_tokenizer_so_it_decodes_without_the_cache(tmp_path, monkeypatch):
     """The run directory's own copy (WORKDIR/tokenizer): with the machine's cache gone (pruned, another
     machine), the run's tokenizer is still found, the very one it trained with."""
-    tmp_path, _ = two_runs
+    monkeypatch.setenv("JAXLM_CACHE", str(tmp_path / "cache"))
+    run_lib.run(_cfg(write_word_corpus(tmp_path / "corpus", 24)), tmp_path / "b", log=lambda s: None)
     meta = json.loads((tmp_path / "b" / "run.json").read_text())
     shutil.rmtree(tmp_path / "cache")
     spec = saved_run.tokenizer_spec(meta, tmp_path / "b")
