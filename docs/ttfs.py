@@ -25,15 +25,15 @@ def once(checkout: str, pythonpath: str, cache: str) -> tuple[float, float]:
     p = subprocess.Popen([sys.executable, "-m", "jaxlm.main", "--config=configs/tiny.py", f"--workdir={workdir}",
                           "--config.train.steps=1"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    first = float("nan")
+    first = None
     for line in p.stderr:
-        if line.startswith("step 1/") and first != first:
+        if first is None and line.startswith("step 1/"):
             first = time.monotonic() - t0
     p.wait()
     total = time.monotonic() - t0
     shutil.rmtree(workdir, ignore_errors=True)
-    if p.returncode:
-        sys.exit(f"error: the run in {checkout} exited {p.returncode}")
+    if p.returncode or first is None:
+        sys.exit(f"error: the run in {checkout} exited {p.returncode} (first step line: {first is not None})")
     return first, total
 
 

@@ -68,11 +68,11 @@ def write_word_corpus(d: Path, n_docs: int, words_per_doc: int = 400, seed: int 
 
 def pytest_xdist_auto_num_workers(config):
     """Workers for ``-n auto`` (addopts): one per core plus one for the whole suite, whose end-to-end tests
-    wait on subprocesses, polls and timeouts (a third worker on 2 cores: 27 min 53 s against 31 min 33 s
-    on two, PERFORMANCE.md); one per core for the fast lane (``-m "not slow"``), which computes in-process
-    (2 workers: 73 s, 3: 90 s). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` or ``-n N`` decide instead."""
+    wait on subprocesses, polls and timeouts; one per core for the in-process fast lane (``-m "not slow"``).
+    Measured in PERFORMANCE.md (the suite on three workers). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` (xdist's
+    own hook reads it) or ``-n N`` decide instead."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
-        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+        return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores if "not slow" in (config.getoption("markexpr") or "") else cores + 1
 
